@@ -1,0 +1,290 @@
+"""The in-memory database behind the fakes, and the in-memory repositories.
+
+The fake behaves like a database with a session in front of it:
+
+* :class:`InMemoryDatabase` holds committed objects. Nobody outside holds a
+  reference to them: every block works on a deep copy, taken lazily, with one
+  shared memo so that object graphs keep their identities.
+* :class:`InMemorySession` is one block's view. Like a SQLAlchemy session it
+  keeps new objects pending until a flush (any query, or the commit), assigns
+  generated integer keys at that flush, follows ``save-update`` cascades, and
+  raises ``sqlalchemy.exc.IntegrityError`` for a duplicate or missing primary
+  key. After such an error it refuses work until rolled back, as SQLAlchemy
+  does. Rolling back throws the working copy away, so uncommitted changes,
+  including changes to the attributes of loaded objects, disappear.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect
+from sqlalchemy.orm import Mapper
+
+from ._model import model_info
+from ._repository import AsyncRepository, Repository
+from .errors import NotInRepositoryError
+
+__all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
+
+T = TypeVar("T")
+
+Tables = dict[type[Any], dict[Any, Any]]
+
+
+class _DuplicateKey(Exception):
+    """The ``orig`` of the IntegrityError the fake raises, as a DBAPI error would be."""
+
+
+def _integrity_error(model: type[Any], message: str) -> sa_exc.IntegrityError:
+    return sa_exc.IntegrityError(f"INSERT INTO {model.__name__} (in-memory fake)", None, _DuplicateKey(message))
+
+
+def _table_key(cls: type[Any]) -> type[Any]:
+    """Objects of a mapped inheritance hierarchy share their base class's table."""
+    mapper: Mapper[Any] = inspect(cls)
+    return mapper.base_mapper.class_
+
+
+class InMemoryDatabase:
+    """Committed state of a fake unit of work: tables of objects by primary key."""
+
+    def __init__(self) -> None:
+        self.tables: Tables = {}
+        self.sequences: dict[type[Any], int] = {}
+
+    def snapshot(self) -> tuple[Tables, dict[type[Any], int]]:
+        return copy.deepcopy(self.tables), dict(self.sequences)
+
+    def store(self, tables: Tables, sequences: dict[type[Any], int]) -> None:
+        self.tables = copy.deepcopy(tables)
+        self.sequences = dict(sequences)
+
+
+class InMemorySession:
+    """One block's working copy of an :class:`InMemoryDatabase`."""
+
+    def __init__(self, database: InMemoryDatabase) -> None:
+        self._database = database
+        self._tables: Tables | None = None
+        self._sequences: dict[type[Any], int] = {}
+        self._pending: dict[int, Any] = {}
+        self._deleted: dict[int, Any] = {}
+        self._failed: BaseException | None = None
+        self._begun = False
+
+    # -- transaction ---------------------------------------------------------
+
+    @property
+    def _working(self) -> Tables:
+        if self._failed is not None:
+            msg = (
+                "This in-memory session's transaction has been rolled back due to a previous "
+                f"exception during flush. Roll back before going on. Original exception: {self._failed!r}"
+            )
+            raise sa_exc.PendingRollbackError(msg)
+        self._begun = True
+        if self._tables is None:
+            self._tables, self._sequences = self._database.snapshot()
+        return self._tables
+
+    def has_uncommitted_work(self) -> bool:
+        return self._begun or bool(self._pending) or bool(self._deleted)
+
+    def commit(self) -> None:
+        self.flush()
+        tables = self._working
+        self._database.store(tables, self._sequences)
+        self._begun = False
+
+    def rollback(self) -> None:
+        self._tables = None
+        self._pending.clear()
+        self._deleted.clear()
+        self._failed = None
+        self._begun = False
+
+    # -- unit of work --------------------------------------------------------
+
+    def _holds(self, obj: object) -> bool:
+        table = self._working.get(_table_key(type(obj)), {})
+        key = model_info(_table_key(type(obj))).key_of(obj)
+        try:
+            return table.get(key) is obj
+        except TypeError:  # an unhashable key cannot be stored
+            return False
+
+    def add(self, obj: object) -> None:
+        self._working  # noqa: B018  (raises after a failed flush, begins the transaction)
+        self._deleted.pop(id(obj), None)
+        if not self._holds(obj):
+            self._pending[id(obj)] = obj
+
+    def delete(self, obj: object) -> None:
+        if self._pending.pop(id(obj), None) is not None:
+            return
+        if not self._holds(obj):
+            msg = (
+                f"remove() was given a {type(obj).__name__} that this unit of work neither returned "
+                "nor was given in this block; load it through the repository first"
+            )
+            raise NotInRepositoryError(msg)
+        self._deleted[id(obj)] = obj
+
+    def flush(self) -> None:
+        tables = self._working
+        inserts = self._cascade(tables)
+        if not inserts and not self._deleted:
+            return
+        try:
+            planned = self._plan(tables, inserts)
+        except sa_exc.IntegrityError as error:
+            self._failed = error
+            raise
+        for obj in self._deleted.values():
+            cls = _table_key(type(obj))
+            tables[cls].pop(model_info(cls).key_of(obj), None)
+        for table, key, obj in planned:
+            tables.setdefault(table, {})[key] = obj
+        self._pending.clear()
+        self._deleted.clear()
+
+    def _cascade(self, tables: Tables) -> list[Any]:
+        """Pending objects, plus new objects reachable from any object in the session."""
+        known = {id(obj) for table in tables.values() for obj in table.values()}
+        found: dict[int, Any] = {}
+        roots = [*self._pending.values(), *(obj for t in tables.values() for obj in t.values())]
+        for root in roots:
+            if id(root) in self._deleted:
+                continue
+            if id(root) not in known:
+                found.setdefault(id(root), root)
+            state = inspect(root)
+            for related, *_ in state.mapper.cascade_iterator("save-update", state):
+                if id(related) not in known and id(related) not in self._deleted:
+                    found.setdefault(id(related), related)
+        return list(found.values())
+
+    def _plan(self, tables: Tables, inserts: list[Any]) -> list[tuple[type[Any], Any, Any]]:
+        planned: list[tuple[type[Any], Any, Any]] = []
+        claimed: set[tuple[type[Any], Any]] = set()
+        freed = {
+            (_table_key(type(obj)), model_info(_table_key(type(obj))).key_of(obj)) for obj in self._deleted.values()
+        }
+        for obj in inserts:
+            table = _table_key(type(obj))
+            info = model_info(table)
+            if info.generated_key is not None and getattr(obj, info.generated_key) is None:
+                existing = [k for k in tables.get(table, {}) if isinstance(k, int)]
+                last = max([self._sequences.get(table, 0), *existing])
+                self._sequences[table] = last + 1
+                setattr(obj, info.generated_key, last + 1)
+            key = info.key_of(obj)
+            parts = key if isinstance(key, tuple) else (key,)
+            if any(part is None for part in parts):
+                msg = f"NOT NULL constraint failed: primary key of {table.__name__} is None"
+                raise _integrity_error(table, msg)
+            taken = key in tables.get(table, {}) and (table, key) not in freed
+            if (table, key) in claimed or taken:
+                msg = f"UNIQUE constraint failed: {table.__name__} with primary key {key!r} exists"
+                raise _integrity_error(table, msg)
+            claimed.add((table, key))
+            planned.append((table, key, obj))
+        return planned
+
+    # -- queries -------------------------------------------------------------
+
+    def get(self, model: type[Any], key: Any) -> Any:
+        self.flush()
+        obj = self._working.get(_table_key(model), {}).get(key)
+        return obj if isinstance(obj, model) else None
+
+    def query(self, model: type[Any], filters: dict[str, Any], limit: int | None) -> list[Any]:
+        self.flush()
+        table = self._working.get(_table_key(model), {})
+        found = [
+            obj
+            for key, obj in sorted(table.items(), key=lambda item: _sort_key(item[0]))
+            if isinstance(obj, model) and all(getattr(obj, name) == value for name, value in filters.items())
+        ]
+        return found if limit is None else found[:limit]
+
+
+def _sort_key(key: Any) -> tuple[Any, ...]:
+    return key if isinstance(key, tuple) else (key,)
+
+
+class InMemoryRepository(Repository[T]):
+    """A :class:`~uow.Repository` over a fake unit of work's in-memory database.
+
+    Custom query methods are written with the public contract
+    (``self.list()``, ``self.get_by()``), which records what they return as seen.
+    """
+
+    def __init__(self, session: InMemorySession, model: type[T]) -> None:
+        super().__init__(model)
+        self._session = session
+
+    @property
+    def _store(self) -> InMemorySession:
+        self._check_open()
+        return self._session
+
+    def _add(self, obj: T) -> None:
+        self._store.add(obj)
+
+    def _add_all(self, objs: builtins.list[T]) -> None:
+        store = self._store
+        for obj in objs:
+            store.add(obj)
+
+    def _get(self, key: Any) -> T | None:
+        found: T | None = self._store.get(self.model, key)
+        return found
+
+    def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
+        return self._store.query(self.model, filters, limit)
+
+    def _count(self, filters: dict[str, Any]) -> int:
+        return len(self._store.query(self.model, filters, None))
+
+    def _remove(self, obj: T) -> None:
+        self._store.delete(obj)
+
+
+class AsyncInMemoryRepository(AsyncRepository[T]):
+    """The async twin of :class:`InMemoryRepository`."""
+
+    def __init__(self, session: InMemorySession, model: type[T]) -> None:
+        super().__init__(model)
+        self._session = session
+
+    @property
+    def _store(self) -> InMemorySession:
+        self._check_open()
+        return self._session
+
+    async def _add(self, obj: T) -> None:
+        self._store.add(obj)
+
+    async def _add_all(self, objs: builtins.list[T]) -> None:
+        store = self._store
+        for obj in objs:
+            store.add(obj)
+
+    async def _get(self, key: Any) -> T | None:
+        found: T | None = self._store.get(self.model, key)
+        return found
+
+    async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
+        return self._store.query(self.model, filters, limit)
+
+    async def _count(self, filters: dict[str, Any]) -> int:
+        return len(self._store.query(self.model, filters, None))
+
+    async def _remove(self, obj: T) -> None:
+        self._store.delete(obj)

@@ -1,0 +1,109 @@
+"""What repositories need to know about a model class, read once per class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from sqlalchemy import Integer, inspect
+from sqlalchemy.orm import Mapper
+
+from .errors import ConfigurationError, ModelTypeError, UnknownFieldError
+
+
+@attrs.frozen
+class ModelInfo:
+    """Primary key and filterable fields of a mapped class."""
+
+    model: type[Any]
+    mapper: Mapper[Any]
+    primary_key: tuple[str, ...]
+    fields: frozenset[str]
+    #: The single integer primary key the database would generate, if any.
+    generated_key: str | None
+
+    def key_of(self, obj: object) -> Any:
+        """The identity of *obj* as ``Session.get()`` takes it."""
+        if len(self.primary_key) == 1:
+            return getattr(obj, self.primary_key[0])
+        return tuple(getattr(obj, name) for name in self.primary_key)
+
+    def normalize_key(self, key: Any) -> Any:
+        """Turn what ``get()`` was given into the form :meth:`key_of` returns."""
+        if isinstance(key, Mapping):
+            missing = set(self.primary_key) - set(key)
+            if missing:
+                msg = f"get() needs every primary key column of {self.model.__name__}: missing {sorted(missing)}"
+                raise UnknownFieldError(msg)
+            key = tuple(key[name] for name in self.primary_key)
+        if len(self.primary_key) == 1:
+            if isinstance(key, tuple):
+                if len(key) != 1:
+                    msg = f"{self.model.__name__} has a single primary key column; get() was given {len(key)} values"
+                    raise UnknownFieldError(msg)
+                return key[0]
+            return key
+        if not isinstance(key, tuple) or len(key) != len(self.primary_key):
+            msg = (
+                f"{self.model.__name__} has a composite primary key {self.primary_key}; "
+                "pass get() a tuple with one value per column, in that order"
+            )
+            raise UnknownFieldError(msg)
+        return key
+
+    def check_filters(self, filters: Mapping[str, object]) -> None:
+        unknown = set(filters) - self.fields
+        if unknown:
+            msg = (
+                f"{self.model.__name__} has no column attribute {', '.join(sorted(unknown))}; "
+                f"filter on one of {', '.join(sorted(self.fields))}, or write a query method "
+                "on a custom repository for anything else"
+            )
+            raise UnknownFieldError(msg)
+
+    def check_instance(self, obj: object, operation: str) -> None:
+        if not isinstance(obj, self.model):
+            msg = f"{operation}() of a repository for {self.model.__name__} was given a {type(obj).__name__}"
+            raise ModelTypeError(msg)
+
+
+_infos: dict[type[Any], ModelInfo] = {}
+
+
+def model_info(model: type[Any]) -> ModelInfo:
+    """The :class:`ModelInfo` of *model*, read once."""
+    info = _infos.get(model)
+    if info is None:
+        info = _infos[model] = _read_model(model)
+    return info
+
+
+def _read_model(model: type[Any]) -> ModelInfo:
+    """Read the mapping of *model*; raise :class:`ConfigurationError` if it has none."""
+    mapper = inspect(model, raiseerr=False)
+    if not isinstance(mapper, Mapper):
+        msg = (
+            f"{getattr(model, '__qualname__', model)!r} is not a mapped class: map it with "
+            "registry.map_imperatively() or a declarative base before building a repository for it"
+        )
+        raise ConfigurationError(msg)
+    primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+    generated_key = None
+    if len(mapper.primary_key) == 1:
+        column = mapper.primary_key[0]
+        if (
+            isinstance(column.type, Integer)
+            and column.autoincrement in ("auto", True)
+            and column.default is None
+            and column.server_default is None
+            and not column.foreign_keys
+        ):
+            generated_key = primary_key[0]
+    return ModelInfo(
+        model=model,
+        mapper=mapper,
+        primary_key=primary_key,
+        fields=frozenset(prop.key for prop in mapper.column_attrs),
+        generated_key=generated_key,
+    )

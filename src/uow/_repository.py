@@ -1,0 +1,214 @@
+"""The repository contract, sync and async.
+
+The public methods live here, once for each twin, and do the checks that must
+be identical everywhere: argument validation, ``seen`` tracking, the
+``get_by()`` uniqueness rule. Implementations only fill the protected hooks
+(``_add``, ``_get``, ...), so the fake and the real repository cannot drift in
+their public behaviour.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+from collections.abc import Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+from ._model import ModelInfo, model_info
+from .errors import InactiveUnitOfWorkError, MultipleResultsError
+
+__all__ = ["AsyncRepository", "Repository"]
+
+T = TypeVar("T")
+
+
+class _RepositoryBase(Generic[T]):
+    """What sync and async repositories share: no I/O here."""
+
+    model: type[T]
+
+    def __init__(self, model: type[T]) -> None:
+        self.model = model
+        self._info: ModelInfo = model_info(model)
+        self._seen: dict[int, T] = {}
+        self._open = True
+
+    @property
+    def seen(self) -> tuple[T, ...]:
+        """The objects this repository returned or was given, in first-seen order.
+
+        The unit of work collects domain events from them after a commit.
+        """
+        return tuple(self._seen.values())
+
+    def _track(self, obj: T) -> T:
+        """Record *obj* as seen and return it; call it from custom query methods."""
+        self._seen[id(obj)] = obj
+        return obj
+
+    def _track_all(self, objs: Iterable[T]) -> builtins.list[T]:
+        """Record every object in *objs* as seen and return them as a list."""
+        result = builtins.list(objs)
+        for obj in result:
+            self._seen[id(obj)] = obj
+        return result
+
+    def _check_open(self) -> None:
+        if not self._open:
+            msg = (
+                f"this {type(self).__name__} belongs to a unit of work block that has ended; "
+                "use the repository through the unit of work inside `with uow:`"
+            )
+            raise InactiveUnitOfWorkError(msg)
+
+    def _close(self) -> None:
+        self._open = False
+
+    def _checked_many(self, objs: Iterable[T]) -> builtins.list[T]:
+        result = builtins.list(objs)
+        for obj in result:
+            self._info.check_instance(obj, "add_all")
+        return result
+
+    def _one_or_none(self, found: Sequence[T], filters: dict[str, Any]) -> T | None:
+        if len(found) > 1:
+            shown = ", ".join(f"{name}={value!r}" for name, value in filters.items())
+            msg = (
+                f"get_by({shown}) matched more than one {self.model.__name__}; filter on a unique column, or use list()"
+            )
+            raise MultipleResultsError(msg)
+        return self._track(found[0]) if found else None
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"<{type(self).__name__} of {self.model.__name__}, {state}>"
+
+
+class Repository(_RepositoryBase[T], abc.ABC):
+    """The collection-like interface to the stored objects of one mapped class.
+
+    Every implementation (:class:`~uow.SqlAlchemyRepository`,
+    :class:`~uow.InMemoryRepository`) behaves the same through these methods;
+    the contract test suite proves it. Subclass this to declare extra query
+    methods, then subclass each implementation together with your interface.
+    """
+
+    def add(self, obj: T) -> None:
+        """Add a new object; it is written at the next flush or commit."""
+        self._info.check_instance(obj, "add")
+        self._add(obj)
+        self._track(obj)
+
+    def add_all(self, objs: Iterable[T]) -> None:
+        """Add several new objects at once."""
+        checked = self._checked_many(objs)
+        self._add_all(checked)
+        self._track_all(checked)
+
+    def get(self, key: Any) -> T | None:
+        """The object with primary key *key*, or ``None``.
+
+        A composite key is a tuple in column order, or a dict by attribute name.
+        """
+        obj = self._get(self._info.normalize_key(key))
+        return None if obj is None else self._track(obj)
+
+    def get_by(self, **filters: Any) -> T | None:
+        """The one object whose attributes equal *filters*, or ``None``.
+
+        Raises :class:`~uow.errors.MultipleResultsError` if several match.
+        """
+        self._info.check_filters(filters)
+        return self._one_or_none(self._list(filters, 2), filters)
+
+    def list(self, **filters: Any) -> builtins.list[T]:
+        """The objects whose attributes equal *filters*, in primary-key order."""
+        self._info.check_filters(filters)
+        return self._track_all(self._list(filters, None))
+
+    def count(self, **filters: Any) -> int:
+        """How many objects have attributes equal to *filters*."""
+        self._info.check_filters(filters)
+        return self._count(filters)
+
+    def remove(self, obj: T) -> None:
+        """Delete an object that this unit of work returned or was given."""
+        self._info.check_instance(obj, "remove")
+        self._remove(obj)
+
+    @abc.abstractmethod
+    def _add(self, obj: T) -> None: ...
+
+    @abc.abstractmethod
+    def _add_all(self, objs: builtins.list[T]) -> None: ...
+
+    @abc.abstractmethod
+    def _get(self, key: Any) -> T | None: ...
+
+    @abc.abstractmethod
+    def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]: ...
+
+    @abc.abstractmethod
+    def _count(self, filters: dict[str, Any]) -> int: ...
+
+    @abc.abstractmethod
+    def _remove(self, obj: T) -> None: ...
+
+
+class AsyncRepository(_RepositoryBase[T], abc.ABC):
+    """The async twin of :class:`Repository`: the same contract, awaited."""
+
+    async def add(self, obj: T) -> None:
+        """Add a new object; it is written at the next flush or commit."""
+        self._info.check_instance(obj, "add")
+        await self._add(obj)
+        self._track(obj)
+
+    async def add_all(self, objs: Iterable[T]) -> None:
+        """Add several new objects at once."""
+        checked = self._checked_many(objs)
+        await self._add_all(checked)
+        self._track_all(checked)
+
+    async def get(self, key: Any) -> T | None:
+        """The object with primary key *key*, or ``None``."""
+        obj = await self._get(self._info.normalize_key(key))
+        return None if obj is None else self._track(obj)
+
+    async def get_by(self, **filters: Any) -> T | None:
+        """The one object whose attributes equal *filters*, or ``None``."""
+        self._info.check_filters(filters)
+        return self._one_or_none(await self._list(filters, 2), filters)
+
+    async def list(self, **filters: Any) -> builtins.list[T]:
+        """The objects whose attributes equal *filters*, in primary-key order."""
+        self._info.check_filters(filters)
+        return self._track_all(await self._list(filters, None))
+
+    async def count(self, **filters: Any) -> int:
+        """How many objects have attributes equal to *filters*."""
+        self._info.check_filters(filters)
+        return await self._count(filters)
+
+    async def remove(self, obj: T) -> None:
+        """Delete an object that this unit of work returned or was given."""
+        self._info.check_instance(obj, "remove")
+        await self._remove(obj)
+
+    @abc.abstractmethod
+    async def _add(self, obj: T) -> None: ...
+
+    @abc.abstractmethod
+    async def _add_all(self, objs: builtins.list[T]) -> None: ...
+
+    @abc.abstractmethod
+    async def _get(self, key: Any) -> T | None: ...
+
+    @abc.abstractmethod
+    async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]: ...
+
+    @abc.abstractmethod
+    async def _count(self, filters: dict[str, Any]) -> int: ...
+
+    @abc.abstractmethod
+    async def _remove(self, obj: T) -> None: ...

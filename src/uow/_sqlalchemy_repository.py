@@ -1,0 +1,120 @@
+"""Repositories backed by a SQLAlchemy ``Session`` or ``AsyncSession``."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, func, inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from ._model import ModelInfo
+from ._repository import AsyncRepository, Repository
+from .errors import NotInRepositoryError
+
+__all__ = ["AsyncSqlAlchemyRepository", "SqlAlchemyRepository"]
+
+T = TypeVar("T")
+
+
+def _list_statement(info: ModelInfo, filters: dict[str, Any], limit: int | None) -> Select[Any]:
+    stmt = select(info.model)
+    if filters:
+        stmt = stmt.filter_by(**filters)
+    stmt = stmt.order_by(*info.mapper.primary_key)
+    return stmt if limit is None else stmt.limit(limit)
+
+
+def _count_statement(info: ModelInfo, filters: dict[str, Any]) -> Select[Any]:
+    stmt = select(func.count()).select_from(info.model)
+    return stmt.filter_by(**filters) if filters else stmt
+
+
+def _check_removable(session: Session, obj: object, model: type[Any]) -> bool:
+    """Whether *obj* is pending (True) or persistent (False) in *session*."""
+    state = inspect(obj)
+    if state.session is not session or not (state.pending or state.persistent):
+        msg = (
+            f"remove() was given a {model.__name__} that this unit of work neither returned "
+            "nor was given in this block; load it through the repository first"
+        )
+        raise NotInRepositoryError(msg)
+    return bool(state.pending)
+
+
+class SqlAlchemyRepository(Repository[T]):
+    """A :class:`~uow.Repository` that reads and writes through a SQLAlchemy ``Session``.
+
+    Custom query methods use :attr:`session` and pass what they return to
+    ``self._track()`` so that the unit of work sees its domain events.
+    """
+
+    def __init__(self, session: Session, model: type[T]) -> None:
+        super().__init__(model)
+        self._session = session
+
+    @property
+    def session(self) -> Session:
+        """The session of the active unit of work block."""
+        self._check_open()
+        return self._session
+
+    def _add(self, obj: T) -> None:
+        self.session.add(obj)
+
+    def _add_all(self, objs: builtins.list[T]) -> None:
+        self.session.add_all(objs)
+
+    def _get(self, key: Any) -> T | None:
+        return self.session.get(self.model, key)
+
+    def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
+        return self.session.scalars(_list_statement(self._info, filters, limit)).all()
+
+    def _count(self, filters: dict[str, Any]) -> int:
+        return int(self.session.scalar(_count_statement(self._info, filters)) or 0)
+
+    def _remove(self, obj: T) -> None:
+        session = self.session
+        if _check_removable(session, obj, self.model):
+            session.expunge(obj)
+        else:
+            session.delete(obj)
+
+
+class AsyncSqlAlchemyRepository(AsyncRepository[T]):
+    """A :class:`~uow.AsyncRepository` over a SQLAlchemy ``AsyncSession``."""
+
+    def __init__(self, session: AsyncSession, model: type[T]) -> None:
+        super().__init__(model)
+        self._session = session
+
+    @property
+    def session(self) -> AsyncSession:
+        """The async session of the active unit of work block."""
+        self._check_open()
+        return self._session
+
+    async def _add(self, obj: T) -> None:
+        self.session.add(obj)
+
+    async def _add_all(self, objs: builtins.list[T]) -> None:
+        self.session.add_all(objs)
+
+    async def _get(self, key: Any) -> T | None:
+        return await self.session.get(self.model, key)
+
+    async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
+        return (await self.session.scalars(_list_statement(self._info, filters, limit))).all()
+
+    async def _count(self, filters: dict[str, Any]) -> int:
+        return int(await self.session.scalar(_count_statement(self._info, filters)) or 0)
+
+    async def _remove(self, obj: T) -> None:
+        session = self.session
+        if _check_removable(session.sync_session, obj, self.model):
+            session.expunge(obj)
+        else:
+            await session.delete(obj)
