@@ -63,6 +63,12 @@ class InMemoryDatabase:
     def store(self, tables: Tables, sequences: dict[type[Any], int]) -> None:
         self.tables = copy.deepcopy(tables)
         self.sequences = dict(sequences)
+        # Domain events are not stored in a database: objects loaded later start without them.
+        for table in self.tables.values():
+            for obj in table.values():
+                events = getattr(obj, "events", None)
+                if isinstance(events, list):
+                    events.clear()
 
 
 class InMemorySession:

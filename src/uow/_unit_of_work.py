@@ -330,13 +330,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # Closing the session rolls back whatever was not committed; objects
+        # stay readable because close() detaches them without expiring them.
         try:
-            if exc is not None:
-                self._discard()
-            elif self.autocommit:
+            if exc is None and self.autocommit:
                 self.commit()
-            elif self._has_uncommitted_work():
-                self._rollback()
+            elif exc is not None or self._has_uncommitted_work():
                 self._rolled_back()
         except BaseException:
             self._release(quiet=True)
@@ -419,12 +418,9 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         try:
-            if exc is not None:
-                await self._discard()
-            elif self.autocommit:
+            if exc is None and self.autocommit:
                 await self.commit()
-            elif self._has_uncommitted_work():
-                await self._rollback()
+            elif exc is not None or self._has_uncommitted_work():
                 self._rolled_back()
         except BaseException:
             await self._release(quiet=True)

@@ -1,0 +1,120 @@
+"""One async-shaped interface over every unit of work, for the contract suite.
+
+The contract tests are written once, with ``async with uow:`` and ``await``.
+Async units of work run as they are; sync ones are wrapped in
+:class:`SyncAsAsync`, which calls them directly. The committed state is read
+back without the unit of work under test: through a separate connection with
+plain SQL on a database, from the committed tables on the fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from sqlalchemy import Engine, inspect, text
+
+from uow import FakeUnitOfWork
+from uow._memory import InMemoryDatabase
+from uow._repository import _RepositoryBase
+
+
+class _SyncRepositoryAsAsync:
+    def __init__(self, repo: Any) -> None:
+        self._repo = repo
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._repo, name)
+        if not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class SyncAsAsync:
+    """Drives a sync unit of work through the async interface."""
+
+    def __init__(self, uow: Any) -> None:
+        self.wrapped = uow
+
+    async def __aenter__(self) -> SyncAsAsync:
+        self.wrapped.__enter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.wrapped.__exit__(*exc_info)
+
+    async def commit(self) -> None:
+        self.wrapped.commit()
+
+    async def rollback(self) -> None:
+        self.wrapped.rollback()
+
+    def __enter__(self) -> Any:
+        return self.wrapped.__enter__()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.wrapped, name)
+        if isinstance(attr, _RepositoryBase):
+            return _SyncRepositoryAsAsync(attr)
+        return attr
+
+
+@attrs.define
+class Shop:
+    """How a contract test builds units of work and reads what they committed."""
+
+    name: str
+    new: Callable[..., Any]
+    read: Callable[[type[Any], tuple[str, ...]], list[tuple[Any, ...]]]
+    is_async: bool
+
+    def uow(self, **kwargs: Any) -> Any:
+        """A new unit of work with the async interface."""
+        built = self.new(**kwargs)
+        return built if self.is_async else SyncAsAsync(built)
+
+    def committed(self, model: type[Any], *fields: str) -> list[tuple[Any, ...]]:
+        """The committed rows of *model*, as tuples of *fields*, sorted."""
+        return sorted(self.read(model, fields), key=repr)
+
+
+def sql_reader(engine: Engine) -> Callable[[type[Any], tuple[str, ...]], list[tuple[Any, ...]]]:
+    """Read committed rows through a separate connection with plain SQL."""
+
+    def read(model: type[Any], fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        mapper = inspect(model)
+        table = mapper.local_table
+        columns = ", ".join(mapper.columns[field].name for field in fields)
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(f"SELECT {columns} FROM {table.name}"))]
+
+    return read
+
+
+def fake_reader(database: InMemoryDatabase) -> Callable[[type[Any], tuple[str, ...]], list[tuple[Any, ...]]]:
+    """Read the fake's committed tables directly."""
+
+    def read(model: type[Any], fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        table = database.tables.get(model, {})
+        return [tuple(getattr(obj, field) for field in fields) for obj in table.values()]
+
+    return read
+
+
+def fake_shop(uow_class: type[Any], *, is_async: bool) -> Shop:
+    """A shop whose units of work share one in-memory database, as they would share a real one."""
+    database = InMemoryDatabase()
+
+    def new(**kwargs: Any) -> Any:
+        built = uow_class(**kwargs)
+        built.database = database
+        return built
+
+    name = "fake-async" if is_async else "fake"
+    assert issubclass(uow_class, FakeUnitOfWork) != is_async
+    return Shop(name, new, fake_reader(database), is_async)

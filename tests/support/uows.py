@@ -1,0 +1,37 @@
+"""The units of work the contract tests run against, declared once."""
+
+from __future__ import annotations
+
+import uow
+
+from .models import Item, Order, Pair, Sku
+
+
+class ShopUnitOfWork(uow.UnitOfWork):
+    items = uow.repository(Item)
+    skus = uow.repository(Sku)
+    pairs = uow.repository(Pair)
+    orders = uow.repository(Order)
+
+
+class SqlAlchemyShopUnitOfWork(uow.SqlAlchemyUnitOfWork, ShopUnitOfWork):
+    pass
+
+
+class FakeShopUnitOfWork(uow.FakeUnitOfWork, ShopUnitOfWork):
+    pass
+
+
+class AsyncShopUnitOfWork(uow.AsyncUnitOfWork):
+    items = uow.repository(Item)
+    skus = uow.repository(Sku)
+    pairs = uow.repository(Pair)
+    orders = uow.repository(Order)
+
+
+class AsyncSqlAlchemyShopUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncShopUnitOfWork):
+    pass
+
+
+class AsyncFakeShopUnitOfWork(uow.AsyncFakeUnitOfWork, AsyncShopUnitOfWork):
+    pass

@@ -1,0 +1,20 @@
+"""The contract suite on the in-memory fakes: no database involved."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.contract import Contract
+from tests.support.harness import Shop, fake_shop
+from tests.support.uows import AsyncFakeShopUnitOfWork, FakeShopUnitOfWork
+
+
+@pytest.fixture(name="shop", params=["sync", "async"])
+def _shop(request: pytest.FixtureRequest) -> Shop:
+    if request.param == "sync":
+        return fake_shop(FakeShopUnitOfWork, is_async=False)
+    return fake_shop(AsyncFakeShopUnitOfWork, is_async=True)
+
+
+class TestFake(Contract):
+    """The fakes keep the contract."""
