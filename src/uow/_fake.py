@@ -25,9 +25,6 @@ class _FakeCore(_UnitOfWorkCore):
         repo: _RepositoryBase[Any] = repository_class(self._store, model)
         return repo
 
-    def _has_uncommitted_work(self) -> bool:
-        return self._store is not None and self._store.has_uncommitted_work()
-
     def _open_store(self) -> None:
         self._store = InMemorySession(self.database)
 

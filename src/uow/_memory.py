@@ -81,7 +81,12 @@ class InMemorySession:
         self._pending: dict[int, Any] = {}
         self._deleted: dict[int, Any] = {}
         self._failed: BaseException | None = None
-        self._begun = False
+        # Like a session's identity map: the keys of the objects this block
+        # has loaded or flushed. A rollback forgets the keys inserted since
+        # the last commit and keeps the others, as SQLAlchemy keeps (expired)
+        # persistent objects in the identity map.
+        self._identity: set[tuple[type[Any], Any]] = set()
+        self._inserted: set[tuple[type[Any], Any]] = set()
 
     # -- transaction ---------------------------------------------------------
 
@@ -93,31 +98,33 @@ class InMemorySession:
                 f"exception during flush. Roll back before going on. Original exception: {self._failed!r}"
             )
             raise sa_exc.PendingRollbackError(msg)
-        self._begun = True
+        return self._view
+
+    @property
+    def _view(self) -> Tables:
+        """The working copy, even after a failed flush: add() and remove() still work then."""
         if self._tables is None:
             self._tables, self._sequences = self._database.snapshot()
         return self._tables
-
-    def has_uncommitted_work(self) -> bool:
-        return self._begun or bool(self._pending) or bool(self._deleted)
 
     def commit(self) -> None:
         self.flush()
         tables = self._working
         self._database.store(tables, self._sequences)
-        self._begun = False
+        self._inserted.clear()
 
     def rollback(self) -> None:
         self._tables = None
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
-        self._begun = False
+        self._identity -= self._inserted
+        self._inserted.clear()
 
     # -- unit of work --------------------------------------------------------
 
     def _holds(self, obj: object) -> bool:
-        table = self._working.get(_table_key(type(obj)), {})
+        table = self._view.get(_table_key(type(obj)), {})
         key = model_info(_table_key(type(obj))).key_of(obj)
         try:
             return table.get(key) is obj
@@ -125,7 +132,6 @@ class InMemorySession:
             return False
 
     def add(self, obj: object) -> None:
-        self._working  # noqa: B018  (raises after a failed flush, begins the transaction)
         self._deleted.pop(id(obj), None)
         if not self._holds(obj):
             self._pending[id(obj)] = obj
@@ -153,9 +159,13 @@ class InMemorySession:
             raise
         for obj in self._deleted.values():
             cls = _table_key(type(obj))
-            tables[cls].pop(model_info(cls).key_of(obj), None)
+            key = model_info(cls).key_of(obj)
+            tables[cls].pop(key, None)
+            self._identity.discard((cls, key))
         for table, key, obj in planned:
             tables.setdefault(table, {})[key] = obj
+            self._identity.add((table, key))
+            self._inserted.add((table, key))
         self._pending.clear()
         self._deleted.clear()
 
@@ -205,19 +215,30 @@ class InMemorySession:
     # -- queries -------------------------------------------------------------
 
     def get(self, model: type[Any], key: Any) -> Any:
-        self.flush()
-        obj = self._working.get(_table_key(model), {}).get(key)
-        return obj if isinstance(obj, model) else None
+        # As Session.get(): an object already in the identity map is returned
+        # without a flush; anything else is looked up after one.
+        table = _table_key(model)
+        obj = self._working.get(table, {}).get(key)
+        if obj is None or (table, key) not in self._identity:
+            self.flush()
+            obj = self._working.get(table, {}).get(key)
+        if not isinstance(obj, model):
+            return None
+        self._identity.add((table, key))
+        return obj
 
     def query(self, model: type[Any], filters: dict[str, Any], limit: int | None) -> list[Any]:
         self.flush()
         table = self._working.get(_table_key(model), {})
-        found = [
+        found: list[Any] = [
             obj
             for key, obj in sorted(table.items(), key=lambda item: _sort_key(item[0]))
             if isinstance(obj, model) and all(getattr(obj, name) == value for name, value in filters.items())
         ]
-        return found if limit is None else found[:limit]
+        found = found if limit is None else found[:limit]
+        info = model_info(table_key := _table_key(model))
+        self._identity.update((table_key, info.key_of(obj)) for obj in found)
+        return found
 
 
 def _sort_key(key: Any) -> tuple[Any, ...]:

@@ -32,6 +32,8 @@ class _RepositoryBase(Generic[T]):
         self._info: ModelInfo = model_info(model)
         self._seen: dict[int, T] = {}
         self._open = True
+        #: The unit of work that built this repository, told of every use.
+        self._unit: Any = None
 
     @property
     def seen(self) -> tuple[T, ...]:
@@ -44,7 +46,16 @@ class _RepositoryBase(Generic[T]):
     def _track(self, obj: T) -> T:
         """Record *obj* as seen and return it; call it from custom query methods."""
         self._seen[id(obj)] = obj
+        if self._unit is not None:
+            self._unit._used = True
         return obj
+
+    def _use(self) -> None:
+        """Every public method starts here: refuse a closed repository, note the use."""
+        if not self._open:
+            self._check_open()
+        if self._unit is not None:
+            self._unit._used = True
 
     def _track_all(self, objs: Iterable[T]) -> builtins.list[T]:
         """Record every object in *objs* as seen and return them as a list."""
@@ -95,12 +106,14 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
     def add(self, obj: T) -> None:
         """Add a new object; it is written at the next flush or commit."""
+        self._use()
         self._info.check_instance(obj, "add")
         self._add(obj)
         self._track(obj)
 
     def add_all(self, objs: Iterable[T]) -> None:
         """Add several new objects at once."""
+        self._use()
         checked = self._checked_many(objs)
         self._add_all(checked)
         self._track_all(checked)
@@ -110,6 +123,7 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
         A composite key is a tuple in column order, or a dict by attribute name.
         """
+        self._use()
         obj = self._get(self._info.normalize_key(key))
         return None if obj is None else self._track(obj)
 
@@ -118,21 +132,25 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
         Raises :class:`~uow.errors.MultipleResultsError` if several match.
         """
+        self._use()
         self._info.check_filters(filters)
         return self._one_or_none(self._list(filters, 2), filters)
 
     def list(self, **filters: Any) -> builtins.list[T]:
         """The objects whose attributes equal *filters*, in primary-key order."""
+        self._use()
         self._info.check_filters(filters)
         return self._track_all(self._list(filters, None))
 
     def count(self, **filters: Any) -> int:
         """How many objects have attributes equal to *filters*."""
+        self._use()
         self._info.check_filters(filters)
         return self._count(filters)
 
     def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
+        self._use()
         self._info.check_instance(obj, "remove")
         self._remove(obj)
 
@@ -160,38 +178,45 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
 
     async def add(self, obj: T) -> None:
         """Add a new object; it is written at the next flush or commit."""
+        self._use()
         self._info.check_instance(obj, "add")
         await self._add(obj)
         self._track(obj)
 
     async def add_all(self, objs: Iterable[T]) -> None:
         """Add several new objects at once."""
+        self._use()
         checked = self._checked_many(objs)
         await self._add_all(checked)
         self._track_all(checked)
 
     async def get(self, key: Any) -> T | None:
         """The object with primary key *key*, or ``None``."""
+        self._use()
         obj = await self._get(self._info.normalize_key(key))
         return None if obj is None else self._track(obj)
 
     async def get_by(self, **filters: Any) -> T | None:
         """The one object whose attributes equal *filters*, or ``None``."""
+        self._use()
         self._info.check_filters(filters)
         return self._one_or_none(await self._list(filters, 2), filters)
 
     async def list(self, **filters: Any) -> builtins.list[T]:
         """The objects whose attributes equal *filters*, in primary-key order."""
+        self._use()
         self._info.check_filters(filters)
         return self._track_all(await self._list(filters, None))
 
     async def count(self, **filters: Any) -> int:
         """How many objects have attributes equal to *filters*."""
+        self._use()
         self._info.check_filters(filters)
         return await self._count(filters)
 
     async def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
+        self._use()
         self._info.check_instance(obj, "remove")
         await self._remove(obj)
 

@@ -27,10 +27,6 @@ def _inactive_session() -> InactiveUnitOfWorkError:
     )
 
 
-def _has_uncommitted_work(session: Session) -> bool:
-    return bool(session.in_transaction() or session.new or session.deleted or session.dirty)
-
-
 class SqlAlchemyUnitOfWork(UnitOfWork):
     """A :class:`~uow.UnitOfWork` that opens a SQLAlchemy ``Session`` for each block.
 
@@ -66,6 +62,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         """The session of the active block."""
         if self._session is None:
             raise _inactive_session()
+        self._used = True
         return self._session
 
     def _open(self) -> None:
@@ -76,17 +73,16 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         self._session = session
 
     def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(self.session, model)
+        repo: _RepositoryBase[Any] = repository_class(self._session, model)
         return repo
 
-    def _has_uncommitted_work(self) -> bool:
-        return _has_uncommitted_work(self.session)
-
     def _commit(self) -> None:
-        self.session.commit()
+        assert self._session is not None
+        self._session.commit()
 
     def _rollback(self) -> None:
-        self.session.rollback()
+        assert self._session is not None
+        self._session.rollback()
 
     def _close(self, *, invalidate: bool) -> None:
         session, self._session = self._session, None
@@ -139,6 +135,7 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         """The async session of the active block."""
         if self._session is None:
             raise _inactive_session()
+        self._used = True
         return self._session
 
     async def _open(self) -> None:
@@ -152,17 +149,16 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         self._session = session
 
     def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(self.session, model)
+        repo: _RepositoryBase[Any] = repository_class(self._session, model)
         return repo
 
-    def _has_uncommitted_work(self) -> bool:
-        return _has_uncommitted_work(self.session.sync_session)
-
     async def _commit(self) -> None:
-        await self.session.commit()
+        assert self._session is not None
+        await self._session.commit()
 
     async def _rollback(self) -> None:
-        await self.session.rollback()
+        assert self._session is not None
+        await self._session.rollback()
 
     async def _close(self, *, invalidate: bool) -> None:
         session, self._session = self._session, None

@@ -85,7 +85,7 @@ class SqlAlchemyRepository(Repository[T]):
 
 
 class AsyncSqlAlchemyRepository(AsyncRepository[T]):
-    """A :class:`~uow.AsyncRepository` over a SQLAlchemy ``AsyncSession``."""
+    """An :class:`~uow.AsyncRepository` over a SQLAlchemy ``AsyncSession``."""
 
     def __init__(self, session: AsyncSession, model: type[T]) -> None:
         super().__init__(model)

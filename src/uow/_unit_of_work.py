@@ -187,6 +187,8 @@ class _UnitOfWorkCore:
         self.rollbacks = 0
         self._active = False
         self._broken = False
+        #: Whether a repository was used since the last commit or rollback.
+        self._used = False
         self._repositories: dict[str, _RepositoryBase[Any]] = {}
         self._events: deque[object] = deque()
 
@@ -195,10 +197,6 @@ class _UnitOfWorkCore:
     @abc.abstractmethod
     def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
         """Build a repository bound to the block's session."""
-
-    @abc.abstractmethod
-    def _has_uncommitted_work(self) -> bool:
-        """Whether the session holds work that a rollback would discard."""
 
     # -- state machine -------------------------------------------------------
 
@@ -217,6 +215,7 @@ class _UnitOfWorkCore:
             raise ActiveUnitOfWorkError(msg)
         self._active = True
         self._broken = False
+        self._used = False
         self.committed = False
         self.rolled_back = False
 
@@ -232,6 +231,7 @@ class _UnitOfWorkCore:
         self._check_active(f"{type(self).__name__}.{name}")
         slot = self._slots[name]
         repo = self._new_repository(self._implementations[name], slot.model)
+        repo._unit = self
         self._repositories[name] = repo
         # Later reads in this block find the repository in the instance
         # dict and skip the descriptor; _finish() removes it again.
@@ -239,6 +239,7 @@ class _UnitOfWorkCore:
         return repo
 
     def _committed(self) -> None:
+        self._used = False
         self.commits += 1
         self.committed = True
         for repo in self._repositories.values():
@@ -249,6 +250,7 @@ class _UnitOfWorkCore:
                     events.clear()
 
     def _rolled_back(self) -> None:
+        self._used = False
         self.rollbacks += 1
         self.rolled_back = True
         for repo in self._repositories.values():
@@ -335,7 +337,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         try:
             if exc is None and self.autocommit:
                 self.commit()
-            elif exc is not None or self._has_uncommitted_work():
+            elif self._used:
                 self._rolled_back()
         except BaseException:
             self._release(quiet=True)
@@ -420,7 +422,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         try:
             if exc is None and self.autocommit:
                 await self.commit()
-            elif exc is not None or self._has_uncommitted_work():
+            elif self._used:
                 self._rolled_back()
         except BaseException:
             await self._release(quiet=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy.exc import IntegrityError, OperationalError, PendingRollbackError
+from sqlalchemy.exc import IntegrityError, OperationalError, PendingRollbackError, SAWarning
 
 from uow import errors
 
@@ -183,13 +183,13 @@ class Contract:
         """A repository used before or after the block raises InactiveUnitOfWorkError."""
         uow = shop.uow()
         with pytest.raises(errors.InactiveUnitOfWorkError, match="outside a block"):
-            uow.skus  # noqa: B018
+            uow.skus
         async with uow:
             held = uow.skus
         with pytest.raises(errors.InactiveUnitOfWorkError, match="ended"):
             await held.count()
         with pytest.raises(errors.InactiveUnitOfWorkError):
-            uow.skus  # noqa: B018
+            uow.skus
 
     async def test_commit_outside_the_block_raises(self, shop: Shop) -> None:
         """commit() and rollback() outside the block raise InactiveUnitOfWorkError."""
@@ -363,8 +363,9 @@ class Contract:
         mode raises OperationalError 1364 ("doesn't have a default value").
         """
         uow = shop.uow()
+        on_database = shop.name.startswith(("sqlite", "postgresql", "mariadb"))
         with (
-            pytest.warns(Warning) if shop.name.startswith(("sqlite", "postgresql", "mariadb")) else _nothing(),
+            pytest.warns(SAWarning, match="primary key") if on_database else _nothing(),
             pytest.raises(IntegrityError if not shop.name.startswith("mariadb") else OperationalError),
         ):
             async with uow:
@@ -471,7 +472,7 @@ class Contract:
         assert ["restocked"] == list(uow.collect_new_events())
 
 
-class _nothing:  # noqa: N801
+class _nothing:
     def __enter__(self) -> None:
         return None
 

@@ -65,7 +65,7 @@ def provision(backend: str, tmp_dir: Path) -> Iterator[Database]:
         try:
             with admin.connect() as conn:
                 conn.execute(text(f"CREATE DATABASE {name}"))
-        except Exception as error:  # noqa: BLE001 - any failure to reach the server
+        except Exception as error:
             unreachable(backend, admin_url, error)
         try:
             yield Database(backend, make_url(admin_url).set(database=name))

@@ -86,6 +86,8 @@ mapper_registry.map_imperatively(Item, items)
 mapper_registry.map_imperatively(Sku, skus)
 mapper_registry.map_imperatively(Pair, pairs)
 mapper_registry.map_imperatively(Line, lines)
-mapper_registry.map_imperatively(Order, orders, properties={"lines": relationship(Line, order_by=lines.c.id, lazy="selectin")})
+mapper_registry.map_imperatively(
+    Order, orders, properties={"lines": relationship(Line, order_by=lines.c.id, lazy="selectin")}
+)
 
 TABLES = (lines, orders, items, skus, pairs)
