@@ -58,7 +58,7 @@ class SqlAlchemyRepository(Repository[T]):
     @property
     def session(self) -> Session:
         """The session of the active unit of work block."""
-        self._check_open()
+        self._use()
         return self._session
 
     def _add(self, obj: T) -> None:
@@ -94,7 +94,7 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
     @property
     def session(self) -> AsyncSession:
         """The async session of the active unit of work block."""
-        self._check_open()
+        self._use()
         return self._session
 
     async def _add(self, obj: T) -> None:
