@@ -1,0 +1,67 @@
+"""The service layer: each service is one unit of work block and one commit.
+
+A service leaves the domain events of its committed work in the unit of work;
+:func:`allocation.messagebus.handle` is what hands them on. Changing the
+quantity of a batch, for instance, can deallocate order lines, and their
+``AllocationRequired`` events reallocate them only when the change runs
+through the message bus.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from .domain import Batch, OrderLine, Product
+from .unit_of_work import AllocationUnitOfWork
+
+__all__ = ["InvalidSku", "UnknownBatch", "add_batch", "allocate", "change_batch_quantity"]
+
+
+class InvalidSku(Exception):
+    """An order line named a SKU that has no product."""
+
+
+class UnknownBatch(Exception):
+    """No batch has the given reference."""
+
+
+def add_batch(ref: str, sku: str, qty: int, eta: date | None, uow: AllocationUnitOfWork) -> None:
+    """Add batch *ref* of *qty* units of *sku*, creating the product on its first batch."""
+    with uow:
+        product = uow.products.get(sku)
+        if product is None:
+            product = Product(sku)
+            uow.products.add(product)
+        product.batches.append(Batch(ref, sku, qty, eta))
+        uow.commit()
+
+
+def allocate(orderid: str, sku: str, qty: int, uow: AllocationUnitOfWork) -> str | None:
+    """Allocate an order line and return the reference of its batch.
+
+    Return ``None`` if no batch can take it; the product then raises an
+    ``OutOfStock`` event. Raise :class:`InvalidSku` for an unknown SKU.
+    """
+    line = OrderLine(orderid, sku, qty)
+    with uow:
+        product = uow.products.get(sku)
+        if product is None:
+            msg = f"Invalid sku {sku}"
+            raise InvalidSku(msg)
+        batchref = product.allocate(line)
+        uow.commit()
+    return batchref
+
+
+def change_batch_quantity(ref: str, qty: int, uow: AllocationUnitOfWork) -> None:
+    """Set the purchased quantity of batch *ref*, deallocating lines that no longer fit.
+
+    Raise :class:`UnknownBatch` if there is no batch *ref*.
+    """
+    with uow:
+        product = uow.products.get_by_batchref(ref)
+        if product is None:
+            msg = f"Unknown batch {ref}"
+            raise UnknownBatch(msg)
+        product.change_batch_quantity(ref, qty)
+        uow.commit()
