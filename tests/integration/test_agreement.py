@@ -55,10 +55,18 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
                     conn.execute(table.delete())
             self.units = (FakeShopUnitOfWork(), SqlAlchemyShopUnitOfWork(engine))
             self.in_block = False
+            # Codes of objects the block has loaded or added. Adding a new object
+            # whose key duplicates one of these is a misuse SQLAlchemy warns
+            # about; when its IntegrityError surfaces then depends on the
+            # identity map's expiry state, so the machine does not do it.
+            self.loaded: set[str] = set()
 
         def both(self, action: Any) -> Any:
             fake, real = (outcome(lambda unit=unit: action(unit)) for unit in self.units)
             assert fake == real
+            for found in fake if isinstance(fake, list) else [fake]:
+                if isinstance(found, tuple) and found[0] != "raised":
+                    self.loaded.add(found[0])
             return fake
 
         @precondition(lambda self: not self.in_block)
@@ -75,12 +83,16 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             for unit in self.units:
                 unit.__exit__(type(error) if error else None, error, None)
             self.in_block = False
+            self.loaded.clear()
             assert self.units[0].rolled_back == self.units[1].rolled_back
 
         @precondition(lambda self: self.in_block)
         @rule(code=CODES, description=DESCRIPTIONS, stock=STOCKS)
         def add(self, code: str, description: str, stock: int) -> None:
+            if code in self.loaded:
+                return
             self.both(lambda unit: unit.skus.add(Sku(code, description, stock)))
+            self.loaded.add(code)
 
         @precondition(lambda self: self.in_block)
         @rule(code=CODES)
@@ -155,7 +167,8 @@ def test_fake_and_database_agree(engine: Engine) -> None:
     """Random sequences of repository and transaction operations give the same results on the fake and the database."""
     machine = make_machine(engine)
     machine.TestCase.settings = settings(
-        max_examples=60,
+        max_examples=100,
+        derandomize=True,
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

@@ -17,6 +17,8 @@ import attrs
 import pytest
 from sqlalchemy import URL, Engine, create_engine, make_url, text
 
+from .models import metadata
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 POSTGRES_ADMIN_URL = os.environ.get("UOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -75,3 +77,40 @@ def provision(backend: str, tmp_dir: Path) -> Iterator[Database]:
                 conn.execute(text(drop))
     finally:
         admin.dispose()
+
+
+class Provisioner:
+    """Creates each backend's database for this run on first use, and drops them all at the end."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self._tmp_dir = tmp_dir
+        self._databases: dict[str, Database] = {}
+        self._teardowns: list[Iterator[Database]] = []
+        self._schema_engines: dict[str, Engine] = {}
+        #: Every engine a test made; each must have no connection checked out after a test.
+        self.engines: list[Engine] = []
+
+    def database(self, backend: str) -> Database:
+        if backend not in self._databases:
+            gen = provision(backend, self._tmp_dir)
+            self._databases[backend] = next(gen)
+            self._teardowns.append(gen)
+        return self._databases[backend]
+
+    def schema_engine(self, backend: str) -> Engine:
+        eng = self._schema_engines.get(backend)
+        if eng is None:
+            eng = self._schema_engines[backend] = self.track(self.database(backend).engine())
+            metadata.create_all(eng)
+        return eng
+
+    def track(self, eng: Engine) -> Engine:
+        self.engines.append(eng)
+        return eng
+
+    def close(self) -> None:
+        for eng in self.engines:
+            eng.dispose()
+        for gen in self._teardowns:
+            for _ in gen:  # runs the code after the yield, which drops the database
+                pass

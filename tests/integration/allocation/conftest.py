@@ -11,89 +11,27 @@ CI (``CI=true``), where it fails them: CI must never pass by skipping.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
-from sqlalchemy import URL, Engine, create_engine, make_url, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import URL, Engine, create_engine, text
 from sqlalchemy.pool import QueuePool
 
 from allocation import config, orm
-
-#: Where each server's databases are created; the environment can point elsewhere.
-POSTGRESQL_ADMIN_URL = os.environ.get("UOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-MARIADB_ADMIN_URL = os.environ.get("UOW_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+from tests.support.databases import Provisioner
 
 Rows = Callable[..., list[tuple[Any, ...]]]
 
 
-def _unreachable(backend: str, admin_url: str, error: DBAPIError) -> NoReturn:
-    shown = make_url(admin_url).render_as_string(hide_password=True)
-    cause = " ".join(str(error.orig).split())
-    reason = f"the {backend} server at {shown} is not reachable ({type(error.orig).__name__}: {cause})"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI runs every backend, but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
-def _server_database(backend: str, admin_url: str) -> Iterator[URL]:
-    """Create a database for this run on the server at *admin_url*, yield its URL, then drop it."""
-    name = f"alloc_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}"))
-    except DBAPIError as error:
-        _unreachable(backend, admin_url, error)
-    finally:
-        admin.dispose()
-    try:
-        yield make_url(admin_url).set(database=name)
-    finally:
-        drop = f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if backend == "postgresql" else "")
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as connection:
-                connection.execute(text(drop))
-        finally:
-            admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> URL:
-    path: Path = tmp_path_factory.mktemp("allocation") / "allocation.sqlite3"
-    return make_url(f"sqlite:///{path}")
-
-
-@pytest.fixture(scope="session")
-def postgresql_database_url() -> Iterator[URL]:
-    yield from _server_database("postgresql", POSTGRESQL_ADMIN_URL)
-
-
-@pytest.fixture(scope="session")
-def mariadb_database_url() -> Iterator[URL]:
-    yield from _server_database("mariadb", MARIADB_ADMIN_URL)
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("postgresql", marks=pytest.mark.integration),
-        pytest.param("mariadb", marks=pytest.mark.integration),
-    ]
-)
-def database_url(request: pytest.FixtureRequest) -> URL:
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def database_url(request: pytest.FixtureRequest, provisioner: Provisioner) -> URL:
     """The URL of this run's database on each backend in turn (a ``URL``, whose repr hides any password).
 
     A test that needs only some backends parametrizes it indirectly:
     ``@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)``.
     """
-    url: URL = request.getfixturevalue(f"{request.param}_database_url")
-    return url
+    return provisioner.database(request.param).url
 
 
 def checked_out(engine: Engine) -> int:
