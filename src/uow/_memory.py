@@ -199,6 +199,7 @@ class InMemorySession:
                 last = max([self._sequences.get(table, 0), *existing])
                 self._sequences[table] = last + 1
                 setattr(obj, info.generated_key, last + 1)
+            _apply_defaults(info.mapper, obj)
             key = info.key_of(obj)
             parts = key if isinstance(key, tuple) else (key,)
             if any(part is None for part in parts):
@@ -239,6 +240,23 @@ class InMemorySession:
         info = model_info(table_key := _table_key(model))
         self._identity.update((table_key, info.key_of(obj)) for obj in found)
         return found
+
+
+def _apply_defaults(mapper: Mapper[Any], obj: object) -> None:
+    """Fill unset attributes from Python-side column defaults, as an INSERT does.
+
+    Server-side defaults are the database's business: the fake leaves those
+    attributes as they are.
+    """
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        default = getattr(column, "default", None)
+        if default is None or getattr(obj, prop.key, None) is not None:
+            continue
+        if default.is_scalar:
+            setattr(obj, prop.key, default.arg)
+        elif default.is_callable:
+            setattr(obj, prop.key, default.arg(None))
 
 
 def _sort_key(key: Any) -> tuple[Any, ...]:

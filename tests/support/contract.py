@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, PendingRollbackErro
 from uow import errors
 
 from .harness import Shop
-from .models import Item, Line, Order, Pair, Sku
+from .models import Item, Line, Note, Order, Pair, Sku
 
 
 class Boom(Exception):
@@ -424,6 +424,19 @@ class Contract:
             order.lines.append(Line("green", 3))
             await uow.commit()
         assert [("blue", 2), ("green", 3), ("red", 1)] == shop.committed(Line, "sku", "qty")
+
+    async def test_declarative_models_work_the_same(self, shop: Shop) -> None:
+        """A declarative model gets the same repository behaviour as an imperatively mapped one."""
+        uow = shop.uow()
+        async with uow:
+            await uow.notes.add_all([Note(text="first"), Note(text="second", pinned=True)])
+            await uow.commit()
+        async with uow:
+            pinned = await uow.notes.get_by(pinned=True)
+            assert "second" == pinned.text
+            assert pinned is await uow.notes.get(pinned.id)
+            assert ["first", "second"] == [note.text for note in await uow.notes.list()]
+        assert [("first", False), ("second", True)] == shop.committed(Note, "text", "pinned")
 
     async def test_seen_records_returned_and_added_objects(self, shop: Shop) -> None:
         """seen holds every object the repository returned or was given, once each."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
-from sqlalchemy.orm import registry, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry, relationship
 
 metadata = MetaData()
 mapper_registry = registry(metadata=metadata)
@@ -90,4 +90,19 @@ mapper_registry.map_imperatively(
     Order, orders, properties={"lines": relationship(Line, order_by=lines.c.id, lazy="selectin")}
 )
 
-TABLES = (lines, orders, items, skus, pairs)
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class Note(Base):
+    """A declarative model, to show repositories work the same with both mapping styles."""
+
+    __tablename__ = "uow_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(String(100))
+    pinned: Mapped[bool] = mapped_column(default=False)
+
+
+TABLES = (lines, orders, items, skus, pairs, Note.__table__)

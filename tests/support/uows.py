@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uow
 
-from .models import Item, Order, Pair, Sku
+from .models import Item, Note, Order, Pair, Sku
 
 
 class ShopUnitOfWork(uow.UnitOfWork):
@@ -12,6 +12,7 @@ class ShopUnitOfWork(uow.UnitOfWork):
     skus = uow.repository(Sku)
     pairs = uow.repository(Pair)
     orders = uow.repository(Order)
+    notes = uow.repository(Note)
 
 
 class SqlAlchemyShopUnitOfWork(uow.SqlAlchemyUnitOfWork, ShopUnitOfWork):
@@ -27,6 +28,7 @@ class AsyncShopUnitOfWork(uow.AsyncUnitOfWork):
     skus = uow.repository(Sku)
     pairs = uow.repository(Pair)
     orders = uow.repository(Order)
+    notes = uow.repository(Note)
 
 
 class AsyncSqlAlchemyShopUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncShopUnitOfWork):
