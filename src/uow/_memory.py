@@ -26,7 +26,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper
 
 from ._model import model_info
-from ._repository import AsyncRepository, Repository
+from ._repository import AsyncRepository, Repository, _RepositoryBase
 from .errors import NotInRepositoryError
 
 __all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
@@ -263,12 +263,8 @@ def _sort_key(key: Any) -> tuple[Any, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
-class InMemoryRepository(Repository[T]):
-    """A :class:`~uow.Repository` over a fake unit of work's in-memory database.
-
-    Custom query methods are written with the public contract
-    (``self.list()``, ``self.get_by()``), which records what they return as seen.
-    """
+class _InMemoryBase(_RepositoryBase[T]):
+    """What the sync and async in-memory repositories share: their session."""
 
     def __init__(self, session: InMemorySession, model: type[T]) -> None:
         super().__init__(model)
@@ -278,6 +274,14 @@ class InMemoryRepository(Repository[T]):
     def _store(self) -> InMemorySession:
         self._check_open()
         return self._session
+
+
+class InMemoryRepository(_InMemoryBase[T], Repository[T]):
+    """A :class:`~uow.Repository` over a fake unit of work's in-memory database.
+
+    Custom query methods are written with the public contract
+    (``self.list()``, ``self.get_by()``), which records what they return as seen.
+    """
 
     def _add(self, obj: T) -> None:
         self._store.add(obj)
@@ -301,17 +305,8 @@ class InMemoryRepository(Repository[T]):
         self._store.delete(obj)
 
 
-class AsyncInMemoryRepository(AsyncRepository[T]):
+class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
     """The async twin of :class:`InMemoryRepository`."""
-
-    def __init__(self, session: InMemorySession, model: type[T]) -> None:
-        super().__init__(model)
-        self._session = session
-
-    @property
-    def _store(self) -> InMemorySession:
-        self._check_open()
-        return self._session
 
     async def _add(self, obj: T) -> None:
         self._store.add(obj)
