@@ -32,6 +32,12 @@ class _FakeCore(_UnitOfWorkCore):
         assert self._store is not None
         return self._store
 
+    def _drop_store(self) -> None:
+        """End the block: whatever was not committed is discarded."""
+        if self._store is not None:
+            self._store.rollback()
+        self._store = None
+
 
 class FakeUnitOfWork(_FakeCore, UnitOfWork):
     """A :class:`~uow.UnitOfWork` over an in-memory database, for unit tests.
@@ -56,9 +62,7 @@ class FakeUnitOfWork(_FakeCore, UnitOfWork):
         self._store_or_fail().rollback()
 
     def _close(self, *, invalidate: bool) -> None:
-        if self._store is not None:
-            self._store.rollback()
-        self._store = None
+        self._drop_store()
 
 
 class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
@@ -77,6 +81,4 @@ class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
         self._store_or_fail().rollback()
 
     async def _close(self, *, invalidate: bool) -> None:
-        if self._store is not None:
-            self._store.rollback()
-        self._store = None
+        self._drop_store()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +15,6 @@ from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
 from .errors import ConfigurationError, InactiveUnitOfWorkError
 
 __all__ = ["AsyncSqlAlchemyUnitOfWork", "SqlAlchemyUnitOfWork"]
-
-log = logging.getLogger("uow")
 
 
 def _inactive_session() -> InactiveUnitOfWorkError:

@@ -54,9 +54,6 @@ class SyncAsAsync:
     async def rollback(self) -> None:
         self.wrapped.rollback()
 
-    def __enter__(self) -> Any:
-        return self.wrapped.__enter__()
-
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.wrapped, name)
         if isinstance(attr, _RepositoryBase):
