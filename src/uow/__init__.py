@@ -13,7 +13,8 @@ from ._memory import AsyncInMemoryRepository, InMemoryRepository
 from ._repository import AsyncRepository, Repository
 from ._sqlalchemy import AsyncSqlAlchemyUnitOfWork, SqlAlchemyUnitOfWork
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, repository
+from ._transactional import NEW_UOW, Retry, transactional
+from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, current, repository
 
 __all__ = [
     "AsyncFakeUnitOfWork",
@@ -24,10 +25,14 @@ __all__ = [
     "AsyncUnitOfWork",
     "FakeUnitOfWork",
     "InMemoryRepository",
+    "NEW_UOW",
     "Repository",
+    "Retry",
     "SqlAlchemyRepository",
     "SqlAlchemyUnitOfWork",
     "UnitOfWork",
+    "current",
     "errors",
     "repository",
+    "transactional",
 ]

@@ -4,39 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession
+from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession, _Savepoint
 from ._repository import _RepositoryBase
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, _UnitOfWorkCore
+from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
 
 __all__ = ["AsyncFakeUnitOfWork", "FakeUnitOfWork"]
 
 
 class _FakeCore(_UnitOfWorkCore):
-    """What the sync and async fakes share: the database and its session."""
+    """What the sync and async fakes share: the database, and every step of a transaction."""
 
     def __init__(self, *, autocommit: bool = False) -> None:
         super().__init__(autocommit=autocommit)
         #: The committed state, shared by every block of this unit of work.
         self.database = InMemoryDatabase()
-        self._store: InMemorySession | None = None
 
-    def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        assert self._store is not None
-        repo: _RepositoryBase[Any] = repository_class(self._store, model)
+    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
+        repo: _RepositoryBase[Any] = repository_class(session, model)
         return repo
 
-    def _open_store(self) -> None:
-        self._store = InMemorySession(self.database)
+    def _guard_writes(self, tx: _Transaction) -> None:
+        store: InMemorySession = tx.session
+        store.writes_forbidden = self._writes_forbidden
 
-    def _store_or_fail(self) -> InMemorySession:
-        assert self._store is not None
-        return self._store
+    def _open_store(self) -> InMemorySession:
+        return InMemorySession(self.database)
 
-    def _drop_store(self) -> None:
-        """End the block: whatever was not committed is discarded."""
-        if self._store is not None:
-            self._store.rollback()
-        self._store = None
+    @staticmethod
+    def _drop_store(store: InMemorySession) -> None:
+        """End the transaction: whatever was not committed is discarded."""
+        store.rollback()
 
 
 class FakeUnitOfWork(_FakeCore, UnitOfWork):
@@ -52,17 +49,29 @@ class FakeUnitOfWork(_FakeCore, UnitOfWork):
     _repository_base = InMemoryRepository
     _generic_repository = InMemoryRepository
 
-    def _open(self) -> None:
-        self._open_store()
+    def _open(self) -> InMemorySession:
+        return self._open_store()
 
-    def _commit(self) -> None:
-        self._store_or_fail().commit()
+    def _prepare(self, tx: _Transaction) -> None:
+        """The fake has no isolation levels, and read-only mode is enforced at flush."""
 
-    def _rollback(self) -> None:
-        self._store_or_fail().rollback()
+    def _flush(self, session: InMemorySession) -> None:
+        session.flush()
 
-    def _close(self, *, invalidate: bool) -> None:
-        self._drop_store()
+    def _commit(self, session: InMemorySession) -> None:
+        session.commit()
+
+    def _rollback(self, session: InMemorySession) -> None:
+        session.rollback()
+
+    def _close(self, session: InMemorySession, *, invalidate: bool) -> None:
+        self._drop_store(session)
+
+    def _begin_savepoint(self, session: InMemorySession) -> _Savepoint:
+        return session.begin_nested()
+
+    def _end_savepoint(self, handle: _Savepoint, *, release: bool) -> None:
+        handle.session.end_nested(handle, release=release)
 
 
 class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
@@ -71,14 +80,26 @@ class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
     _repository_base = AsyncInMemoryRepository
     _generic_repository = AsyncInMemoryRepository
 
-    async def _open(self) -> None:
-        self._open_store()
+    async def _open(self) -> InMemorySession:
+        return self._open_store()
 
-    async def _commit(self) -> None:
-        self._store_or_fail().commit()
+    async def _prepare(self, tx: _Transaction) -> None:
+        """The fake has no isolation levels, and read-only mode is enforced at flush."""
 
-    async def _rollback(self) -> None:
-        self._store_or_fail().rollback()
+    async def _flush(self, session: InMemorySession) -> None:
+        session.flush()
 
-    async def _close(self, *, invalidate: bool) -> None:
-        self._drop_store()
+    async def _commit(self, session: InMemorySession) -> None:
+        session.commit()
+
+    async def _rollback(self, session: InMemorySession) -> None:
+        session.rollback()
+
+    async def _close(self, session: InMemorySession, *, invalidate: bool) -> None:
+        self._drop_store(session)
+
+    async def _begin_savepoint(self, session: InMemorySession) -> _Savepoint:
+        return session.begin_nested()
+
+    async def _end_savepoint(self, handle: _Savepoint, *, release: bool) -> None:
+        handle.session.end_nested(handle, release=release)

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import builtins
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper
 
 from ._model import model_info
 from ._repository import AsyncRepository, Repository, _RepositoryBase
-from .errors import NotInRepositoryError
+from .errors import NotInRepositoryError, ReadOnlyError
 
 __all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
 
@@ -56,13 +57,18 @@ class InMemoryDatabase:
     def __init__(self) -> None:
         self.tables: Tables = {}
         self.sequences: dict[type[Any], int] = {}
+        #: Incremented by every commit, so a session can tell whether another one committed since it looked.
+        self.version = 0
 
     def snapshot(self) -> tuple[Tables, dict[type[Any], int]]:
         return copy.deepcopy(self.tables), dict(self.sequences)
 
     def store(self, tables: Tables, sequences: dict[type[Any], int]) -> None:
         self.tables = copy.deepcopy(tables)
-        self.sequences = dict(sequences)
+        self.sequences = {
+            table: max(sequences.get(table, 0), self.sequences.get(table, 0)) for table in {*sequences, *self.sequences}
+        }
+        self.version += 1
         # Domain events are not stored in a database: objects loaded later start without them.
         for table in self.tables.values():
             for obj in table.values():
@@ -87,6 +93,11 @@ class InMemorySession:
         # persistent objects in the identity map.
         self._identity: set[tuple[type[Any], Any]] = set()
         self._inserted: set[tuple[type[Any], Any]] = set()
+        # Rows this session deleted since it took its working copy.
+        self._removed: set[tuple[type[Any], Any]] = set()
+        self._base_version = 0
+        #: Tells whether writes are forbidden now (a read-only scope); checked at each flush.
+        self.writes_forbidden: Callable[[], bool] | None = None
 
     # -- transaction ---------------------------------------------------------
 
@@ -105,13 +116,47 @@ class InMemorySession:
         """The working copy, even after a failed flush: add() and remove() still work then."""
         if self._tables is None:
             self._tables, self._sequences = self._database.snapshot()
+            self._base_version = self._database.version
+            self._removed.clear()
         return self._tables
 
     def commit(self) -> None:
         self.flush()
         tables = self._working
-        self._database.store(tables, self._sequences)
+        database = self._database
+        if database.version == self._base_version:
+            database.store(tables, self._sequences)
+        else:
+            self._merge(tables)
+        self._base_version = database.version
+        self._removed.clear()
         self._inserted.clear()
+
+    def _merge(self, tables: Tables) -> None:
+        """Commit over a database that another session changed since this one looked.
+
+        As a database would, keep the other session's rows, except those this
+        session loaded, wrote or deleted; then let the working copy see them.
+        """
+        touched = self._identity | self._inserted
+        merged: Tables = {}
+        for table in {*tables, *self._database.tables}:
+            mine = tables.get(table, {})
+            theirs = self._database.tables.get(table, {})
+            rows = {key: obj for key, obj in mine.items() if (table, key) in touched}
+            rows.update(
+                (key, obj)
+                for key, obj in theirs.items()
+                if (table, key) not in touched and (table, key) not in self._removed
+            )
+            merged[table] = rows
+        self._database.store(merged, self._sequences)
+        fresh, _ = self._database.snapshot()
+        for table, rows in fresh.items():
+            mine = tables.setdefault(table, {})
+            for key in [key for key in mine if (table, key) not in touched and key not in rows]:
+                del mine[key]
+            mine.update((key, obj) for key, obj in rows.items() if (table, key) not in touched)
 
     def rollback(self) -> None:
         self._tables = None
@@ -120,6 +165,46 @@ class InMemorySession:
         self._failed = None
         self._identity -= self._inserted
         self._inserted.clear()
+
+    def begin_nested(self) -> _Savepoint:
+        """Flush, then remember this session's state, as SAVEPOINT does."""
+        self.flush()
+        tables = self._working
+        states = {id(obj): (obj, _object_state(obj)) for table in tables.values() for obj in table.values()}
+        return _Savepoint(
+            session=self,
+            tables={table: dict(rows) for table, rows in tables.items()},
+            sequences=dict(self._sequences),
+            states=states,
+            identity=set(self._identity),
+            inserted=set(self._inserted),
+            removed=set(self._removed),
+        )
+
+    def end_nested(self, savepoint: _Savepoint, *, release: bool) -> None:
+        """Release *savepoint* (flushing first), or roll back to it; a failed release rolls back and raises."""
+        if release:
+            try:
+                self.flush()
+            except Exception:
+                self._restore(savepoint)
+                raise
+            return
+        self._restore(savepoint)
+
+    def _restore(self, savepoint: _Savepoint) -> None:
+        # Objects the savepoint knew get their attributes back in place, as a
+        # reload of expired objects would; objects added since are dropped.
+        self._tables = {table: dict(rows) for table, rows in savepoint.tables.items()}
+        self._sequences = dict(savepoint.sequences)
+        for obj, state in savepoint.states.values():
+            _restore_object(obj, state)
+        self._identity = set(savepoint.identity)
+        self._inserted = set(savepoint.inserted)
+        self._removed = set(savepoint.removed)
+        self._pending.clear()
+        self._deleted.clear()
+        self._failed = None
 
     # -- unit of work --------------------------------------------------------
 
@@ -152,6 +237,12 @@ class InMemorySession:
         inserts = self._cascade(tables)
         if not inserts and not self._deleted:
             return
+        if self.writes_forbidden is not None and self.writes_forbidden():
+            msg = (
+                f"a read-only unit of work was asked to write: {len(inserts)} new and {len(self._deleted)} "
+                "deleted objects are pending. Drop read_only=True, or do not change objects in this scope"
+            )
+            raise ReadOnlyError(msg)
         try:
             planned = self._plan(tables, inserts)
         except sa_exc.IntegrityError as error:
@@ -162,6 +253,7 @@ class InMemorySession:
             key = model_info(cls).key_of(obj)
             tables[cls].pop(key, None)
             self._identity.discard((cls, key))
+            self._removed.add((cls, key))
         for table, key, obj in planned:
             tables.setdefault(table, {})[key] = obj
             self._identity.add((table, key))
@@ -240,6 +332,60 @@ class InMemorySession:
         info = model_info(table_key := _table_key(model))
         self._identity.update((table_key, info.key_of(obj)) for obj in found)
         return found
+
+
+@attrs.frozen
+class _Savepoint:
+    session: InMemorySession
+    tables: Tables
+    sequences: dict[type[Any], int]
+    #: Every object of the working copy, with its attribute values, by id.
+    states: dict[int, tuple[Any, dict[str, Any]]]
+    identity: set[tuple[type[Any], Any]]
+    inserted: set[tuple[type[Any], Any]]
+    removed: set[tuple[type[Any], Any]]
+
+
+_MISSING = object()
+
+
+class _Members:
+    """The saved members of a collection attribute."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, collection: Any) -> None:
+        self.members: Any = dict(collection) if isinstance(collection, dict) else builtins.list(collection)
+
+
+def _object_state(obj: object) -> dict[str, Any]:
+    """The mapped attribute values of *obj*, with the members of its collections."""
+    mapper: Mapper[Any] = inspect(type(obj))
+    state: dict[str, Any] = {}
+    for prop in mapper.attrs:
+        value = obj.__dict__.get(prop.key, _MISSING)
+        if value is not _MISSING and value is not None and getattr(prop, "uselist", False):
+            value = _Members(value)
+        state[prop.key] = value
+    return state
+
+
+def _restore_object(obj: object, state: dict[str, Any]) -> None:
+    """Put back the values :func:`_object_state` saved, changing collections in place."""
+    for key, value in state.items():
+        if value is _MISSING:
+            obj.__dict__.pop(key, None)
+        elif isinstance(value, _Members):
+            collection = getattr(obj, key)
+            collection.clear()
+            if isinstance(collection, dict):
+                collection.update(value.members)
+            elif isinstance(collection, builtins.list):
+                collection.extend(value.members)
+            else:
+                collection.update(value.members)
+        elif obj.__dict__.get(key, _MISSING) is not value:
+            setattr(obj, key, value)
 
 
 def _apply_defaults(mapper: Mapper[Any], obj: object) -> None:

@@ -47,7 +47,7 @@ class _RepositoryBase(Generic[T]):
         """Record *obj* as seen and return it; call it from custom query methods."""
         self._seen[id(obj)] = obj
         if self._unit is not None:
-            self._unit._used = True
+            self._unit._touch()
         return obj
 
     def _use(self) -> None:
@@ -55,7 +55,7 @@ class _RepositoryBase(Generic[T]):
         if not self._open:
             self._check_open()
         if self._unit is not None:
-            self._unit._used = True
+            self._unit._touch()
 
     def _track_all(self, objs: Iterable[T]) -> builtins.list[T]:
         """Record every object in *objs* as seen and return them as a list."""

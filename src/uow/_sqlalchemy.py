@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction, async_sessionmaker
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 
 from ._repository import _RepositoryBase
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
-from .errors import ConfigurationError, InactiveUnitOfWorkError
+from ._unit_of_work import OWNER, AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
+from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError, ReadOnlyError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import UOWTransaction
 
 __all__ = ["AsyncSqlAlchemyUnitOfWork", "SqlAlchemyUnitOfWork"]
 
@@ -24,8 +27,81 @@ def _inactive_session() -> InactiveUnitOfWorkError:
     )
 
 
+def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> None:
+    """Make ``commit()``, ``rollback()`` and ``close()`` of *session* raise outside the owner's scope.
+
+    The methods are shadowed on this one instance; uow's own calls reach them
+    in the owner's scope, where the guard lets them through. *handle* is what
+    the unit of work holds: the session, or the ``AsyncSession`` around it.
+    """
+    for name in _GUARDED:
+        method = getattr(session, name)
+
+        def guarded(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            scopes = unit._scopes
+            if scopes and (scopes[-1].kind != OWNER or scopes[-1].tx.session is not handle):
+                msg = (
+                    f"session.{_name}() in a joined scope: only the owner of the transaction may do that. "
+                    "Call uow.commit() (which the owner makes durable), raise an exception to roll back, "
+                    "or use `uow.savepoint()`"
+                )
+                raise JoinedScopeError(msg)
+            return _method(*args, **kwargs)
+
+        setattr(session, name, guarded)
+
+
+def _unguard_session(session: Session) -> None:
+    """Give the session its own methods back, once the unit of work is done with it."""
+    for name in _GUARDED:
+        session.__dict__.pop(name, None)
+
+
+_GUARDED = ("commit", "rollback", "close")
+
+
+def _guard_writes(session: Session, unit: _UnitOfWorkCore) -> None:
+    """Make a flush or an ORM write statement raise ReadOnlyError while the innermost scope is read-only."""
+
+    def before_flush(session: Session, context: UOWTransaction, instances: object) -> None:
+        if not unit._writes_forbidden():
+            return
+        if session.new or session.deleted or any(session.is_modified(obj) for obj in session.dirty):
+            msg = (
+                "a read-only unit of work was asked to write: "
+                f"{len(session.new)} new, {len(session.dirty)} changed and {len(session.deleted)} deleted objects "
+                "are pending. Drop read_only=True, or do not change objects in this scope"
+            )
+            raise ReadOnlyError(msg)
+
+    def do_orm_execute(state: ORMExecuteState) -> None:
+        if unit._writes_forbidden() and (state.is_insert or state.is_update or state.is_delete):
+            msg = "a read-only unit of work was asked to run an INSERT, UPDATE or DELETE statement"
+            raise ReadOnlyError(msg)
+
+    event.listen(session, "before_flush", before_flush)
+    event.listen(session, "do_orm_execute", do_orm_execute)
+
+
+def _options(session: Session, tx: _Transaction) -> tuple[dict[str, Any], str | None]:
+    """The execution options and the statement that start *tx* as asked, on this session's database."""
+    if tx.isolation_level is None and not tx.read_only:
+        return {}, None
+    options: dict[str, Any] = {}
+    if tx.isolation_level is not None:
+        options["isolation_level"] = tx.isolation_level
+    statement = None
+    if tx.read_only:
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            options["postgresql_readonly"] = True
+        elif dialect in ("mysql", "mariadb"):
+            statement = "SET TRANSACTION READ ONLY"
+    return options, statement
+
+
 class SqlAlchemyUnitOfWork(UnitOfWork):
-    """A :class:`~uow.UnitOfWork` that opens a SQLAlchemy ``Session`` for each block.
+    """A :class:`~uow.UnitOfWork` that opens a SQLAlchemy ``Session`` for each transaction.
 
     *session_factory* is a ``sessionmaker`` (or any callable returning a
     ``Session``), which uow uses as it is, or an ``Engine``, for which uow
@@ -52,47 +128,68 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             msg = f"{type(self).__name__} takes an Engine or a session factory, not {session_factory!r}"
             raise ConfigurationError(msg)
         self.session_factory = session_factory
-        self._session: Session | None = None
 
     @property
     def session(self) -> Session:
-        """The session of the active block."""
-        if self._session is None:
+        """The session of the active transaction."""
+        if self._tx is None:
             raise _inactive_session()
-        self._used = True
-        return self._session
+        self._touch()
+        session: Session = self._tx.session
+        return session
 
-    def _open(self) -> None:
+    def _open(self) -> Session:
         session = self.session_factory()
         if not isinstance(session, Session):
             msg = f"the session factory of {type(self).__name__} returned {session!r}, not a sqlalchemy.orm.Session"
             raise ConfigurationError(msg)
-        self._session = session
+        _guard_session(session, self, session)
+        return session
 
-    def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(self._session, model)
+    def _prepare(self, tx: _Transaction) -> None:
+        options, statement = _options(tx.session, tx)
+        if options or statement:
+            connection = tx.session.connection(execution_options=options)
+            if statement:
+                connection.exec_driver_sql(statement)
+
+    def _guard_writes(self, tx: _Transaction) -> None:
+        _guard_writes(tx.session, self)
+
+    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
+        repo: _RepositoryBase[Any] = repository_class(session, model)
         return repo
 
-    def _commit(self) -> None:
-        assert self._session is not None
-        self._session.commit()
+    def _flush(self, session: Session) -> None:
+        session.flush()
 
-    def _rollback(self) -> None:
-        assert self._session is not None
-        self._session.rollback()
+    def _commit(self, session: Session) -> None:
+        session.commit()
 
-    def _close(self, *, invalidate: bool) -> None:
-        session, self._session = self._session, None
-        if session is None:
-            return
-        if not invalidate:
-            try:
-                session.close()
-            except BaseException:
-                session.invalidate()
-                raise
-            return
-        session.invalidate()
+    def _rollback(self, session: Session) -> None:
+        session.rollback()
+
+    def _close(self, session: Session, *, invalidate: bool) -> None:
+        try:
+            if not invalidate:
+                try:
+                    session.close()
+                except BaseException:
+                    session.invalidate()
+                    raise
+                return
+            session.invalidate()
+        finally:
+            _unguard_session(session)
+
+    def _begin_savepoint(self, session: Session) -> SessionTransaction:
+        return session.begin_nested()
+
+    def _end_savepoint(self, handle: SessionTransaction, *, release: bool) -> None:
+        if release:
+            handle.commit()
+        else:
+            handle.rollback()
 
 
 class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
@@ -125,17 +222,17 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
             msg = f"{type(self).__name__} takes an AsyncEngine or an async session factory, not {session_factory!r}"
             raise ConfigurationError(msg)
         self.session_factory = session_factory
-        self._session: AsyncSession | None = None
 
     @property
     def session(self) -> AsyncSession:
-        """The async session of the active block."""
-        if self._session is None:
+        """The async session of the active transaction."""
+        if self._tx is None:
             raise _inactive_session()
-        self._used = True
-        return self._session
+        self._touch()
+        session: AsyncSession = self._tx.session
+        return session
 
-    async def _open(self) -> None:
+    async def _open(self) -> AsyncSession:
         session = self.session_factory()
         if not isinstance(session, AsyncSession):
             msg = (
@@ -143,29 +240,50 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
                 "not a sqlalchemy.ext.asyncio.AsyncSession"
             )
             raise ConfigurationError(msg)
-        self._session = session
+        _guard_session(session.sync_session, self, session)
+        return session
 
-    def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(self._session, model)
+    async def _prepare(self, tx: _Transaction) -> None:
+        options, statement = _options(tx.session.sync_session, tx)
+        if options or statement:
+            connection = await tx.session.connection(execution_options=options)
+            if statement:
+                await connection.exec_driver_sql(statement)
+
+    def _guard_writes(self, tx: _Transaction) -> None:
+        _guard_writes(tx.session.sync_session, self)
+
+    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
+        repo: _RepositoryBase[Any] = repository_class(session, model)
         return repo
 
-    async def _commit(self) -> None:
-        assert self._session is not None
-        await self._session.commit()
+    async def _flush(self, session: AsyncSession) -> None:
+        await session.flush()
 
-    async def _rollback(self) -> None:
-        assert self._session is not None
-        await self._session.rollback()
+    async def _commit(self, session: AsyncSession) -> None:
+        await session.commit()
 
-    async def _close(self, *, invalidate: bool) -> None:
-        session, self._session = self._session, None
-        if session is None:
-            return
-        if not invalidate:
-            try:
-                await session.close()
-            except BaseException:
-                await session.invalidate()
-                raise
-            return
-        await session.invalidate()
+    async def _rollback(self, session: AsyncSession) -> None:
+        await session.rollback()
+
+    async def _close(self, session: AsyncSession, *, invalidate: bool) -> None:
+        try:
+            if not invalidate:
+                try:
+                    await session.close()
+                except BaseException:
+                    await session.invalidate()
+                    raise
+                return
+            await session.invalidate()
+        finally:
+            _unguard_session(session.sync_session)
+
+    async def _begin_savepoint(self, session: AsyncSession) -> AsyncSessionTransaction:
+        return await session.begin_nested()
+
+    async def _end_savepoint(self, handle: AsyncSessionTransaction, *, release: bool) -> None:
+        if release:
+            await handle.commit()
+        else:
+            await handle.rollback()

@@ -9,19 +9,32 @@ implementation fills (``_open``, ``_commit``, ``_rollback``, ``_close``).
 from __future__ import annotations
 
 import abc
+import asyncio
+import inspect
 import logging
+import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args, overload
 
 from ._repository import AsyncRepository, Repository, _RepositoryBase
-from .errors import ActiveUnitOfWorkError, ConfigurationError, InactiveUnitOfWorkError
+from .errors import (
+    ActiveUnitOfWorkError,
+    ConfigurationError,
+    InactiveUnitOfWorkError,
+    JoinedScopeError,
+    OwnershipError,
+    ReadOnlyError,
+    RollbackOnlyError,
+    is_retryable,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["AsyncUnitOfWork", "UnitOfWork", "repository"]
+__all__ = ["AsyncBlock", "AsyncUnitOfWork", "Block", "UnitOfWork", "current", "repository"]
 
 log = logging.getLogger("uow")
 
@@ -175,7 +188,7 @@ class _UnitOfWorkCore:
         raise ConfigurationError(msg)
 
     def __init__(self, *, autocommit: bool = False) -> None:
-        #: Commit on a clean exit from the block instead of rolling back.
+        #: Commit on a clean exit from the owner's block instead of rolling back.
         self.autocommit = autocommit
         #: Whether the current or latest block committed.
         self.committed = False
@@ -185,86 +198,287 @@ class _UnitOfWorkCore:
         self.commits = 0
         #: Rollbacks of uncommitted work over the life of this object.
         self.rollbacks = 0
-        self._active = False
-        self._broken = False
-        #: Whether a repository was used since the last commit or rollback.
-        self._used = False
-        self._repositories: dict[str, _RepositoryBase[Any]] = {}
+        # The open scopes, outermost first, and the transaction of the innermost.
+        self._scopes: list[_Scope] = []
+        self._tx: _Transaction | None = None
+        # The thread (sync) or task (async) that entered the outermost scope.
+        self._owner: object = None
+        # True when a use must take the slow path: inactive, or rollback-only.
+        self._alarm = True
+        # Whether the latest failed real commit may have reached the database.
+        self._commit_outcome_unknown = False
         self._events: deque[object] = deque()
 
     # -- protected hooks for implementations ---------------------------------
 
     @abc.abstractmethod
-    def _new_repository(self, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        """Build a repository bound to the block's session."""
+    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
+        """Build a repository bound to *session*."""
 
-    # -- state machine -------------------------------------------------------
+    @abc.abstractmethod
+    def _guard_writes(self, tx: _Transaction) -> None:
+        """Make flushes of *tx*'s session raise ReadOnlyError while :meth:`_writes_forbidden`."""
+
+    @staticmethod
+    def _here() -> object:
+        """Where the code runs: a thread id on a sync, a task on an async unit of work."""
+        raise NotImplementedError  # pragma: no cover - each twin sets its own
+
+    # -- the state machine ---------------------------------------------------
 
     @property
     def active(self) -> bool:
-        """Whether a ``with`` block of this unit of work is running."""
-        return self._active
+        """Whether a block of this unit of work is running."""
+        return bool(self._scopes)
 
-    def _start(self) -> None:
-        if self._active:
-            msg = (
-                f"{type(self).__name__} is already active: a block cannot be entered again "
-                "inside itself. Finish the outer block first, or give the inner code its own "
-                "unit of work"
-            )
+    def _plan(
+        self, propagation: str, read_only: bool | None, isolation_level: str | None, *, commit_on_exit: bool
+    ) -> _Scope:
+        """Decide what entering a scope means now; does no I/O and changes nothing."""
+        if propagation not in _PROPAGATIONS or (
+            isolation_level is not None and isolation_level not in ISOLATION_LEVELS
+        ):
+            _check_options(propagation, isolation_level)
+        if not self._scopes:
+            if propagation == "mandatory":
+                msg = (
+                    f"propagation='mandatory' needs an active {type(self).__name__} to join, and none is "
+                    "active: call this code inside `with uow:`"
+                )
+                raise InactiveUnitOfWorkError(msg)
+            return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
+        self._check_use("entering a scope")
+        if propagation == "never":
+            msg = f"propagation='never' found {type(self).__name__} active: call this code outside any block"
             raise ActiveUnitOfWorkError(msg)
-        self._active = True
-        self._broken = False
-        self._used = False
-        self.committed = False
-        self.rolled_back = False
+        if propagation == "requires_new":
+            return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
+        top = self._scopes[-1]
+        tx = top.tx
+        if isolation_level is not None and isolation_level != tx.isolation_level:
+            shown = tx.isolation_level or "the default level"
+            msg = (
+                f"a joined scope asked for isolation_level={isolation_level!r}, but the transaction it joins "
+                f"runs at {shown}: only the owner sets the isolation level. Set it where the transaction "
+                "starts, or use propagation='requires_new'"
+            )
+            raise JoinedScopeError(msg)
+        if read_only is False and top.read_only:
+            msg = (
+                "a read-write scope cannot join a read-only transaction: make the outer scope read-write, "
+                "or use propagation='requires_new'"
+            )
+            raise JoinedScopeError(msg)
+        scope_read_only = top.read_only if read_only is None else read_only
+        kind = SAVEPOINT if propagation == "nested" else JOINED
+        return _Scope(kind, tx, scope_read_only, commit_on_exit=False)
 
-    def _check_active(self, what: str) -> None:
-        if not self._active:
+    def _push(self, scope: _Scope) -> None:
+        """Make *scope* the innermost; for an owner, after its session is open."""
+        if scope.kind == OWNER:
+            if not self._scopes:
+                self._owner = self._here()
+                self.committed = False
+                self.rolled_back = False
+            self._commit_outcome_unknown = False
+            self._forget_repositories()
+            self._tx = scope.tx
+            scope.token = _current.set(self)
+        elif scope.kind == SAVEPOINT:
+            scope.hook_mark = len(scope.tx.hooks)
+        if scope.read_only and not scope.tx.guarded:
+            scope.tx.guarded = True
+            self._guard_writes(scope.tx)
+        self._scopes.append(scope)
+        self._alarm = False
+
+    def _pop(self) -> _Scope:
+        scope = self._scopes.pop()
+        if scope.kind == OWNER:
+            for repo in scope.tx.repositories.values():
+                repo._close()
+            scope.tx.repositories.clear()
+            self._forget_repositories()
+            self._tx = self._scopes[-1].tx if self._scopes else None
+            if scope.token is not None:
+                try:
+                    _current.reset(scope.token)
+                except ValueError:  # exited in another context than entered; leave it
+                    log.warning("uow: %r was exited in another context than it was entered in", self)
+        if not self._scopes:
+            self._owner = None
+        self._refresh_alarm()
+        return scope
+
+    def _forget_repositories(self) -> None:
+        for name in self._slots:
+            self.__dict__.pop(name, None)
+
+    def _refresh_alarm(self) -> None:
+        self._alarm = not self._scopes or self._boundary().poison is not None
+
+    def _boundary(self) -> _Scope:
+        """The innermost scope that can roll back on its own: the owner or a savepoint."""
+        for scope in reversed(self._scopes):
+            if scope.kind != JOINED:
+                return scope
+        raise AssertionError("an owner scope is always at the bottom")  # pragma: no cover
+
+    def _poison(self, error: BaseException) -> None:
+        """A joined scope raised: its transaction (or savepoint) can only roll back now."""
+        boundary = self._boundary()
+        if boundary.poison is None:
+            boundary.poison = error
+        self._alarm = True
+
+    def _touch(self) -> None:
+        """Called on every use of a repository or the session."""
+        if self._alarm or self._owner != self._here():
+            self._check_use("the unit of work")
+        assert self._tx is not None
+        self._tx.used = True
+
+    def _check_use(self, what: str) -> None:
+        if not self._scopes:
             msg = (
                 f"{what} was used outside a block: call it inside `with uow:` "
                 "(or `async with uow:`), where the unit of work has a session"
             )
             raise InactiveUnitOfWorkError(msg)
+        here = self._here()
+        if self._owner != here:
+            msg = (
+                f"{type(self).__name__} was entered by {_describe(self._owner)} and used from "
+                f"{_describe(here)}: sessions are not thread- or task-safe. Give each thread and task its "
+                "own unit of work"
+            )
+            raise OwnershipError(msg)
+        poison = self._boundary().poison
+        if poison is not None:
+            msg = (
+                f"the transaction is rollback-only: a joined scope raised {type(poison).__name__}: {poison}. "
+                "Let the exception reach the owner of the transaction, or run the inner code in "
+                "`uow.savepoint()` to recover from it"
+            )
+            raise RollbackOnlyError(msg) from poison
+
+    def _scope_for(self, what: str) -> _Scope:
+        """The innermost scope, after checking that *what* may use it."""
+        self._check_use(what)
+        return self._scopes[-1]
+
+    def _check_may_commit(self, scope: _Scope) -> None:
+        boundary = scope if scope.kind != JOINED else self._boundary()
+        if boundary.rollback_only:
+            msg = "commit() after set_rollback_only(): this transaction can only be rolled back"
+            raise RollbackOnlyError(msg)
+        if scope.kind == OWNER and scope.tx.read_only:
+            msg = "commit() in a read-only unit of work: it never commits; leave the block to end it"
+            raise ReadOnlyError(msg)
+
+    def _writes_forbidden(self) -> bool:
+        """Whether the innermost scope is read-only; called at each flush."""
+        return bool(self._scopes) and self._scopes[-1].read_only
 
     def _repository(self, name: str) -> Any:
-        self._check_active(f"{type(self).__name__}.{name}")
-        slot = self._slots[name]
-        repo = self._new_repository(self._implementations[name], slot.model)
-        repo._unit = self
-        self._repositories[name] = repo
-        # Later reads in this block find the repository in the instance
-        # dict and skip the descriptor; _finish() removes it again.
+        if self._alarm or self._owner != self._here():
+            self._check_use(f"{type(self).__name__}.{name}")
+        tx = self._tx
+        assert tx is not None
+        repo = tx.repositories.get(name)
+        if repo is None:
+            slot = self._slots[name]
+            repo = self._new_repository(tx.session, self._implementations[name], slot.model)
+            repo._unit = self
+            tx.repositories[name] = repo
+        # Later reads in this transaction find the repository in the instance
+        # dict and skip the descriptor; _pop() removes it again.
         self.__dict__[name] = repo
         return repo
 
-    def _committed(self) -> None:
-        self._used = False
+    def _committed(self, tx: _Transaction) -> None:
+        tx.used = False
         self.commits += 1
         self.committed = True
-        for repo in self._repositories.values():
+        for repo in tx.repositories.values():
             for obj in repo._seen.values():
                 events = getattr(obj, "events", None)
                 if events:
                     self._events.extend(events)
                     events.clear()
 
-    def _rolled_back(self) -> None:
-        self._used = False
+    def _rolled_back(self, tx: _Transaction) -> None:
+        tx.used = False
+        tx.hooks.clear()
         self.rollbacks += 1
         self.rolled_back = True
-        for repo in self._repositories.values():
+        for repo in tx.repositories.values():
             for obj in repo._seen.values():
                 events = getattr(obj, "events", None)
                 if events:
                     events.clear()
 
-    def _finish(self) -> None:
-        for name, repo in self._repositories.items():
-            repo._close()
-            self.__dict__.pop(name, None)
-        self._repositories.clear()
-        self._active = False
+    def _owner_exit_plan(self, scope: _Scope, exc: BaseException | None) -> str:
+        """What a leaving owner does: "commit", "rollback", "poisoned" or "nothing"."""
+        tx = scope.tx
+        if exc is None and scope.poison is not None:
+            return "poisoned"
+        wants_commit = scope.commit_on_exit or self.autocommit
+        if exc is None and wants_commit and not scope.rollback_only and not tx.read_only and tx.used:
+            return "commit"
+        return "rollback" if tx.used else "nothing"
+
+    def _savepoint_ended(
+        self, scope: _Scope, exc: BaseException | None, release: bool, error: BaseException | None
+    ) -> BaseException | None:
+        """Book-keeping once a savepoint was released or rolled back; returns what to raise, if anything.
+
+        *error* is what ending the savepoint raised. A failed release has
+        rolled back to the savepoint, so the transaction is healthy; a failed
+        rollback leaves it unusable, and only the owner can end it.
+        """
+        if error is not None or not release:
+            del scope.tx.hooks[scope.hook_mark :]
+        self._pop()
+        if error is not None:
+            if not release and not isinstance(error, asyncio.CancelledError):
+                scope.tx.broken = True
+                self._poison(error)
+                if exc is not None:
+                    return None
+            return error
+        if exc is None and scope.poison is not None:
+            failure = self._rollback_only_error(scope)
+            failure.__cause__ = scope.poison
+            return failure
+        return None
+
+    def _rollback_only_error(self, scope: _Scope) -> RollbackOnlyError:
+        poison = scope.poison
+        assert poison is not None
+        msg = (
+            f"the transaction was rolled back, not committed: a joined scope raised {type(poison).__name__}: "
+            f"{poison}, and the exception was caught before it reached the owner. Let it propagate, or run "
+            "the inner code in `uow.savepoint()`"
+        )
+        return RollbackOnlyError(msg)
+
+    def set_rollback_only(self) -> None:
+        """Make the transaction (or the innermost savepoint) roll back when it ends.
+
+        The owner then rolls back on a clean exit without raising, and a
+        ``commit()`` afterwards raises :class:`~uow.errors.RollbackOnlyError`.
+        """
+        self._check_use("set_rollback_only()")
+        self._boundary().rollback_only = True
+
+    def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
+        if not callable(callback):
+            msg = f"on_commit() takes a callable with no arguments, not {callback!r}"
+            raise ConfigurationError(msg)
+        scope = self._scope_for("on_commit()")
+        scope.tx.hooks.append((callback, robust))
+        scope.tx.used = True
 
     def collect_new_events(self) -> Iterator[object]:
         """Yield the domain events of committed work, each once, oldest first.
@@ -279,8 +493,200 @@ class _UnitOfWorkCore:
             yield events.popleft()
 
     def __repr__(self) -> str:
-        state = "active" if self._active else "idle"
+        state = "active" if self._scopes else "idle"
         return f"<{type(self).__name__} {state}, commits={self.commits}, rollbacks={self.rollbacks}>"
+
+
+def _describe(owner: object) -> str:
+    if isinstance(owner, int):
+        return f"thread {owner}"
+    if isinstance(owner, asyncio.Task):
+        return f"task {owner.get_name()!r}"
+    return "code outside any task"
+
+
+def _current_task() -> object:
+    return asyncio.current_task() if asyncio._get_running_loop() is not None else None
+
+
+_Hook = tuple[Callable[[], object], bool]
+
+
+class _Transaction:
+    """One physical transaction: a session, its repositories and its hooks."""
+
+    __slots__ = ("broken", "guarded", "hooks", "isolation_level", "read_only", "repositories", "session", "used")
+
+    def __init__(self, read_only: bool, isolation_level: str | None) -> None:
+        self.read_only = read_only
+        self.isolation_level = isolation_level
+        self.session: Any = None
+        self.repositories: dict[str, _RepositoryBase[Any]] = {}
+        self.hooks: list[_Hook] = []
+        #: Whether a repository or the session was used since the last commit or rollback.
+        self.used = False
+        #: Whether a rollback failed, so the connection must be invalidated.
+        self.broken = False
+        #: Whether the write guard of a read-only scope is installed.
+        self.guarded = False
+
+
+OWNER, JOINED, SAVEPOINT = 0, 1, 2
+
+
+class _Scope:
+    """One ``with`` block of a unit of work: the owner, a joined scope or a savepoint."""
+
+    __slots__ = ("commit_on_exit", "handle", "hook_mark", "kind", "poison", "read_only", "rollback_only", "token", "tx")
+
+    def __init__(self, kind: int, tx: _Transaction, read_only: bool, commit_on_exit: bool) -> None:
+        self.kind = kind
+        self.tx = tx
+        self.read_only = read_only
+        self.commit_on_exit = commit_on_exit
+        self.handle: Any = None
+        self.hook_mark = 0
+        self.poison: BaseException | None = None
+        self.rollback_only = False
+        self.token: Token[_UnitOfWorkCore | None] | None = None
+
+    def releases(self, exc: BaseException | None) -> bool:
+        """Whether a savepoint ending with *exc* keeps its work."""
+        return exc is None and self.poison is None and not self.rollback_only
+
+
+Propagation = Literal["required", "requires_new", "nested", "mandatory", "never"]
+_PROPAGATION_NAMES: tuple[str, ...] = get_args(Propagation)
+_PROPAGATIONS = frozenset(_PROPAGATION_NAMES)
+
+#: The isolation levels a unit of work may ask for; the database must support the one chosen.
+ISOLATION_LEVELS = frozenset({"READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"})
+
+_current: ContextVar[_UnitOfWorkCore | None] = ContextVar("uow_current", default=None)
+
+
+def _check_options(propagation: str, isolation_level: str | None) -> None:
+    if propagation not in _PROPAGATIONS:
+        msg = f"propagation must be one of {', '.join(map(repr, _PROPAGATION_NAMES))}, not {propagation!r}"
+        raise ConfigurationError(msg)
+    if isolation_level is not None and isolation_level not in ISOLATION_LEVELS:
+        msg = (
+            f"isolation_level must be one of {', '.join(map(repr, sorted(ISOLATION_LEVELS)))}, not {isolation_level!r}"
+        )
+        raise ConfigurationError(msg)
+
+
+U = TypeVar("U", bound="UnitOfWork")
+AU = TypeVar("AU", bound="AsyncUnitOfWork")
+Any_U = TypeVar("Any_U", bound=_UnitOfWorkCore)
+
+
+def _active_here() -> _UnitOfWorkCore | None:
+    """The unit of work active in this thread or task, if any."""
+    unit = _current.get()
+    if unit is None or not unit._scopes or unit._owner != unit._here():
+        return None
+    return unit
+
+
+@overload
+def current() -> UnitOfWork | AsyncUnitOfWork: ...
+
+
+@overload
+def current(kind: type[Any_U]) -> Any_U: ...
+
+
+def current(kind: type[Any] | None = None) -> Any:
+    """The unit of work active in this thread or task.
+
+    For code that cannot take the unit of work as a parameter. *kind*
+    narrows the type: ``current(AllocationUnitOfWork)``. Raises
+    :class:`~uow.errors.InactiveUnitOfWorkError` when none is active here, or
+    when the active one is not a *kind*. A unit of work entered by another
+    thread or task (whose context this one copied) is not returned.
+    """
+    unit = _active_here()
+    if unit is None:
+        msg = (
+            "no unit of work is active in this thread or task: call this code inside `with uow:` "
+            "(or a @transactional function), or pass the unit of work to it"
+        )
+        raise InactiveUnitOfWorkError(msg)
+    if kind is not None and not isinstance(unit, kind):
+        msg = f"the active unit of work is a {type(unit).__name__}, not a {kind.__name__}"
+        raise InactiveUnitOfWorkError(msg)
+    return unit
+
+
+class _BlockBase:
+    """The options of a scope, and the step before entering it that does no I/O."""
+
+    __slots__ = ("_commit_on_exit", "_isolation_level", "_propagation", "_read_only", "_savepoint", "owner")
+
+    def __init__(
+        self,
+        propagation: str,
+        read_only: bool | None,
+        isolation_level: str | None,
+        *,
+        commit_on_exit: bool = False,
+        savepoint: bool = False,
+    ) -> None:
+        self._propagation = propagation
+        self._read_only = read_only
+        self._isolation_level = isolation_level
+        self._commit_on_exit = commit_on_exit
+        self._savepoint = savepoint
+        #: Whether entering started a transaction of its own.
+        self.owner = False
+
+    def _plan(self, unit: _UnitOfWorkCore) -> _Scope:
+        if self._savepoint and not unit._scopes:
+            unit._check_use("savepoint()")
+        scope = unit._plan(
+            self._propagation, self._read_only, self._isolation_level, commit_on_exit=self._commit_on_exit
+        )
+        self.owner = scope.kind == OWNER
+        return scope
+
+
+class Block(_BlockBase, Generic[U]):
+    """A scope of a sync unit of work, from :meth:`UnitOfWork.transaction`; use it with ``with``."""
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, unit: U, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unit = unit
+
+    def __enter__(self) -> U:
+        self._unit._enter_scope(self._plan(self._unit))
+        return self._unit
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._unit._exit_scope(exc)
+
+
+class AsyncBlock(_BlockBase, Generic[AU]):
+    """A scope of an async unit of work, from :meth:`AsyncUnitOfWork.transaction`; use it with ``async with``."""
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, unit: AU, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unit = unit
+
+    async def __aenter__(self) -> AU:
+        await self._unit._enter_scope(self._plan(self._unit))
+        return self._unit
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._unit._exit_scope(exc)
 
 
 class UnitOfWork(_UnitOfWorkCore, abc.ABC):
@@ -300,169 +706,444 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     """
 
     _interface = Repository
+    _here = staticmethod(threading.get_ident)
 
     @abc.abstractmethod
-    def _open(self) -> None:
-        """Create the session for a new block."""
+    def _open(self) -> Any:
+        """Create and return the session of a new transaction."""
 
     @abc.abstractmethod
-    def _commit(self) -> None:
+    def _prepare(self, tx: _Transaction) -> None:
+        """Apply the transaction's isolation level and read-only mode before its first statement."""
+
+    @abc.abstractmethod
+    def _flush(self, session: Any) -> None:
+        """Send the pending changes to the database."""
+
+    @abc.abstractmethod
+    def _commit(self, session: Any) -> None:
         """Commit the session's transaction."""
 
     @abc.abstractmethod
-    def _rollback(self) -> None:
+    def _rollback(self, session: Any) -> None:
         """Roll the session's transaction back."""
 
     @abc.abstractmethod
-    def _close(self, *, invalidate: bool) -> None:
+    def _close(self, session: Any, *, invalidate: bool) -> None:
         """Release the session; *invalidate* means its connection is broken and must not be reused."""
 
+    @abc.abstractmethod
+    def _begin_savepoint(self, session: Any) -> Any:
+        """Begin a savepoint and return its handle."""
+
+    @abc.abstractmethod
+    def _end_savepoint(self, handle: Any, *, release: bool) -> None:
+        """Release the savepoint, or roll back to it; a failed release rolls back and raises."""
+
+    # -- scopes --------------------------------------------------------------
+
     def __enter__(self) -> Self:
-        self._start()
-        try:
-            self._open()
-        except BaseException:
-            self._finish()
-            raise
+        self._enter_scope(self._plan("required", None, None, commit_on_exit=False))
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # Closing the session rolls back whatever was not committed; objects
-        # stay readable because close() detaches them without expiring them.
-        try:
-            if exc is None and self.autocommit:
-                self.commit()
-            elif self._used:
-                self._rolled_back()
-        except BaseException:
-            self._release(quiet=True)
-            raise
-        self._release(quiet=exc is not None)
+        self._exit_scope(exc)
 
-    def _release(self, *, quiet: bool) -> None:
+    def transaction(
+        self,
+        *,
+        propagation: Propagation = "required",
+        read_only: bool | None = None,
+        isolation_level: str | None = None,
+    ) -> Block[Self]:
+        """A scope with options, for ``with uow.transaction(...):``; ``with uow:`` is the default one.
+
+        *propagation* says what to do when this unit of work is already
+        active: ``"required"`` joins it (or starts a transaction when none
+        is active), ``"requires_new"`` suspends it and runs a transaction of
+        its own, ``"nested"`` runs in a savepoint, ``"mandatory"`` joins and
+        raises if there is nothing to join, ``"never"`` raises if there is.
+        *read_only* and *isolation_level* apply to a transaction that this
+        scope starts; a joined scope may only ask for what is already set.
+        """
+        return Block(self, propagation, read_only, isolation_level)
+
+    def savepoint(self) -> Block[Self]:
+        """A savepoint inside the active block, for ``with uow.savepoint():``.
+
+        An exception inside rolls back to the savepoint only, drops the
+        ``on_commit`` hooks registered inside, and propagates; the outer
+        transaction stays healthy. A clean exit releases the savepoint.
+        """
+        return Block(self, "nested", None, None, savepoint=True)
+
+    def _enter_scope(self, scope: _Scope) -> None:
+        if scope.kind == OWNER:
+            session = self._open()
+            scope.tx.session = session
+            try:
+                self._prepare(scope.tx)
+            except BaseException:
+                self._close(session, invalidate=False)
+                raise
+        elif scope.kind == SAVEPOINT:
+            scope.handle = self._begin_savepoint(scope.tx.session)
+        self._push(scope)
+
+    def _exit_scope(self, exc: BaseException | None) -> None:
+        scope = self._scopes[-1]
+        if scope.kind == JOINED:
+            self._pop()
+            if exc is not None:
+                self._poison(exc)
+            return
+        if scope.kind == SAVEPOINT:
+            self._exit_savepoint(scope, exc)
+            return
+        plan = self._owner_exit_plan(scope, exc)
         try:
-            self._close(invalidate=self._broken)
+            if plan == "commit":
+                self.commit()
+            elif plan != "nothing":
+                self._rolled_back(scope.tx)
+            if plan == "poisoned":
+                raise self._rollback_only_error(scope) from scope.poison
+        except BaseException:
+            self._release(scope, quiet=True)
+            raise
+        self._release(scope, quiet=exc is not None)
+
+    def _exit_savepoint(self, scope: _Scope, exc: BaseException | None) -> None:
+        release = scope.releases(exc)
+        try:
+            self._end_savepoint(scope.handle, release=release)
+        except BaseException as error:
+            failure = self._savepoint_ended(scope, exc, release, error)
+        else:
+            failure = self._savepoint_ended(scope, exc, release, None)
+        if failure is not None:
+            raise failure
+
+    def _release(self, scope: _Scope, *, quiet: bool) -> None:
+        try:
+            self._close(scope.tx.session, invalidate=scope.tx.broken)
         except Exception:
             if not quiet:
                 raise
             log.exception("uow: closing the session after an error failed")
         finally:
-            self._finish()
+            self._pop()
+
+    # -- the transaction -----------------------------------------------------
 
     def commit(self) -> None:
-        """Commit the work done so far in this block.
+        """Commit the work done so far.
 
-        If the commit fails, the work is rolled back and the error raised.
+        In the owner's block this commits for real, then runs the
+        ``on_commit`` hooks. In a joined scope or a savepoint it only records
+        that the work is done: the owner's commit makes it durable. If the
+        commit fails, the work is rolled back and the error raised.
         """
-        self._check_active("commit()")
+        scope = self._scope_for("commit()")
+        self._check_may_commit(scope)
+        if scope.kind != OWNER:
+            return
+        tx = scope.tx
         try:
-            self._commit()
+            self._flush(tx.session)
+            try:
+                self._commit(tx.session)
+            except BaseException as error:
+                self._commit_outcome_unknown = _outcome_unknown(error)
+                raise
         except BaseException:
-            self._discard()
+            self._discard(tx)
             raise
-        self._committed()
+        self._committed(tx)
+        self._prepare(tx)
+        self._run_hooks(tx)
 
     def rollback(self) -> None:
-        """Discard the uncommitted work of this block now; the block goes on."""
-        self._check_active("rollback()")
-        self._rollback()
-        self._rolled_back()
+        """Discard the uncommitted work of the owner's block now; the block goes on.
 
-    def _discard(self) -> None:
+        In a joined scope or a savepoint it raises
+        :class:`~uow.errors.JoinedScopeError`: raise an exception instead, so
+        that the owner rolls back, or use :meth:`savepoint`.
+        """
+        if not self._scopes:
+            self._check_use("rollback()")
+        scope = self._scopes[-1]
+        if self._owner != self._here():
+            self._check_use("rollback()")
+        if scope.kind != OWNER:
+            raise _joined_error("rollback()")
+        self._rollback(scope.tx.session)
+        scope.poison = None
+        scope.rollback_only = False
+        self._refresh_alarm()
+        self._rolled_back(scope.tx)
+        self._prepare(scope.tx)
+
+    def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
         try:
-            self._rollback()
+            self._rollback(tx.session)
         except Exception:
-            self._broken = True
+            tx.broken = True
             log.exception("uow: rollback after an error failed; the connection will be invalidated")
-        self._rolled_back()
+        self._rolled_back(tx)
+
+    def on_commit(self, callback: Callable[[], object], *, robust: bool = False) -> None:
+        """Run *callback* after the outermost real commit of this transaction.
+
+        Hooks run in the order they were registered, and a hook registered by
+        a hook runs in the same pass. They are dropped when the transaction
+        rolls back, and with a savepoint that rolls back. A hook that raises
+        stops the others and the error propagates from ``commit()``, after
+        the data was committed; with ``robust=True`` the error is logged and
+        the next hook runs.
+        """
+        if inspect.iscoroutinefunction(callback):
+            msg = f"{callback!r} is a coroutine function; a sync unit of work runs sync hooks only"
+            raise ConfigurationError(msg)
+        self._add_hook(callback, robust)
+
+    def _run_hooks(self, tx: _Transaction) -> None:
+        hooks = tx.hooks
+        while hooks:
+            callback, robust = hooks.pop(0)
+            try:
+                callback()
+            except Exception:
+                if not robust:
+                    hooks.clear()
+                    raise
+                log.exception("uow: on_commit hook %r failed", callback)
 
 
 class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     """The async twin of :class:`UnitOfWork`, used with ``async with uow:``."""
 
     _interface = AsyncRepository
+    _here = staticmethod(_current_task)
 
     @abc.abstractmethod
-    async def _open(self) -> None:
-        """Create the session for a new block."""
+    async def _open(self) -> Any:
+        """Create and return the session of a new transaction."""
 
     @abc.abstractmethod
-    async def _commit(self) -> None:
+    async def _prepare(self, tx: _Transaction) -> None:
+        """Apply the transaction's isolation level and read-only mode before its first statement."""
+
+    @abc.abstractmethod
+    async def _flush(self, session: Any) -> None:
+        """Send the pending changes to the database."""
+
+    @abc.abstractmethod
+    async def _commit(self, session: Any) -> None:
         """Commit the session's transaction."""
 
     @abc.abstractmethod
-    async def _rollback(self) -> None:
+    async def _rollback(self, session: Any) -> None:
         """Roll the session's transaction back."""
 
     @abc.abstractmethod
-    async def _close(self, *, invalidate: bool) -> None:
+    async def _close(self, session: Any, *, invalidate: bool) -> None:
         """Release the session; *invalidate* means its connection is broken and must not be reused."""
 
+    @abc.abstractmethod
+    async def _begin_savepoint(self, session: Any) -> Any:
+        """Begin a savepoint and return its handle."""
+
+    @abc.abstractmethod
+    async def _end_savepoint(self, handle: Any, *, release: bool) -> None:
+        """Release the savepoint, or roll back to it; a failed release rolls back and raises."""
+
+    # -- scopes --------------------------------------------------------------
+
     async def __aenter__(self) -> Self:
-        self._start()
-        try:
-            await self._open()
-        except BaseException:
-            self._finish()
-            raise
+        await self._enter_scope(self._plan("required", None, None, commit_on_exit=False))
         return self
 
     async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        try:
-            if exc is None and self.autocommit:
-                await self.commit()
-            elif self._used:
-                self._rolled_back()
-        except BaseException:
-            await self._release(quiet=True)
-            raise
-        await self._release(quiet=exc is not None)
+        await self._exit_scope(exc)
 
-    async def _release(self, *, quiet: bool) -> None:
+    def transaction(
+        self,
+        *,
+        propagation: Propagation = "required",
+        read_only: bool | None = None,
+        isolation_level: str | None = None,
+    ) -> AsyncBlock[Self]:
+        """A scope with options, for ``async with uow.transaction(...):``; see :meth:`UnitOfWork.transaction`."""
+        return AsyncBlock(self, propagation, read_only, isolation_level)
+
+    def savepoint(self) -> AsyncBlock[Self]:
+        """A savepoint inside the active block, for ``async with uow.savepoint():``.
+
+        See :meth:`UnitOfWork.savepoint`.
+        """
+        return AsyncBlock(self, "nested", None, None, savepoint=True)
+
+    async def _enter_scope(self, scope: _Scope) -> None:
+        if scope.kind == OWNER:
+            session = await self._open()
+            scope.tx.session = session
+            try:
+                await self._prepare(scope.tx)
+            except BaseException:
+                await _run_to_completion(self._close(session, invalidate=False))
+                raise
+        elif scope.kind == SAVEPOINT:
+            scope.handle = await self._begin_savepoint(scope.tx.session)
+        self._push(scope)
+
+    async def _exit_scope(self, exc: BaseException | None) -> None:
+        scope = self._scopes[-1]
+        if scope.kind == JOINED:
+            self._pop()
+            if exc is not None:
+                self._poison(exc)
+            return
+        if scope.kind == SAVEPOINT:
+            await self._exit_savepoint(scope, exc)
+            return
+        plan = self._owner_exit_plan(scope, exc)
         try:
-            await self._close(invalidate=self._broken)
+            if plan == "commit":
+                await self.commit()
+            elif plan != "nothing":
+                self._rolled_back(scope.tx)
+            if plan == "poisoned":
+                raise self._rollback_only_error(scope) from scope.poison
+        except BaseException:
+            await self._release(scope, quiet=True)
+            raise
+        await self._release(scope, quiet=exc is not None)
+
+    async def _exit_savepoint(self, scope: _Scope, exc: BaseException | None) -> None:
+        release = scope.releases(exc)
+        try:
+            await _run_to_completion(self._end_savepoint(scope.handle, release=release))
+        except BaseException as error:
+            failure = self._savepoint_ended(scope, exc, release, error)
+        else:
+            failure = self._savepoint_ended(scope, exc, release, None)
+        if failure is not None:
+            raise failure
+
+    async def _release(self, scope: _Scope, *, quiet: bool) -> None:
+        # Closing must finish even if this task is cancelled meanwhile, or the
+        # connection would stay checked out; the cancellation is re-raised after.
+        try:
+            await _run_to_completion(self._close(scope.tx.session, invalidate=scope.tx.broken))
         except Exception:
             if not quiet:
                 raise
             log.exception("uow: closing the session after an error failed")
         finally:
-            self._finish()
+            self._pop()
+
+    # -- the transaction -----------------------------------------------------
 
     async def commit(self) -> None:
-        """Commit the work done so far in this block.
-
-        If the commit fails, the work is rolled back and the error raised.
-        """
-        self._check_active("commit()")
+        """Commit the work done so far; see :meth:`UnitOfWork.commit`."""
+        scope = self._scope_for("commit()")
+        self._check_may_commit(scope)
+        if scope.kind != OWNER:
+            return
+        tx = scope.tx
         try:
-            await self._commit()
+            await self._flush(tx.session)
+            try:
+                await self._commit(tx.session)
+            except BaseException as error:
+                self._commit_outcome_unknown = _outcome_unknown(error)
+                raise
         except BaseException:
-            await self._discard()
+            await _run_to_completion(self._discard(tx))
             raise
-        self._committed()
+        self._committed(tx)
+        await self._prepare(tx)
+        await self._run_hooks(tx)
 
     async def rollback(self) -> None:
-        """Discard the uncommitted work of this block now; the block goes on."""
-        self._check_active("rollback()")
-        await self._rollback()
-        self._rolled_back()
+        """Discard the uncommitted work of the owner's block now; see :meth:`UnitOfWork.rollback`."""
+        if not self._scopes:
+            self._check_use("rollback()")
+        scope = self._scopes[-1]
+        if self._owner != self._here():
+            self._check_use("rollback()")
+        if scope.kind != OWNER:
+            raise _joined_error("rollback()")
+        await self._rollback(scope.tx.session)
+        scope.poison = None
+        scope.rollback_only = False
+        self._refresh_alarm()
+        self._rolled_back(scope.tx)
+        await self._prepare(scope.tx)
 
-    async def _discard(self) -> None:
+    async def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
         try:
-            await self._rollback()
+            await self._rollback(tx.session)
         except Exception:
-            self._broken = True
+            tx.broken = True
             log.exception("uow: rollback after an error failed; the connection will be invalidated")
-        self._rolled_back()
+        self._rolled_back(tx)
+
+    def on_commit(self, callback: Callable[[], object], *, robust: bool = False) -> None:
+        """Run *callback* after the outermost real commit; see :meth:`UnitOfWork.on_commit`.
+
+        The callback may be a coroutine function: what it returns is awaited.
+        """
+        self._add_hook(callback, robust)
+
+    async def _run_hooks(self, tx: _Transaction) -> None:
+        hooks = tx.hooks
+        while hooks:
+            callback, robust = hooks.pop(0)
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                if not robust:
+                    hooks.clear()
+                    raise
+                log.exception("uow: on_commit hook %r failed", callback)
+
+
+def _joined_error(what: str) -> JoinedScopeError:
+    msg = (
+        f"{what} in a joined scope: only the owner of the transaction may do that. Raise an exception "
+        "to roll the whole transaction back, or use `uow.savepoint()` to undo only this part"
+    )
+    return JoinedScopeError(msg)
+
+
+def _outcome_unknown(error: BaseException) -> bool:
+    """Whether a commit that raised *error* may still have been applied by the database."""
+    return not is_retryable(error)
+
+
+async def _run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
+    """Run *coro* to its end even if this task is cancelled meanwhile, then re-raise the cancellation."""
+    task = asyncio.ensure_future(coro)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as error:
+            if task.done():
+                raise
+            cancelled = error
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result

@@ -12,15 +12,23 @@ the in-memory fake raises the same SQLAlchemy types where the database would.
 
 from __future__ import annotations
 
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import exc as orm_exc
+
 __all__ = [
     "ActiveUnitOfWorkError",
     "ConfigurationError",
     "InactiveUnitOfWorkError",
+    "JoinedScopeError",
     "ModelTypeError",
     "MultipleResultsError",
     "NotInRepositoryError",
+    "OwnershipError",
+    "ReadOnlyError",
+    "RollbackOnlyError",
     "UnknownFieldError",
     "UowError",
+    "is_retryable",
 ]
 
 
@@ -37,11 +45,46 @@ class ConfigurationError(UowError, TypeError):
 
 
 class InactiveUnitOfWorkError(UowError, RuntimeError):
-    """A repository, the session or ``commit()`` was used outside ``with uow:``."""
+    """No unit of work is active where one is needed.
+
+    A repository, the session or ``commit()`` was used outside ``with uow:``;
+    ``uow.current()`` found none; or ``propagation="mandatory"`` found none
+    to join.
+    """
 
 
 class ActiveUnitOfWorkError(UowError, RuntimeError):
-    """A unit of work was entered again while it is already active."""
+    """``propagation="never"`` found a unit of work already active."""
+
+
+class OwnershipError(UowError, RuntimeError):
+    """A unit of work was used from a thread or task other than the one that entered it.
+
+    Sessions are not thread-safe nor task-safe: give every thread and task
+    its own unit of work.
+    """
+
+
+class JoinedScopeError(UowError, RuntimeError):
+    """A joined scope tried something only the owner of the transaction may do.
+
+    For example ``session.commit()``, ``session.close()`` or ``rollback()``,
+    or asking for another isolation level, or for read-write access inside
+    a read-only transaction.
+    """
+
+
+class RollbackOnlyError(UowError, RuntimeError):
+    """The transaction can only be rolled back, so it was.
+
+    A joined scope raised, and the caller went on, or ``set_rollback_only()``
+    was called and then ``commit()``. The original exception, if any, is the
+    ``__cause__``.
+    """
+
+
+class ReadOnlyError(UowError, RuntimeError):
+    """A read-only unit of work was asked to write or to commit."""
 
 
 class UnknownFieldError(UowError, TypeError):
@@ -58,3 +101,40 @@ class MultipleResultsError(UowError, LookupError):
 
 class NotInRepositoryError(UowError, LookupError):
     """``remove()`` was given an object that this unit of work does not hold."""
+
+
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+_RETRYABLE_MYSQL_CODES = frozenset({1213, 1205})  # deadlock, lock wait timeout
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether *exc* means that running the whole unit of work again may succeed.
+
+    True for a serialization failure or deadlock reported by the database
+    (SQLSTATE 40001 and 40P01 on PostgreSQL, error 1213 and 1205 on MySQL and
+    MariaDB) and for ``StaleDataError`` from a version counter, found on
+    *exc* or along its ``__cause__`` chain. It is the default predicate of
+    ``@transactional(retries=...)``; a custom one can call it and add cases.
+    A ``BaseException`` that is not an ``Exception`` (a cancellation) is never
+    retryable.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not isinstance(current, Exception):
+            return False
+        if isinstance(current, orm_exc.StaleDataError):
+            return True
+        if isinstance(current, sa_exc.DBAPIError) and _retryable_dbapi_error(current.orig):
+            return True
+        current = current.__cause__
+    return False
+
+
+def _retryable_dbapi_error(orig: object) -> bool:
+    for attribute in ("sqlstate", "pgcode"):
+        if getattr(orig, attribute, None) in _RETRYABLE_SQLSTATES:
+            return True
+    args: tuple[object, ...] = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES

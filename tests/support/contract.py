@@ -199,17 +199,19 @@ class Contract:
         with pytest.raises(errors.InactiveUnitOfWorkError, match=r"rollback\(\)"):
             await uow.rollback()
 
-    async def test_reentering_raises_and_keeps_the_active_session(self, shop: Shop) -> None:
-        """Entering an active unit of work again raises, and the outer block still commits."""
+    async def test_reentering_joins_and_the_owner_commits_once(self, shop: Shop) -> None:
+        """Entering an active unit of work again joins it: the inner commit() waits for the owner's."""
         uow = shop.uow()
         async with uow:
             await uow.skus.add(Sku("a"))
-            with pytest.raises(errors.ActiveUnitOfWorkError, match="already active"):
-                async with uow:
-                    pass  # pragma: no cover
-            await uow.skus.add(Sku("b"))
+            async with uow:
+                await uow.skus.add(Sku("b"))
+                await uow.commit()
+            assert [] == shop.committed(Sku, "code")
+            assert 0 == uow.commits
             await uow.commit()
         assert [("a",), ("b",)] == shop.committed(Sku, "code")
+        assert 1 == uow.commits
 
     async def test_unknown_filter_raises(self, shop: Shop) -> None:
         """Filtering on something that is not a column attribute raises UnknownFieldError."""

@@ -139,7 +139,7 @@ def test_autocommit_failure_closes_and_raises(session: Mock) -> None:
     session.commit.side_effect = ConnectionError("lost")
     uow = SqlAlchemyShopUnitOfWork(lambda: session, autocommit=True)
     with pytest.raises(ConnectionError), uow:
-        pass
+        uow.session.add(object())
     session.close.assert_called_once_with()
     assert not uow.active
 
@@ -155,14 +155,19 @@ def test_failing_factory_leaves_the_uow_inactive(mocker: MockerFixture) -> None:
         assert uow.active
 
 
-def test_reentry_keeps_the_active_session(session: Mock) -> None:
-    """Entering an active unit of work raises ActiveUnitOfWorkError and does not touch its session."""
+def test_reentry_joins_the_active_session(session: Mock) -> None:
+    """Entering an active unit of work joins it: same session, no commit and no close until the owner leaves."""
     uow = SqlAlchemyShopUnitOfWork(lambda: session)
+    commit, close = session.commit, session.close  # uow guards these on the session while it holds it
     with uow:
-        with pytest.raises(errors.ActiveUnitOfWorkError), uow:
-            pass  # pragma: no cover
-        assert session is uow.session
-        session.close.assert_not_called()
+        with uow:
+            assert session is uow.session
+            uow.commit()
+        commit.assert_not_called()
+        close.assert_not_called()
+        uow.commit()
+        commit.assert_called_once_with()
+    close.assert_called_once_with()
 
 
 async def test_async_clean_exit_closes(async_session: Mock) -> None:
@@ -191,7 +196,7 @@ async def test_async_failed_commit_and_rollback_invalidate(async_session: Mock) 
     uow = AsyncSqlAlchemyShopUnitOfWork(lambda: async_session, autocommit=True)
     with pytest.raises(ConnectionError):
         async with uow:
-            pass
+            uow.session.add(object())
     async_session.invalidate.assert_awaited_once_with()
     assert not uow.active
 
