@@ -25,7 +25,7 @@ class _FakeCore(_UnitOfWorkCore):
 
     def _guard_writes(self, tx: _Transaction) -> None:
         store: InMemorySession = tx.session
-        store.writes_forbidden = self._writes_forbidden
+        store.check_write = self._check_write
 
     def _open_store(self) -> InMemorySession:
         return InMemorySession(self.database)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapper
 
 from ._model import model_info
 from ._repository import AsyncRepository, Repository, _RepositoryBase
-from .errors import NotInRepositoryError, ReadOnlyError
+from .errors import NotInRepositoryError
 
 __all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
 
@@ -96,8 +96,8 @@ class InMemorySession:
         # Rows this session deleted since it took its working copy.
         self._removed: set[tuple[type[Any], Any]] = set()
         self._base_version = 0
-        #: Tells whether writes are forbidden now (a read-only scope); checked at each flush.
-        self.writes_forbidden: Callable[[], bool] | None = None
+        #: Called before a flush that writes, with what is pending; raises if writes are forbidden.
+        self.check_write: Callable[[str], None] | None = None
 
     # -- transaction ---------------------------------------------------------
 
@@ -237,12 +237,8 @@ class InMemorySession:
         inserts = self._cascade(tables)
         if not inserts and not self._deleted:
             return
-        if self.writes_forbidden is not None and self.writes_forbidden():
-            msg = (
-                f"a read-only unit of work was asked to write: {len(inserts)} new and {len(self._deleted)} "
-                "deleted objects are pending. Drop read_only=True, or do not change objects in this scope"
-            )
-            raise ReadOnlyError(msg)
+        if self.check_write is not None:
+            self.check_write(f"{len(inserts)} new and {len(self._deleted)} deleted objects")
         try:
             planned = self._plan(tables, inserts)
         except sa_exc.IntegrityError as error:

@@ -66,18 +66,15 @@ def _guard_writes(session: Session, unit: _UnitOfWorkCore) -> None:
     def before_flush(session: Session, context: UOWTransaction, instances: object) -> None:
         if not unit._writes_forbidden():
             return
-        if session.new or session.deleted or any(session.is_modified(obj) for obj in session.dirty):
-            msg = (
-                "a read-only unit of work was asked to write: "
-                f"{len(session.new)} new, {len(session.dirty)} changed and {len(session.deleted)} deleted objects "
-                "are pending. Drop read_only=True, or do not change objects in this scope"
+        changed = [obj for obj in session.dirty if session.is_modified(obj)]
+        if session.new or session.deleted or changed:
+            unit._check_write(
+                f"{len(session.new)} new, {len(changed)} changed and {len(session.deleted)} deleted objects"
             )
-            raise ReadOnlyError(msg)
 
     def do_orm_execute(state: ORMExecuteState) -> None:
-        if unit._writes_forbidden() and (state.is_insert or state.is_update or state.is_delete):
-            msg = "a read-only unit of work was asked to run an INSERT, UPDATE or DELETE statement"
-            raise ReadOnlyError(msg)
+        if state.is_insert or state.is_update or state.is_delete:
+            unit._check_write("an INSERT, UPDATE or DELETE statement")
 
     event.listen(session, "before_flush", before_flush)
     event.listen(session, "do_orm_execute", do_orm_execute)
@@ -98,6 +95,17 @@ def _options(session: Session, tx: _Transaction) -> tuple[dict[str, Any], str | 
         elif dialect in ("mysql", "mariadb"):
             statement = "SET TRANSACTION READ ONLY"
     return options, statement
+
+
+def _sqlite_needs_begin(driver_connection: Any) -> bool:
+    """Whether SQLite has no transaction open yet on this connection.
+
+    Python's sqlite3 driver (and aiosqlite on top of it) sends BEGIN only
+    before a write. A SAVEPOINT sent before any write would then open the
+    transaction itself, and releasing it would commit the outer block's work
+    at once. uow sends the BEGIN first.
+    """
+    return getattr(driver_connection, "in_transaction", True) is False
 
 
 class SqlAlchemyUnitOfWork(UnitOfWork):
@@ -183,6 +191,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             _unguard_session(session)
 
     def _begin_savepoint(self, session: Session) -> SessionTransaction:
+        if session.get_bind().dialect.name == "sqlite":
+            connection = session.connection()
+            if _sqlite_needs_begin(connection.connection.driver_connection):
+                connection.exec_driver_sql("BEGIN")
         return session.begin_nested()
 
     def _end_savepoint(self, handle: SessionTransaction, *, release: bool) -> None:
@@ -280,6 +292,11 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
             _unguard_session(session.sync_session)
 
     async def _begin_savepoint(self, session: AsyncSession) -> AsyncSessionTransaction:
+        if session.sync_session.get_bind().dialect.name == "sqlite":
+            connection = await session.connection()
+            raw = await connection.get_raw_connection()
+            if _sqlite_needs_begin(raw.driver_connection):
+                await connection.exec_driver_sql("BEGIN")
         return await session.begin_nested()
 
     async def _end_savepoint(self, handle: AsyncSessionTransaction, *, release: bool) -> None:

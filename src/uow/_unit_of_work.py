@@ -376,8 +376,25 @@ class _UnitOfWorkCore:
             msg = "commit() in a read-only unit of work: it never commits; leave the block to end it"
             raise ReadOnlyError(msg)
 
+    def _check_write(self, pending: str) -> None:
+        """Called before a flush that writes *pending*: raise ReadOnlyError if the innermost scope is read-only.
+
+        Inside a read-write transaction the refused objects stay pending, so
+        the transaction becomes rollback-only: the owner must not commit them.
+        """
+        if not self._scopes or not self._scopes[-1].read_only:
+            return
+        msg = (
+            f"a read-only unit of work was asked to write: {pending} pending. "
+            "Drop read_only=True, or do not change objects in this scope"
+        )
+        error = ReadOnlyError(msg)
+        if not self._scopes[-1].tx.read_only:
+            self._poison(error)
+        raise error
+
     def _writes_forbidden(self) -> bool:
-        """Whether the innermost scope is read-only; called at each flush."""
+        """Whether the innermost scope is read-only."""
         return bool(self._scopes) and self._scopes[-1].read_only
 
     def _repository(self, name: str) -> Any:
@@ -790,6 +807,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 raise
         elif scope.kind == SAVEPOINT:
             scope.handle = self._begin_savepoint(scope.tx.session)
+        elif scope.read_only and not self._scopes[-1].read_only:
+            self._flush(scope.tx.session)  # the writes pending so far are the outer scope's
         self._push(scope)
 
     def _exit_scope(self, exc: BaseException | None) -> None:
@@ -1000,6 +1019,8 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 raise
         elif scope.kind == SAVEPOINT:
             scope.handle = await self._begin_savepoint(scope.tx.session)
+        elif scope.read_only and not self._scopes[-1].read_only:
+            await self._flush(scope.tx.session)  # the writes pending so far are the outer scope's
         self._push(scope)
 
     async def _exit_scope(self, exc: BaseException | None) -> None:

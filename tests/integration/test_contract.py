@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from tests.support.contract import Contract
 from tests.support.databases import Database
 from tests.support.harness import Shop, sql_reader
+from tests.support.transactions import TransactionContract
 from tests.support.uows import AsyncSqlAlchemyShopUnitOfWork, SqlAlchemyShopUnitOfWork
 
 
@@ -47,3 +48,7 @@ def test_engine_gets_a_factory_that_keeps_objects_readable(engine: Engine) -> No
     uow = SqlAlchemyShopUnitOfWork(engine)
     with uow:
         assert not uow.session.expire_on_commit
+
+
+class TestDatabaseTransactions(TransactionContract):
+    """SQLAlchemy units of work follow the transaction rules on every backend."""

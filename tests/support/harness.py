@@ -35,6 +35,21 @@ class _SyncRepositoryAsAsync:
         return call
 
 
+class _SyncBlockAsAsync:
+    """A sync scope (``uow.transaction()``, ``uow.savepoint()``) entered with ``async with``."""
+
+    def __init__(self, block: Any, owner: SyncAsAsync) -> None:
+        self._block = block
+        self._owner = owner
+
+    async def __aenter__(self) -> SyncAsAsync:
+        self._block.__enter__()
+        return self._owner
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._block.__exit__(*exc_info)
+
+
 class SyncAsAsync:
     """Drives a sync unit of work through the async interface."""
 
@@ -53,6 +68,12 @@ class SyncAsAsync:
 
     async def rollback(self) -> None:
         self.wrapped.rollback()
+
+    def transaction(self, **kwargs: Any) -> _SyncBlockAsAsync:
+        return _SyncBlockAsAsync(self.wrapped.transaction(**kwargs), self)
+
+    def savepoint(self) -> _SyncBlockAsAsync:
+        return _SyncBlockAsAsync(self.wrapped.savepoint(), self)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.wrapped, name)

@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.contract import Contract
 from tests.support.harness import Shop, fake_shop
+from tests.support.transactions import TransactionContract
 from tests.support.uows import AsyncFakeShopUnitOfWork, FakeShopUnitOfWork
 
 
@@ -18,3 +19,7 @@ def _shop(request: pytest.FixtureRequest) -> Shop:
 
 class TestFake(Contract):
     """The fakes keep the contract."""
+
+
+class TestFakeTransactions(TransactionContract):
+    """The fakes follow the transaction rules."""

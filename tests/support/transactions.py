@@ -1,0 +1,549 @@
+"""The transaction rules, run unchanged against every implementation.
+
+A test module subclasses :class:`TransactionContract` and provides a ``shop``
+fixture (see :mod:`tests.support.harness`): the same tests then run on the
+fakes and on SQLite, PostgreSQL and MariaDB, sync and async. Committed rows
+are read back without the unit of work under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from uow import errors
+
+from .harness import Shop
+from .models import Item, Sku
+
+
+class Boom(Exception):
+    """Raised by service code in the tests."""
+
+
+async def seed(shop: Shop, *codes: str) -> None:
+    """Commit a Sku for each of *codes*."""
+    uow = shop.uow()
+    async with uow:
+        await uow.skus.add_all([Sku(code) for code in codes])
+        await uow.commit()
+
+
+def codes(shop: Shop) -> list[str]:
+    """The committed Sku codes, sorted."""
+    return sorted(code for (code,) in shop.committed(Sku, "code"))
+
+
+def inner_scope(uow: Any, kind: str) -> Any:
+    """The inner scope of the nesting matrix: re-entering, a joined transaction() or a savepoint."""
+    if kind == "reentered":
+        return uow
+    if kind == "joined":
+        return uow.transaction(propagation="required")
+    return uow.savepoint()
+
+
+class TransactionContract:
+    """How scopes of one unit of work compose, on every implementation."""
+
+    # -- the nesting matrix ----------------------------------------------------
+
+    @pytest.mark.parametrize("kind", ["reentered", "joined", "savepoint"])
+    @pytest.mark.parametrize("inner", ["commit", "raise"])
+    @pytest.mark.parametrize("outer", ["commit", "raise"])
+    async def test_nesting_matrix(self, shop: Shop, kind: str, inner: str, outer: str) -> None:
+        """Inner {commit, raise} x outer {commit, raise}: only what the rules keep is committed, once."""
+        uow = shop.uow()
+        fails = outer == "raise" or (inner == "raise" and kind != "savepoint")
+        with pytest.raises((Boom, errors.RollbackOnlyError)) if fails else contextlib.nullcontext():
+            async with uow:
+                await uow.skus.add(Sku("outer"))
+                try:
+                    async with inner_scope(uow, kind):
+                        await uow.skus.add(Sku("inner"))
+                        if inner == "raise":
+                            raise Boom("inner")
+                        await uow.commit()
+                except Boom:
+                    pass  # the caller handles the inner failure and goes on
+                assert 0 == uow.commits
+                if outer == "raise":
+                    raise Boom("outer")
+                await uow.commit()
+        expected = {
+            ("commit", "commit"): ["inner", "outer"],
+            ("raise", "commit"): ["outer"] if kind == "savepoint" else [],
+        }.get((inner, outer), [])
+        assert expected == codes(shop)
+        assert (1 if expected else 0) == uow.commits
+        assert not uow.active
+
+    async def test_mixed_chain_commits_once(self, shop: Shop) -> None:
+        """Owner, savepoint, joined and re-entered scopes stacked: everything commits once, at the owner."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            async with uow.savepoint():
+                await uow.skus.add(Sku("b"))
+                async with uow.transaction():
+                    await uow.skus.add(Sku("c"))
+                    async with uow:
+                        await uow.skus.add(Sku("d"))
+                        await uow.commit()
+                    await uow.commit()
+                await uow.commit()
+            assert [] == codes(shop)
+            await uow.commit()
+        assert ["a", "b", "c", "d"] == codes(shop)
+        assert 1 == uow.commits
+
+    # -- rollback-only -----------------------------------------------------------
+
+    async def test_swallowed_error_in_joined_scope_poisons_the_transaction(self, shop: Shop) -> None:
+        """After a joined scope's error is swallowed, any use raises RollbackOnlyError caused by it."""
+        uow = shop.uow()
+        original = Boom("inner")
+        with pytest.raises(errors.RollbackOnlyError) as raised:
+            async with uow:
+                await uow.skus.add(Sku("a"))
+                try:
+                    async with uow:
+                        raise original
+                except Boom:
+                    pass
+                with pytest.raises(errors.RollbackOnlyError) as used:
+                    await uow.skus.list()
+                assert original is used.value.__cause__
+                with pytest.raises(errors.RollbackOnlyError):
+                    await uow.commit()
+        assert original is raised.value.__cause__
+        assert [] == codes(shop)
+        assert not uow.active
+
+    async def test_swallowed_error_in_joined_scope_fails_the_owners_clean_exit(self, shop: Shop) -> None:
+        """The owner's clean exit after a swallowed joined error rolls back and raises, never commits."""
+        uow = shop.uow(autocommit=True)
+        with pytest.raises(errors.RollbackOnlyError, match="rolled back, not committed"):
+            async with uow:
+                await uow.skus.add(Sku("a"))
+                try:
+                    async with uow:
+                        raise Boom("inner")
+                except Boom:
+                    pass
+        assert [] == codes(shop)
+        assert 0 == uow.commits
+        assert uow.rolled_back
+
+    async def test_swallowed_error_in_a_savepoints_joined_scope_fails_only_the_savepoint(self, shop: Shop) -> None:
+        """A swallowed joined error inside a savepoint rolls back to it and raises there; the owner commits."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("kept"))
+            with pytest.raises(errors.RollbackOnlyError) as raised:
+                async with uow.savepoint():
+                    await uow.skus.add(Sku("dropped"))
+                    try:
+                        async with uow:
+                            raise Boom("inner")
+                    except Boom:
+                        pass
+            assert isinstance(raised.value.__cause__, Boom)
+            assert ["kept"] == [sku.code for sku in await uow.skus.list()]
+            await uow.commit()
+        assert ["kept"] == codes(shop)
+
+    async def test_integrity_error_in_a_savepoint_leaves_the_transaction_healthy(self, shop: Shop) -> None:
+        """try/except IntegrityError around a savepoint skips a duplicate, and the rest commits."""
+        await seed(shop, "dup")
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("before"))
+            with pytest.raises(IntegrityError):
+                async with uow.savepoint():
+                    await uow.skus.add(Sku("dup"))
+                    await uow.skus.count()
+            await uow.skus.add(Sku("after"))
+            await uow.commit()
+        assert ["after", "before", "dup"] == codes(shop)
+
+    async def test_released_savepoint_does_not_commit_the_outer_block(self, shop: Shop) -> None:
+        """A savepoint opened before any write, then released, still leaves the decision to the owner."""
+        await seed(shop, "old")
+        uow = shop.uow()
+        async with uow:
+            assert 1 == await uow.skus.count()
+            async with uow.savepoint():
+                await uow.skus.add(Sku("new"))
+            assert ["old"] == codes(shop)
+        assert ["old"] == codes(shop)
+        assert uow.rolled_back
+
+    async def test_set_rollback_only_rolls_back_quietly(self, shop: Shop) -> None:
+        """set_rollback_only() makes a clean exit roll back without an error, and commit() raise."""
+        uow = shop.uow(autocommit=True)
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            async with uow:
+                uow.set_rollback_only()
+            with pytest.raises(errors.RollbackOnlyError, match="set_rollback_only"):
+                await uow.commit()
+        assert [] == codes(shop)
+        assert uow.rolled_back
+
+    async def test_set_rollback_only_in_a_savepoint_drops_only_its_work(self, shop: Shop) -> None:
+        """set_rollback_only() inside a savepoint rolls back to it quietly; the owner still commits."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("kept"))
+            async with uow.savepoint():
+                await uow.skus.add(Sku("dropped"))
+                uow.set_rollback_only()
+            await uow.commit()
+        assert ["kept"] == codes(shop)
+
+    # -- forbidden in joined scopes ------------------------------------------------
+
+    async def test_rollback_in_a_joined_scope_raises(self, shop: Shop) -> None:
+        """rollback() from a joined scope or a savepoint raises JoinedScopeError and the owner goes on."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            async with uow.transaction():
+                with pytest.raises(errors.JoinedScopeError, match="joined scope"):
+                    await uow.rollback()
+            async with uow.savepoint():
+                with pytest.raises(errors.JoinedScopeError):
+                    await uow.rollback()
+            await uow.commit()
+        assert ["a"] == codes(shop)
+
+    async def test_savepoint_outside_a_block_raises(self, shop: Shop) -> None:
+        """uow.savepoint() needs an active block."""
+        uow = shop.uow()
+        with pytest.raises(errors.InactiveUnitOfWorkError, match="savepoint"):
+            async with uow.savepoint():
+                pass  # pragma: no cover
+
+    # -- propagation -----------------------------------------------------------------
+
+    async def test_requires_new_commits_on_its_own(self, shop: Shop) -> None:
+        """requires_new runs a transaction of its own: it stays committed when the outer one rolls back."""
+        uow = shop.uow()
+        with pytest.raises(Boom):
+            async with uow:
+                await uow.skus.add(Sku("outer"))
+                async with uow.transaction(propagation="requires_new"):
+                    await uow.skus.add(Sku("audit"))
+                    await uow.commit()
+                assert ["audit"] == codes(shop)
+                assert "outer" in [sku.code for sku in await uow.skus.list()]
+                raise Boom("outer")
+        assert ["audit"] == codes(shop)
+        assert 1 == uow.commits
+
+    async def test_requires_new_and_outer_both_commit(self, shop: Shop) -> None:
+        """Work committed by requires_new and by the outer transaction after it are both kept."""
+        await seed(shop, "old")
+        uow = shop.uow()
+        async with uow:
+            assert ["old"] == [sku.code for sku in await uow.skus.list()]
+            async with uow.transaction(propagation="requires_new"):
+                await uow.skus.add(Sku("inner"))
+                await uow.commit()
+            await uow.skus.add(Sku("outer"))
+            await uow.commit()
+        assert ["inner", "old", "outer"] == codes(shop)
+        assert 2 == uow.commits
+
+    async def test_requires_new_without_commit_rolls_back(self, shop: Shop) -> None:
+        """A requires_new scope that ends without commit() rolls back its own work only."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("outer"))
+            async with uow.transaction(propagation="requires_new"):
+                await uow.skus.add(Sku("inner"))
+            await uow.commit()
+        assert ["outer"] == codes(shop)
+
+    async def test_nested_without_a_transaction_owns_one(self, shop: Shop) -> None:
+        """propagation='nested' with nothing active starts and owns a transaction."""
+        uow = shop.uow()
+        async with uow.transaction(propagation="nested"):
+            await uow.skus.add(Sku("a"))
+            await uow.commit()
+        assert ["a"] == codes(shop)
+
+    async def test_nested_in_a_transaction_is_a_savepoint(self, shop: Shop) -> None:
+        """propagation='nested' inside a block rolls back only its own work on an error."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("outer"))
+            with pytest.raises(Boom):
+                async with uow.transaction(propagation="nested"):
+                    await uow.skus.add(Sku("inner"))
+                    raise Boom("inner")
+            await uow.commit()
+        assert ["outer"] == codes(shop)
+
+    async def test_mandatory_needs_an_active_transaction(self, shop: Shop) -> None:
+        """propagation='mandatory' raises with nothing to join, and joins an active block."""
+        uow = shop.uow()
+        with pytest.raises(errors.InactiveUnitOfWorkError, match="mandatory"):
+            async with uow.transaction(propagation="mandatory"):
+                pass  # pragma: no cover
+        async with uow:
+            async with uow.transaction(propagation="mandatory"):
+                await uow.skus.add(Sku("a"))
+                await uow.commit()
+            assert [] == codes(shop)
+            await uow.commit()
+        assert ["a"] == codes(shop)
+
+    async def test_never_refuses_an_active_transaction(self, shop: Shop) -> None:
+        """propagation='never' raises inside a block, and owns a transaction outside one."""
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.ActiveUnitOfWorkError, match="never"):
+                async with uow.transaction(propagation="never"):
+                    pass  # pragma: no cover
+            await uow.skus.add(Sku("still fine"))
+            await uow.commit()
+        async with uow.transaction(propagation="never"):
+            await uow.skus.add(Sku("owned"))
+            await uow.commit()
+        assert ["owned", "still fine"] == codes(shop)
+
+    async def test_unknown_options_raise(self, shop: Shop) -> None:
+        """An unknown propagation or isolation level raises ConfigurationError before anything starts."""
+        uow = shop.uow()
+        with pytest.raises(errors.ConfigurationError, match="propagation"):
+            async with uow.transaction(propagation="sometimes"):
+                pass  # pragma: no cover
+        with pytest.raises(errors.ConfigurationError, match="isolation_level"):
+            async with uow.transaction(isolation_level="CHAOS"):
+                pass  # pragma: no cover
+        assert not uow.active
+
+    # -- on_commit hooks -----------------------------------------------------------------
+
+    async def test_hooks_run_after_the_outermost_commit_in_order(self, shop: Shop) -> None:
+        """Hooks wait for the owner's real commit, then run in registration order, once."""
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            uow.on_commit(lambda: ran.append("first"))
+            async with uow:
+                await uow.skus.add(Sku("a"))
+                uow.on_commit(lambda: ran.append("second"))
+                await uow.commit()
+            assert [] == ran
+            await uow.commit()
+            assert ["first", "second"] == ran
+            await uow.skus.add(Sku("b"))
+            await uow.commit()
+        assert ["first", "second"] == ran
+
+    async def test_hooks_are_dropped_on_rollback(self, shop: Shop) -> None:
+        """Hooks of a transaction that rolls back never run: not on exit, not at a later commit."""
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            uow.on_commit(lambda: ran.append("dropped"))
+        async with uow:
+            uow.on_commit(lambda: ran.append("rolled back"))
+            await uow.rollback()
+            await uow.skus.add(Sku("b"))
+            await uow.commit()
+        with pytest.raises(Boom):
+            async with uow:
+                uow.on_commit(lambda: ran.append("error"))
+                raise Boom("service")
+        assert [] == ran
+        assert ["b"] == codes(shop)
+
+    async def test_hooks_from_a_rolled_back_savepoint_are_dropped(self, shop: Shop) -> None:
+        """A savepoint that rolls back drops its hooks; a released one keeps them for the commit."""
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            uow.on_commit(lambda: ran.append("before"))
+            with pytest.raises(Boom):
+                async with uow.savepoint():
+                    uow.on_commit(lambda: ran.append("dropped"))
+                    raise Boom("inner")
+            async with uow.savepoint():
+                await uow.skus.add(Sku("a"))
+                uow.on_commit(lambda: ran.append("released"))
+            assert [] == ran  # releasing a savepoint does not fire on_commit
+            await uow.commit()
+        assert ["before", "released"] == ran
+
+    async def test_hook_registered_by_a_hook_runs_in_the_same_pass(self, shop: Shop) -> None:
+        """A hook that registers a hook: the new one runs after the others, in the same commit."""
+        uow = shop.uow()
+        ran: list[str] = []
+
+        def first() -> None:
+            ran.append("first")
+            uow.on_commit(lambda: ran.append("added by first"))
+
+        async with uow:
+            uow.on_commit(first)
+            uow.on_commit(lambda: ran.append("second"))
+            await uow.commit()
+        assert ["first", "second", "added by first"] == ran
+
+    async def test_robust_hook_failure_is_logged_and_the_next_hook_runs(
+        self, shop: Shop, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A robust hook that raises is logged on the uow logger, and the hooks after it still run."""
+        uow = shop.uow()
+        ran: list[str] = []
+
+        def broken() -> None:
+            raise Boom("hook")
+
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            uow.on_commit(broken, robust=True)
+            uow.on_commit(lambda: ran.append("next"))
+            with caplog.at_level(logging.ERROR, logger="uow"):
+                await uow.commit()
+        assert ["next"] == ran
+        assert ["a"] == codes(shop)
+        assert any("on_commit hook" in record.getMessage() for record in caplog.records)
+
+    async def test_failing_hook_raises_after_the_commit(self, shop: Shop) -> None:
+        """A hook that raises propagates from commit(), after the data is committed; later hooks are dropped."""
+        uow = shop.uow()
+        ran: list[str] = []
+
+        def broken() -> None:
+            raise Boom("hook")
+
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            uow.on_commit(broken)
+            uow.on_commit(lambda: ran.append("never"))
+            with pytest.raises(Boom, match="hook"):
+                await uow.commit()
+            assert uow.committed
+            await uow.commit()
+        assert [] == ran
+        assert ["a"] == codes(shop)
+
+    async def test_hooks_do_not_run_when_the_commit_fails(self, shop: Shop) -> None:
+        """A commit that fails runs no hook and drops them all."""
+        await seed(shop, "dup")
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            uow.on_commit(lambda: ran.append("never"))
+            await uow.skus.add(Sku("dup"))
+            with pytest.raises(IntegrityError):
+                await uow.commit()
+            await uow.skus.add(Sku("fresh"))
+            await uow.commit()
+        assert [] == ran
+        assert ["dup", "fresh"] == codes(shop)
+
+    async def test_on_commit_outside_a_block_raises(self, shop: Shop) -> None:
+        """on_commit() needs an active block."""
+        uow = shop.uow()
+        with pytest.raises(errors.InactiveUnitOfWorkError, match="on_commit"):
+            uow.on_commit(lambda: None)
+
+    # -- domain events -----------------------------------------------------------------
+
+    async def test_events_wait_for_the_owners_commit(self, shop: Shop) -> None:
+        """A joined commit() collects no events; the owner's real commit does."""
+        uow = shop.uow()
+        async with uow:
+            async with uow:
+                item = Item("box")
+                item.events.append("created")
+                await uow.items.add(item)
+                await uow.commit()
+            assert [] == list(uow.collect_new_events())
+            await uow.commit()
+        assert ["created"] == list(uow.collect_new_events())
+
+    # -- read-only and isolation ------------------------------------------------------------
+
+    async def test_read_only_transaction_refuses_writes(self, shop: Shop) -> None:
+        """A read-only transaction reads, raises ReadOnlyError on a pending write and on commit()."""
+        await seed(shop, "a")
+        uow = shop.uow()
+        async with uow.transaction(read_only=True):
+            assert ["a"] == [sku.code for sku in await uow.skus.list()]
+            await uow.skus.add(Sku("b"))
+            with pytest.raises(errors.ReadOnlyError, match="read-only"):
+                await uow.skus.count()
+            with pytest.raises(errors.ReadOnlyError):
+                await uow.commit()
+        assert ["a"] == codes(shop)
+        assert 0 == uow.commits
+
+    async def test_read_only_transaction_never_commits_on_exit(self, shop: Shop) -> None:
+        """With autocommit, a read-only transaction still ends with a rollback."""
+        await seed(shop, "a")
+        uow = shop.uow(autocommit=True)
+        async with uow.transaction(read_only=True):
+            assert 1 == await uow.skus.count()
+        assert 0 == uow.commits
+        assert not uow.committed
+
+    async def test_read_only_scope_may_join_a_read_write_one(self, shop: Shop) -> None:
+        """A read-only scope joins a read-write transaction and reads its pending work; writes resume after."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("before"))
+            async with uow.transaction(read_only=True):
+                assert ["before"] == [sku.code for sku in await uow.skus.list()]
+            await uow.skus.add(Sku("after"))
+            await uow.commit()
+        assert ["after", "before"] == codes(shop)
+
+    async def test_refused_write_in_a_joined_read_only_scope_blocks_the_commit(self, shop: Shop) -> None:
+        """A write refused in a read-only scope stays pending, so the read-write owner can no longer commit it."""
+        uow = shop.uow()
+        with pytest.raises(errors.RollbackOnlyError) as raised:
+            async with uow:
+                await uow.skus.add(Sku("before"))
+                async with uow.transaction(read_only=True):
+                    await uow.skus.add(Sku("refused"))
+                    with pytest.raises(errors.ReadOnlyError):
+                        await uow.skus.count()
+                await uow.commit()
+        assert isinstance(raised.value.__cause__, errors.ReadOnlyError)
+        assert [] == codes(shop)
+
+    async def test_read_write_scope_cannot_join_a_read_only_one(self, shop: Shop) -> None:
+        """read_only=False inside a read-only transaction raises JoinedScopeError; None inherits."""
+        uow = shop.uow()
+        async with uow.transaction(read_only=True):
+            with pytest.raises(errors.JoinedScopeError, match="read-only"):
+                async with uow.transaction(read_only=False):
+                    pass  # pragma: no cover
+            async with uow.transaction():
+                await uow.skus.add(Sku("refused"))
+                with pytest.raises(errors.ReadOnlyError):
+                    await uow.skus.count()
+
+    async def test_joined_scope_cannot_change_the_isolation_level(self, shop: Shop) -> None:
+        """Only the owner sets the isolation level: a joined scope asking for another one raises."""
+        uow = shop.uow()
+        async with uow.transaction(isolation_level="SERIALIZABLE"):
+            async with uow.transaction(isolation_level="SERIALIZABLE"):
+                await uow.skus.add(Sku("same level"))
+            with pytest.raises(errors.JoinedScopeError, match="isolation_level"):
+                async with uow.transaction(isolation_level="READ UNCOMMITTED"):
+                    pass  # pragma: no cover
+            await uow.commit()
+        assert ["same level"] == codes(shop)
