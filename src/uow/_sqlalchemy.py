@@ -12,7 +12,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 from ._repository import _RepositoryBase
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
 from ._unit_of_work import OWNER, AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
-from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError, ReadOnlyError
+from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import UOWTransaction

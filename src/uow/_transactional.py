@@ -22,6 +22,7 @@ from ._unit_of_work import (
     _active_here,
     _BlockBase,
     _check_options,
+    _current,
     _UnitOfWorkCore,
 )
 from .errors import ConfigurationError, InactiveUnitOfWorkError, is_retryable
@@ -217,7 +218,21 @@ class Transactional:
         """The unit of work of a call, and the call's positional arguments with it in place."""
         positional = index is not None and len(args) > index
         given = args[index] if index is not None and positional else kwargs.get("uow")
-        unit = self._resolve(given, kind, name)
+        if given is None or given is NEW_UOW:
+            # The common case, kept short: join the unit of work active here.
+            active = _current.get()
+            if (
+                active is not None
+                and not active._alarm
+                and active._owner == active._here()
+                and isinstance(active, kind)
+                and not (self.propagation == "requires_new" and self.factory is not None)
+            ):
+                unit = active
+            else:
+                unit = self._resolve(None, kind, name)
+        else:
+            unit = self._resolve(given, kind, name)
         if unit is given:
             return unit, args
         if index is not None and positional:
@@ -263,10 +278,19 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
         options.retry,
     )
     sleep = retry.sleep or time.sleep
+    plain = propagation == "required" and read_only is None and isolation_level is None
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         unit, args = options._bind(args, kwargs, index, UnitOfWork, name)
+        if plain and unit._try_join():
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as error:
+                unit._leave_joined(error)
+                raise
+            unit._leave_joined(None)
+            return result
         attempt = 0
         while True:
             block = Block(unit, propagation, read_only, isolation_level, commit_on_exit=True)
@@ -289,10 +313,19 @@ def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], 
         options.retry,
     )
     sleep = retry.sleep or asyncio.sleep
+    plain = propagation == "required" and read_only is None and isolation_level is None
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         unit, args = options._bind(args, kwargs, index, AsyncUnitOfWork, name)
+        if plain and unit._try_join():
+            try:
+                result = await func(*args, **kwargs)
+            except BaseException as error:
+                unit._leave_joined(error)
+                raise
+            unit._leave_joined(None)
+            return result
         attempt = 0
         while True:
             block = AsyncBlock(unit, propagation, read_only, isolation_level, commit_on_exit=True)

@@ -331,6 +331,23 @@ class _UnitOfWorkCore:
             boundary.poison = error
         self._alarm = True
 
+    def _try_join(self) -> bool:
+        """Enter a plain joined scope, if this unit of work is active here and healthy; no I/O.
+
+        The decorator's fast path: the same rules as ``with uow:`` on an
+        active unit of work, without building a scope.
+        """
+        if self._alarm or self._owner != self._here():
+            return False
+        top = self._scopes[-1]
+        self._scopes.append(top.tx.joined(top.read_only))
+        return True
+
+    def _leave_joined(self, error: BaseException | None) -> None:
+        self._scopes.pop()
+        if error is not None:
+            self._poison(error)
+
     def _touch(self) -> None:
         """Called on every use of a repository or the session."""
         if self._alarm or self._owner != self._here():
@@ -532,7 +549,17 @@ _Hook = tuple[Callable[[], object], bool]
 class _Transaction:
     """One physical transaction: a session, its repositories and its hooks."""
 
-    __slots__ = ("broken", "guarded", "hooks", "isolation_level", "read_only", "repositories", "session", "used")
+    __slots__ = (
+        "_joined",
+        "broken",
+        "guarded",
+        "hooks",
+        "isolation_level",
+        "read_only",
+        "repositories",
+        "session",
+        "used",
+    )
 
     def __init__(self, read_only: bool, isolation_level: str | None) -> None:
         self.read_only = read_only
@@ -546,6 +573,14 @@ class _Transaction:
         self.broken = False
         #: Whether the write guard of a read-only scope is installed.
         self.guarded = False
+        self._joined: dict[bool, _Scope] = {}
+
+    def joined(self, read_only: bool) -> _Scope:
+        """A plain joined scope of this transaction; it holds no state of its own, so one is shared."""
+        scope = self._joined.get(read_only)
+        if scope is None:
+            scope = self._joined[read_only] = _Scope(JOINED, self, read_only, commit_on_exit=False)
+        return scope
 
 
 OWNER, JOINED, SAVEPOINT = 0, 1, 2
