@@ -60,6 +60,12 @@ It is typed as ``Any``, so that ``uow: MyUnitOfWork = NEW_UOW`` type-checks.
 """
 
 
+def _at_least_zero(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        msg = f"Retry({attribute.name}=...) takes a number of 0 or more, not {value!r}"
+        raise ConfigurationError(msg)
+
+
 @attrs.frozen
 class Retry:
     """How ``@transactional(retries=...)`` retries a unit of work that failed retryably.
@@ -73,15 +79,15 @@ class Retry:
     pass their own.
     """
 
-    retries: int = attrs.field(default=3, validator=attrs.validators.ge(0))
-    backoff: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
-    max_backoff: float = attrs.field(default=2.0, validator=attrs.validators.ge(0))
+    retries: int = attrs.field(default=3, validator=_at_least_zero)
+    backoff: float = attrs.field(default=0.05, validator=_at_least_zero)
+    max_backoff: float = attrs.field(default=2.0, validator=_at_least_zero)
     retry_if: Callable[[BaseException], bool] = is_retryable
     sleep: Callable[[float], object] | None = None
 
     def delay(self, attempt: int) -> float:
         """The pause before retry number *attempt* (1 for the first retry), with jitter."""
-        cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        cap = min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 1, 64))
         return random.uniform(cap / 2, cap)
 
     def _next(self, error: Exception, attempt: int, unit: _UnitOfWorkCore, block: _BlockBase, name: str) -> float:

@@ -646,10 +646,12 @@ def current() -> UnitOfWork | AsyncUnitOfWork: ...
 
 
 @overload
-def current(kind: type[Any_U]) -> Any_U: ...
+def current(kind: Callable[..., Any_U]) -> Any_U: ...
 
 
-def current(kind: type[Any] | None = None) -> Any:
+# *kind* is typed as a callable because mypy refuses abstract classes where
+# ``type[...]`` is expected, and the abstract unit of work is the usual kind.
+def current(kind: Any = None) -> Any:
     """The unit of work active in this thread or task.
 
     For code that cannot take the unit of work as a parameter. *kind*

@@ -7,6 +7,8 @@ it is pointless, type-checking it is the test.
 from __future__ import annotations
 
 import abc
+from collections.abc import Coroutine
+from typing import Any
 
 from typing_extensions import assert_type
 
@@ -92,3 +94,80 @@ def declarations() -> None:
     assert_type(AllocationUnitOfWork.batches, uow._unit_of_work.ModelRepository[Batch])
     error: errors.UowError = errors.InactiveUnitOfWorkError("x")
     assert isinstance(error, RuntimeError)
+
+
+class AsyncProductUnitOfWork(uow.AsyncUnitOfWork):
+    products = uow.repository(Product)
+
+
+class FakeAsyncProductUnitOfWork(uow.AsyncFakeUnitOfWork, AsyncProductUnitOfWork):
+    pass
+
+
+@uow.transactional
+def allocate(reference: str, qty: int, uow: AllocationUnitOfWork = uow.NEW_UOW) -> Batch | None:
+    return uow.batches.get(reference)
+
+
+@uow.transactional(factory=FakeAllocationUnitOfWork, read_only=True, retries=uow.Retry(retries=2))
+def count_batches(uow: AllocationUnitOfWork = uow.NEW_UOW) -> int:
+    return uow.batches.count()
+
+
+@uow.transactional(factory=FakeAsyncProductUnitOfWork, propagation="requires_new", retries=3)
+async def count_products(uow: AsyncProductUnitOfWork = uow.NEW_UOW) -> int:
+    return await uow.products.count()
+
+
+class AllocationService:
+    @uow.transactional
+    def allocate(self, reference: str, uow: AllocationUnitOfWork = uow.NEW_UOW) -> str:
+        return reference
+
+    @uow.transactional
+    @classmethod
+    def build(cls, uow: AllocationUnitOfWork = uow.NEW_UOW) -> AllocationService:
+        return cls()
+
+    @staticmethod
+    @uow.transactional
+    def total(uow: AllocationUnitOfWork = uow.NEW_UOW) -> int:
+        return uow.batches.count()
+
+
+def decorated(fake: FakeAllocationUnitOfWork) -> None:
+    assert_type(allocate("ref", 1), Batch | None)
+    assert_type(allocate("ref", 1, fake), Batch | None)
+    assert_type(allocate(reference="ref", qty=1, uow=fake), Batch | None)
+    assert_type(count_batches(), int)
+    assert_type(count_products(), Coroutine[Any, Any, int]).close()
+    assert_type(AllocationService().allocate("ref", fake), str)
+    assert_type(AllocationService.build(), AllocationService)
+    assert_type(AllocationService.total(uow=fake), int)
+    configured = uow.transactional(factory=FakeAllocationUnitOfWork)
+    assert_type(configured, uow._transactional.Transactional)
+    assert_type(configured(read_only=True), uow._transactional.Transactional)
+
+
+async def decorated_async() -> None:
+    assert_type(await count_products(), int)
+    assert_type(await count_products(FakeAsyncProductUnitOfWork()), int)
+
+
+def current_and_transaction(unit: AllocationUnitOfWork, fake: FakeAllocationUnitOfWork) -> None:
+    assert_type(uow.current(), uow.UnitOfWork | uow.AsyncUnitOfWork)
+    assert_type(uow.current(FakeAllocationUnitOfWork), FakeAllocationUnitOfWork)
+    # mypy refuses an abstract class where current() declares type[...]: remove these ignores once it accepts them.
+    assert_type(uow.current(AllocationUnitOfWork), AllocationUnitOfWork)
+    assert_type(uow.current(AsyncProductUnitOfWork), AsyncProductUnitOfWork)
+    with unit.transaction(read_only=True) as entered:
+        assert_type(entered, AllocationUnitOfWork)
+        with unit.savepoint() as saved:
+            assert_type(saved, AllocationUnitOfWork)
+    with fake.transaction(propagation="requires_new", isolation_level="SERIALIZABLE") as faked:
+        assert_type(faked, FakeAllocationUnitOfWork)
+
+
+async def async_transaction(unit: AsyncProductUnitOfWork) -> None:
+    async with unit.transaction(read_only=True) as entered:
+        assert_type(entered, AsyncProductUnitOfWork)
