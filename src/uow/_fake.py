@@ -27,6 +27,9 @@ class _FakeCore(_UnitOfWorkCore):
         store: InMemorySession = tx.session
         store.check_write = self._check_write
 
+    def _check_separate_connection(self, session: InMemorySession) -> None:
+        """Every transaction of the fake has a session of its own."""
+
     def _open_store(self) -> InMemorySession:
         return InMemorySession(self.database)
 

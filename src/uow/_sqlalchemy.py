@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ._repository import _RepositoryBase
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
@@ -88,13 +90,39 @@ def _options(session: Session, tx: _Transaction) -> tuple[dict[str, Any], str | 
     if tx.isolation_level is not None:
         options["isolation_level"] = tx.isolation_level
     statement = None
-    if tx.read_only:
-        dialect = session.get_bind().dialect.name
+    bind = _single_bind(session)
+    if tx.read_only and bind is not None:
+        dialect = bind.dialect.name
         if dialect == "postgresql":
             options["postgresql_readonly"] = True
         elif dialect in ("mysql", "mariadb"):
             statement = "SET TRANSACTION READ ONLY"
     return options, statement
+
+
+def _single_bind(session: Session) -> Engine | Connection | None:
+    """The one engine or connection *session* is bound to; None for a session with several binds."""
+    try:
+        return session.get_bind()
+    except UnboundExecutionError:
+        return None
+
+
+def _check_separate_connection(session: Session) -> None:
+    """Refuse requires_new where the pool would hand the new session the outer one's connection.
+
+    ``SingletonThreadPool`` (SQLite in memory) and ``StaticPool`` give a
+    thread the same connection every time: the inner commit would commit the
+    outer block's work too.
+    """
+    bind = _single_bind(session)
+    if isinstance(bind, Engine) and isinstance(bind.pool, (SingletonThreadPool, StaticPool)):
+        msg = (
+            f"propagation='requires_new' needs a second connection, but this engine's {type(bind.pool).__name__} "
+            "gives every session of a thread the same one, so the inner commit would commit the outer "
+            "work too. Use a file database or a server, or another propagation"
+        )
+        raise ConfigurationError(msg)
 
 
 def _sqlite_needs_begin(driver_connection: Any) -> bool:
@@ -191,7 +219,8 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             _unguard_session(session)
 
     def _begin_savepoint(self, session: Session) -> SessionTransaction:
-        if session.get_bind().dialect.name == "sqlite":
+        bind = _single_bind(session)
+        if bind is not None and bind.dialect.name == "sqlite":
             connection = session.connection()
             if _sqlite_needs_begin(connection.connection.driver_connection):
                 connection.exec_driver_sql("BEGIN")
@@ -199,9 +228,16 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
 
     def _end_savepoint(self, handle: SessionTransaction, *, release: bool) -> None:
         if release:
-            handle.commit()
+            try:
+                handle.commit()  # flushes first, which may fail
+            except BaseException:
+                handle.rollback()
+                raise
         else:
             handle.rollback()
+
+    def _check_separate_connection(self, session: Session) -> None:
+        _check_separate_connection(session)
 
 
 class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
@@ -292,7 +328,8 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
             _unguard_session(session.sync_session)
 
     async def _begin_savepoint(self, session: AsyncSession) -> AsyncSessionTransaction:
-        if session.sync_session.get_bind().dialect.name == "sqlite":
+        bind = _single_bind(session.sync_session)
+        if bind is not None and bind.dialect.name == "sqlite":
             connection = await session.connection()
             raw = await connection.get_raw_connection()
             if _sqlite_needs_begin(raw.driver_connection):
@@ -301,6 +338,13 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
 
     async def _end_savepoint(self, handle: AsyncSessionTransaction, *, release: bool) -> None:
         if release:
-            await handle.commit()
+            try:
+                await handle.commit()  # flushes first, which may fail
+            except BaseException:
+                await handle.rollback()
+                raise
         else:
             await handle.rollback()
+
+    def _check_separate_connection(self, session: AsyncSession) -> None:
+        _check_separate_connection(session.sync_session)

@@ -216,6 +216,10 @@ class _UnitOfWorkCore:
         """Build a repository bound to *session*."""
 
     @abc.abstractmethod
+    def _check_separate_connection(self, session: Any) -> None:
+        """Raise ConfigurationError if a new transaction would share *session*'s connection."""
+
+    @abc.abstractmethod
     def _guard_writes(self, tx: _Transaction) -> None:
         """Make flushes of *tx*'s session raise ReadOnlyError while :meth:`_writes_forbidden`."""
 
@@ -252,6 +256,8 @@ class _UnitOfWorkCore:
             msg = f"propagation='never' found {type(self).__name__} active: call this code outside any block"
             raise ActiveUnitOfWorkError(msg)
         if propagation == "requires_new":
+            assert self._tx is not None
+            self._check_separate_connection(self._tx.session)
             return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
         top = self._scopes[-1]
         tx = top.tx
@@ -286,6 +292,7 @@ class _UnitOfWorkCore:
             scope.token = _current.set(self)
         elif scope.kind == SAVEPOINT:
             scope.hook_mark = len(scope.tx.hooks)
+            scope.event_marks = _event_marks(scope.tx)
         if scope.read_only and not scope.tx.guarded:
             scope.tx.guarded = True
             self._guard_writes(scope.tx)
@@ -410,6 +417,12 @@ class _UnitOfWorkCore:
             self._poison(error)
         raise error
 
+    def _narrows_to_read_only(self, scope: _Scope) -> bool:
+        """Whether *scope*, the innermost, is read-only inside a read-write scope."""
+        if self._alarm:  # already rollback-only: nothing of it can be committed
+            return False
+        return scope.read_only and len(self._scopes) > 1 and not self._scopes[-2].read_only
+
     def _writes_forbidden(self) -> bool:
         """Whether the innermost scope is read-only."""
         return bool(self._scopes) and self._scopes[-1].read_only
@@ -473,6 +486,7 @@ class _UnitOfWorkCore:
         """
         if error is not None or not release:
             del scope.tx.hooks[scope.hook_mark :]
+            _drop_events_since(scope.tx, scope.event_marks)
         self._pop()
         if error is not None:
             if not release and not isinstance(error, asyncio.CancelledError):
@@ -529,6 +543,26 @@ class _UnitOfWorkCore:
     def __repr__(self) -> str:
         state = "active" if self._scopes else "idle"
         return f"<{type(self).__name__} {state}, commits={self.commits}, rollbacks={self.rollbacks}>"
+
+
+def _event_marks(tx: _Transaction) -> dict[int, int]:
+    """How many domain events each object seen in *tx* holds now."""
+    marks: dict[int, int] = {}
+    for repo in tx.repositories.values():
+        for key, obj in repo._seen.items():
+            events = getattr(obj, "events", None)
+            if isinstance(events, list):
+                marks[key] = len(events)
+    return marks
+
+
+def _drop_events_since(tx: _Transaction, marks: dict[int, int]) -> None:
+    """Drop the events raised since *marks* were taken: their work was rolled back."""
+    for repo in tx.repositories.values():
+        for key, obj in repo._seen.items():
+            events = getattr(obj, "events", None)
+            if isinstance(events, list):
+                del events[marks.get(key, 0) :]
 
 
 def _describe(owner: object) -> str:
@@ -589,7 +623,18 @@ OWNER, JOINED, SAVEPOINT = 0, 1, 2
 class _Scope:
     """One ``with`` block of a unit of work: the owner, a joined scope or a savepoint."""
 
-    __slots__ = ("commit_on_exit", "handle", "hook_mark", "kind", "poison", "read_only", "rollback_only", "token", "tx")
+    __slots__ = (
+        "commit_on_exit",
+        "event_marks",
+        "handle",
+        "hook_mark",
+        "kind",
+        "poison",
+        "read_only",
+        "rollback_only",
+        "token",
+        "tx",
+    )
 
     def __init__(self, kind: int, tx: _Transaction, read_only: bool, commit_on_exit: bool) -> None:
         self.kind = kind
@@ -598,6 +643,8 @@ class _Scope:
         self.commit_on_exit = commit_on_exit
         self.handle: Any = None
         self.hook_mark = 0
+        #: For a savepoint: how many events each seen object had when it began.
+        self.event_marks: dict[int, int] = {}
         self.poison: BaseException | None = None
         self.rollback_only = False
         self.token: Token[_UnitOfWorkCore | None] | None = None
@@ -851,6 +898,13 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     def _exit_scope(self, exc: BaseException | None) -> None:
         scope = self._scopes[-1]
         if scope.kind == JOINED:
+            if exc is None and self._narrows_to_read_only(scope):
+                try:
+                    self._flush(scope.tx.session)  # a write left pending here is refused now, not at the commit
+                except BaseException as error:
+                    self._pop()
+                    self._poison(error)
+                    raise
             self._pop()
             if exc is not None:
                 self._poison(exc)
@@ -1063,6 +1117,13 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def _exit_scope(self, exc: BaseException | None) -> None:
         scope = self._scopes[-1]
         if scope.kind == JOINED:
+            if exc is None and self._narrows_to_read_only(scope):
+                try:
+                    await self._flush(scope.tx.session)  # a write left pending here is refused now
+                except BaseException as error:
+                    self._pop()
+                    self._poison(error)
+                    raise
             self._pop()
             if exc is not None:
                 self._poison(exc)

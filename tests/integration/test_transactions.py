@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import uow
 from tests.integration.conftest import rows
 from tests.support.databases import Database, Provisioner
-from tests.support.models import Sku
+from tests.support.models import Sku, metadata
 from tests.support.uows import (
     AsyncShopUnitOfWork,
     AsyncSqlAlchemyShopUnitOfWork,
@@ -107,6 +107,24 @@ def test_requires_new_cannot_close_the_suspended_session(engine: Engine) -> None
         assert unit.session is outer
 
 
+def test_requires_new_refuses_a_pool_with_one_connection_per_thread() -> None:
+    """On SQLite in memory, requires_new raises ConfigurationError: its commit would commit the outer work."""
+    memory = create_engine("sqlite://")
+    metadata.create_all(memory)
+    unit = SqlAlchemyShopUnitOfWork(memory)
+    with unit:
+        unit.skus.add(Sku("outer"))
+        unit.session.flush()
+        with (
+            pytest.raises(errors.ConfigurationError, match="SingletonThreadPool"),
+            unit.transaction(propagation="requires_new"),
+        ):
+            pass  # pragma: no cover
+    with memory.connect() as conn:
+        assert [] == list(conn.execute(text("SELECT code FROM uow_skus")))
+    memory.dispose()
+
+
 # -- read-only ---------------------------------------------------------------------
 
 
@@ -121,6 +139,20 @@ def test_read_only_refuses_changed_objects(engine: Engine) -> None:
         sku.stock = 5
         with pytest.raises(errors.ReadOnlyError, match="1 changed"):
             unit.session.flush()
+    assert [(1,)] == rows(engine, "SELECT stock FROM uow_skus")
+
+
+def test_change_left_pending_in_a_read_only_scope_is_not_committed(engine: Engine) -> None:
+    """An attribute changed in a read-only scope joined to a read-write block is refused when the scope ends."""
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO uow_skus (code, description, stock) VALUES ('a', 'x', 1)"))
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with pytest.raises(errors.RollbackOnlyError), unit:
+        with pytest.raises(errors.ReadOnlyError, match="1 changed"), unit.transaction(read_only=True):
+            sku = unit.skus.get("a")
+            assert sku is not None
+            sku.stock = 5
+        unit.commit()
     assert [(1,)] == rows(engine, "SELECT stock FROM uow_skus")
 
 

@@ -171,6 +171,38 @@ class TransactionContract:
             await uow.commit()
         assert ["after", "before", "dup"] == codes(shop)
 
+    async def test_failed_release_rolls_back_to_the_savepoint(self, shop: Shop) -> None:
+        """A duplicate first sent when the savepoint is released rolls back only the savepoint."""
+        await seed(shop, "dup")
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("before"))
+            with pytest.raises(IntegrityError):
+                async with uow.savepoint():
+                    await uow.skus.add(Sku("dup"))
+            await uow.skus.add(Sku("after"))
+            await uow.commit()
+        assert ["after", "before", "dup"] == codes(shop)
+
+    async def test_events_raised_in_a_rolled_back_savepoint_are_dropped(self, shop: Shop) -> None:
+        """Domain events raised inside a savepoint that rolls back are not collected; the others are."""
+        uow = shop.uow()
+        async with uow:
+            item = Item("box")
+            await uow.items.add(item)
+            item.events.append("outer")
+            with pytest.raises(Boom):
+                async with uow.savepoint():
+                    item.events.append("inner")
+                    other = Item("crate")
+                    await uow.items.add(other)
+                    other.events.append("new inside")
+                    raise Boom("inner")
+            async with uow.savepoint():
+                item.events.append("released")
+            await uow.commit()
+        assert ["outer", "released"] == list(uow.collect_new_events())
+
     async def test_released_savepoint_does_not_commit_the_outer_block(self, shop: Shop) -> None:
         """A savepoint opened before any write, then released, still leaves the decision to the owner."""
         await seed(shop, "old")
@@ -522,6 +554,18 @@ class TransactionContract:
                         await uow.skus.count()
                 await uow.commit()
         assert isinstance(raised.value.__cause__, errors.ReadOnlyError)
+        assert [] == codes(shop)
+
+    async def test_write_left_pending_in_a_read_only_scope_is_refused_when_it_ends(self, shop: Shop) -> None:
+        """A new object added in a read-only scope without a query is refused at the scope's end, not committed."""
+        uow = shop.uow()
+        with pytest.raises(errors.RollbackOnlyError):
+            async with uow:
+                await uow.skus.add(Sku("before"))
+                with pytest.raises(errors.ReadOnlyError):
+                    async with uow.transaction(read_only=True):
+                        await uow.skus.add(Sku("refused"))
+                await uow.commit()
         assert [] == codes(shop)
 
     async def test_read_write_scope_cannot_join_a_read_only_one(self, shop: Shop) -> None:
