@@ -100,6 +100,28 @@ def _options(session: Session, tx: _Transaction) -> tuple[dict[str, Any], str | 
     return options, statement
 
 
+def _held_connections(session: Session) -> list[Connection]:
+    """The connections *session*'s transaction holds, taken before closing it.
+
+    When the rollback inside ``Session.close()`` fails, the session has
+    already let go of its connections, and they stay checked out; uow
+    invalidates them instead. SQLAlchemy keeps them in a private attribute,
+    so this is best effort: if it is missing, nothing is taken.
+    """
+    transaction = session.get_transaction()
+    held = getattr(transaction, "_connections", None) if transaction is not None else None
+    if not isinstance(held, dict):
+        return []
+    return [entry[0] for entry in held.values() if isinstance(entry[0], Connection)]
+
+
+def _invalidate(connections: list[Connection]) -> None:
+    """Invalidate connections whose rollback failed, so that the pool never hands them out again."""
+    for connection in connections:
+        if not connection.closed and not connection.invalidated:
+            connection.invalidate()
+
+
 def _single_bind(session: Session) -> Engine | Connection | None:
     """The one engine or connection *session* is bound to; None for a session with several binds."""
     try:
@@ -207,14 +229,16 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
 
     def _close(self, session: Session, *, invalidate: bool) -> None:
         try:
-            if not invalidate:
-                try:
-                    session.close()
-                except BaseException:
-                    session.invalidate()
-                    raise
+            if invalidate:
+                session.invalidate()
                 return
-            session.invalidate()
+            held = _held_connections(session)
+            try:
+                session.close()
+            except BaseException:
+                _invalidate(held)
+                session.invalidate()
+                raise
         finally:
             _unguard_session(session)
 
@@ -316,14 +340,16 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
 
     async def _close(self, session: AsyncSession, *, invalidate: bool) -> None:
         try:
-            if not invalidate:
-                try:
-                    await session.close()
-                except BaseException:
-                    await session.invalidate()
-                    raise
+            if invalidate:
+                await session.invalidate()
                 return
-            await session.invalidate()
+            held = _held_connections(session.sync_session)
+            try:
+                await session.close()
+            except BaseException:
+                await session.run_sync(lambda _: _invalidate(held))
+                await session.invalidate()
+                raise
         finally:
             _unguard_session(session.sync_session)
 
