@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import re
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -244,6 +246,33 @@ def test_decorated_call_in_a_block_keeps_the_transaction_and_its_lock(engine: En
 
         unit.commit()
         lock_from_outside(engine, "locked")
+    assert ["inner", "outer"] == item_names(engine)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("pass_uow", [False, True], ids=["joined", "passed"])
+def test_decorated_call_in_a_block_keeps_the_sqlite_write_lock(engine: Engine, pass_uow: bool) -> None:
+    """On SQLite, a @transactional call inside `with uow:` neither commits nor releases the write lock."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+
+    @transactional
+    def touch(name: str, uow: ShopUnitOfWork = NEW_UOW) -> object:
+        uow.items.add(Item(name))
+        uow.session.flush()
+        return uow
+
+    with unit:
+        unit.items.add(Item("outer"))
+        unit.session.flush()  # the block now holds SQLite's write lock
+        assert unit is (touch("inner", uow=unit) if pass_uow else touch("inner"))
+        assert (True, 0) == (unit.active, unit.commits)
+        assert [] == item_names(engine)
+        with (
+            contextlib.closing(sqlite3.connect(str(engine.url.database), timeout=0)) as outside,
+            pytest.raises(sqlite3.OperationalError, match="database is locked"),
+        ):
+            outside.execute("INSERT INTO uow_items (name, qty) VALUES ('outside', 0)")
+        unit.commit()
     assert ["inner", "outer"] == item_names(engine)
 
 
