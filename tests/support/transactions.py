@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from uow import errors
 
 from .harness import Shop
-from .models import Item, Sku
+from .models import Item, Line, Order, Sku
 
 
 class Boom(Exception):
@@ -203,6 +203,32 @@ class TransactionContract:
             await uow.commit()
         assert ["outer", "released"] == list(uow.collect_new_events())
 
+    async def test_rolled_back_savepoint_restores_loaded_objects(self, shop: Shop) -> None:
+        """Objects loaded before a savepoint get back their attributes and collections when it rolls back."""
+        uow = shop.uow()
+        async with uow:
+            await uow.orders.add(Order("o1", [Line("red", 1)]))
+            await uow.commit()
+        async with uow:
+            order = await uow.orders.get("o1")
+            sku = Sku("kept", "before")
+            await uow.skus.add(sku)
+            await uow.skus.count()
+            with pytest.raises(Boom):
+                async with uow.savepoint():
+                    order.lines.append(Line("blue", 2))
+                    sku.description = "changed"
+                    await uow.orders.count()
+                    raise Boom("inner")
+            # Read them again through the repository: an async session cannot reload expired attributes lazily.
+            assert order is await uow.orders.get("o1")
+            assert sku is await uow.skus.get("kept")
+            assert [("red", 1)] == [(line.sku, line.qty) for line in order.lines]
+            assert "before" == sku.description
+            await uow.commit()
+        assert [("red", 1)] == shop.committed(Line, "sku", "qty")
+        assert [("kept", "before")] == shop.committed(Sku, "code", "description")
+
     async def test_released_savepoint_does_not_commit_the_outer_block(self, shop: Shop) -> None:
         """A savepoint opened before any write, then released, still leaves the decision to the owner."""
         await seed(shop, "old")
@@ -291,6 +317,19 @@ class TransactionContract:
             await uow.commit()
         assert ["inner", "old", "outer"] == codes(shop)
         assert 2 == uow.commits
+
+    async def test_row_deleted_by_requires_new_stays_deleted(self, shop: Shop) -> None:
+        """A row that requires_new deletes and commits is not brought back by the outer commit."""
+        await seed(shop, "gone", "kept")
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("outer"))
+            async with uow.transaction(propagation="requires_new"):
+                gone = await uow.skus.get("gone")
+                await uow.skus.remove(gone)
+                await uow.commit()
+            await uow.commit()
+        assert ["kept", "outer"] == codes(shop)
 
     async def test_requires_new_without_commit_rolls_back(self, shop: Shop) -> None:
         """A requires_new scope that ends without commit() rolls back its own work only."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from unittest.mock import Mock
 
 import pytest
@@ -233,3 +235,81 @@ def test_repr_shows_state(session: Mock) -> None:
     assert "<SqlAlchemyShopUnitOfWork idle, commits=0, rollbacks=0>" == repr(uow)
     with uow:
         assert repr(uow).startswith("<SqlAlchemyShopUnitOfWork active")
+
+
+def test_failed_rollback_to_a_savepoint_leaves_only_a_rollback(session: Mock) -> None:
+    """If rolling back to a savepoint fails, the error inside propagates and the owner can only roll back."""
+    session.begin_nested.return_value.rollback.side_effect = ConnectionError("server gone")
+    uow = SqlAlchemyShopUnitOfWork(lambda: session)
+    invalidate = session.invalidate
+    with pytest.raises(errors.RollbackOnlyError), uow:
+        with pytest.raises(Boom), uow.savepoint():
+            raise Boom
+        uow.commit()
+    invalidate.assert_called_once_with()
+    assert not uow.active
+
+
+def test_failed_rollback_to_a_savepoint_on_a_clean_exit_raises_it(session: Mock) -> None:
+    """A savepoint that must roll back (set_rollback_only) and cannot raises that failure from its exit."""
+    session.begin_nested.return_value.rollback.side_effect = ConnectionError("server gone")
+    uow = SqlAlchemyShopUnitOfWork(lambda: session)
+    with pytest.raises(ConnectionError), uow, uow.savepoint():
+        uow.set_rollback_only()
+    assert not uow.active
+
+
+def test_on_commit_takes_a_plain_callable(session: Mock) -> None:
+    """on_commit() refuses something that is not callable, and a coroutine function on a sync unit of work."""
+
+    async def later() -> None:
+        pass  # pragma: no cover
+
+    uow = SqlAlchemyShopUnitOfWork(lambda: session)
+    with uow:
+        with pytest.raises(errors.ConfigurationError, match="callable"):
+            uow.on_commit("send mail")  # type: ignore[arg-type]
+        with pytest.raises(errors.ConfigurationError, match="coroutine function"):
+            uow.on_commit(later)
+
+
+async def test_async_hooks_may_be_coroutines(async_session: Mock) -> None:
+    """An async unit of work awaits what its hooks return, in registration order."""
+    ran: list[str] = []
+
+    async def first() -> None:
+        ran.append("first")
+
+    uow = AsyncSqlAlchemyShopUnitOfWork(lambda: async_session)
+    async with uow:
+        uow.on_commit(first)
+        uow.on_commit(lambda: ran.append("second"))
+        await uow.commit()
+    assert ["first", "second"] == ran
+
+
+def test_rollback_from_another_thread_raises(session: Mock) -> None:
+    """rollback() from a thread that did not enter the unit of work raises OwnershipError."""
+    uow = SqlAlchemyShopUnitOfWork(lambda: session)
+    raised: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            uow.rollback()
+        except errors.OwnershipError as error:
+            raised.append(error)
+
+    with uow:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert 1 == len(raised)
+    assert "thread" in str(raised[0])
+
+
+async def test_async_rollback_from_another_task_raises(async_session: Mock) -> None:
+    """An async rollback() from a task that did not enter the unit of work raises OwnershipError."""
+    uow = AsyncSqlAlchemyShopUnitOfWork(lambda: async_session)
+    async with uow:
+        with pytest.raises(errors.OwnershipError, match="task"):
+            await asyncio.create_task(uow.rollback())
