@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from threading import get_ident
 from typing import Any, ParamSpec, TypeVar, overload
 
 import attrs
@@ -23,6 +24,7 @@ from ._unit_of_work import (
     _BlockBase,
     _check_options,
     _current,
+    _current_task,
     _UnitOfWorkCore,
 )
 from .errors import ConfigurationError, InactiveUnitOfWorkError, is_retryable
@@ -224,26 +226,9 @@ class Transactional:
         """The unit of work of a call, and the call's positional arguments with it in place."""
         positional = index is not None and len(args) > index
         given = args[index] if index is not None and positional else kwargs.get("uow")
-        if given is None or given is NEW_UOW:
-            # The common case, kept short: join the unit of work active here.
-            active = _current.get()
-            if (
-                active is not None
-                and not active._alarm
-                and active._owner == active._here()
-                and isinstance(active, kind)
-                and not (self.propagation == "requires_new" and self.factory is not None)
-            ):
-                unit = active
-            else:
-                unit = self._resolve(None, kind, name)
-        else:
-            unit = self._resolve(given, kind, name)
-        if unit is given:
-            return unit, args
-        if index is not None and positional:
-            return unit, (*args[:index], unit, *args[index + 1 :])
-        kwargs["uow"] = unit
+        unit = self._resolve(given, kind, name)
+        if unit is not given:
+            args, _ = _placed(args, kwargs, index, positional, unit)
         return unit, args
 
     def _resolve(self, given: Any, kind: type[Any], name: str) -> Any:
@@ -276,6 +261,17 @@ class Transactional:
         return unit
 
 
+def _placed(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None, positional: bool, unit: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments with *unit* in the ``uow`` parameter's place."""
+    if positional:
+        assert index is not None
+        return (*args[:index], unit, *args[index + 1 :]), kwargs
+    kwargs["uow"] = unit
+    return args, kwargs
+
+
 def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int | None, name: str) -> Any:
     propagation, read_only, isolation_level, retry = (
         options.propagation,
@@ -288,15 +284,26 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if plain:
+            # The common case, kept to a few attribute reads: join a healthy unit
+            # of work that this thread entered. Anything else takes the full path.
+            positional = index is not None and len(args) > index
+            given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
+            unit = _current.get() if given is None or given is NEW_UOW else given
+            if isinstance(unit, _UnitOfWorkCore) and unit._sync and not unit._alarm and unit._owner == get_ident():
+                if unit is not given:
+                    args, kwargs = _placed(args, kwargs, index, positional, unit)
+                scopes = unit._scopes
+                top = scopes[-1]
+                scopes.append(top.tx.joined(top.read_only))
+                try:
+                    result = func(*args, **kwargs)
+                except BaseException as error:
+                    unit._leave_joined(error)
+                    raise
+                scopes.pop()
+                return result
         unit, args = options._bind(args, kwargs, index, UnitOfWork, name)
-        if plain and unit._try_join():
-            try:
-                result = func(*args, **kwargs)
-            except BaseException as error:
-                unit._leave_joined(error)
-                raise
-            unit._leave_joined(None)
-            return result
         attempt = 0
         while True:
             block = Block(unit, propagation, read_only, isolation_level, commit_on_exit=True)
@@ -323,15 +330,30 @@ def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], 
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if plain:
+            # As in the sync wrapper: join a healthy unit of work that this task entered.
+            positional = index is not None and len(args) > index
+            given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
+            unit = _current.get() if given is None or given is NEW_UOW else given
+            if (
+                isinstance(unit, _UnitOfWorkCore)
+                and unit._sync is False
+                and not unit._alarm
+                and unit._owner == _current_task()
+            ):
+                if unit is not given:
+                    args, kwargs = _placed(args, kwargs, index, positional, unit)
+                scopes = unit._scopes
+                top = scopes[-1]
+                scopes.append(top.tx.joined(top.read_only))
+                try:
+                    result = await func(*args, **kwargs)
+                except BaseException as error:
+                    unit._leave_joined(error)
+                    raise
+                scopes.pop()
+                return result
         unit, args = options._bind(args, kwargs, index, AsyncUnitOfWork, name)
-        if plain and unit._try_join():
-            try:
-                result = await func(*args, **kwargs)
-            except BaseException as error:
-                unit._leave_joined(error)
-                raise
-            unit._leave_joined(None)
-            return result
         attempt = 0
         while True:
             block = AsyncBlock(unit, propagation, read_only, isolation_level, commit_on_exit=True)

@@ -146,6 +146,8 @@ class _UnitOfWorkCore:
     _slots: ClassVar[dict[str, _Slot]] = {}
     #: The class that implements each declared repository, on concrete classes.
     _implementations: ClassVar[dict[str, type[Any]]] = {}
+    #: True on sync, False on async units of work.
+    _sync: ClassVar[bool | None] = None
     #: Set by an implementation: repository classes it can build, and its generic one.
     _repository_base: ClassVar[type[Any] | None] = None
     _generic_repository: ClassVar[type[Any] | None] = None
@@ -338,19 +340,8 @@ class _UnitOfWorkCore:
             boundary.poison = error
         self._alarm = True
 
-    def _try_join(self) -> bool:
-        """Enter a plain joined scope, if this unit of work is active here and healthy; no I/O.
-
-        The decorator's fast path: the same rules as ``with uow:`` on an
-        active unit of work, without building a scope.
-        """
-        if self._alarm or self._owner != self._here():
-            return False
-        top = self._scopes[-1]
-        self._scopes.append(top.tx.joined(top.read_only))
-        return True
-
     def _leave_joined(self, error: BaseException | None) -> None:
+        """Leave a plain joined scope that the decorator entered; an error makes the transaction rollback-only."""
         self._scopes.pop()
         if error is not None:
             self._poison(error)
@@ -807,6 +798,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     """
 
     _interface = Repository
+    _sync = True
     _here = staticmethod(threading.get_ident)
 
     @abc.abstractmethod
@@ -1037,6 +1029,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     """The async twin of :class:`UnitOfWork`, used with ``async with uow:``."""
 
     _interface = AsyncRepository
+    _sync = False
     _here = staticmethod(_current_task)
 
     @abc.abstractmethod
