@@ -23,12 +23,21 @@ class _FakeCore(_UnitOfWorkCore):
         repo: _RepositoryBase[Any] = repository_class(session, model)
         return repo
 
+    def _prepare(self, tx: _Transaction) -> None:
+        """The fake has no isolation levels, and read-only mode is enforced at flush."""
+
     def _guard_writes(self, tx: _Transaction) -> None:
         store: InMemorySession = tx.session
         store.check_write = self._check_write
 
-    def _check_separate_connection(self, session: InMemorySession) -> None:
-        """Every transaction of the fake has a session of its own."""
+    def _has_changes(self, session: InMemorySession) -> bool:
+        return session.has_changes()
+
+    def _read_only_scope(self, session: InMemorySession, *, starts: bool) -> None:
+        session.watch_changes(starts=starts)
+
+    def _adopt(self, session: InMemorySession, outer: object) -> None:
+        """Every transaction of the fake has a session of its own: nothing to check."""
 
     def _open_store(self) -> InMemorySession:
         return InMemorySession(self.database)
@@ -54,9 +63,6 @@ class FakeUnitOfWork(_FakeCore, UnitOfWork):
 
     def _open(self) -> InMemorySession:
         return self._open_store()
-
-    def _prepare(self, tx: _Transaction) -> None:
-        """The fake has no isolation levels, and read-only mode is enforced at flush."""
 
     def _flush(self, session: InMemorySession) -> None:
         session.flush()
@@ -85,9 +91,6 @@ class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
 
     async def _open(self) -> InMemorySession:
         return self._open_store()
-
-    async def _prepare(self, tx: _Transaction) -> None:
-        """The fake has no isolation levels, and read-only mode is enforced at flush."""
 
     async def _flush(self, session: InMemorySession) -> None:
         session.flush()

@@ -98,6 +98,8 @@ class InMemorySession:
         self._base_version = 0
         #: Called before a flush that writes, with what is pending; raises if writes are forbidden.
         self.check_write: Callable[[str], None] | None = None
+        # While a read-only scope runs inside a read-write one: the state of every object when it began.
+        self._watched: dict[int, tuple[Any, dict[str, Any]]] | None = None
 
     # -- transaction ---------------------------------------------------------
 
@@ -165,6 +167,39 @@ class InMemorySession:
         self._failed = None
         self._identity -= self._inserted
         self._inserted.clear()
+
+    def watch_changes(self, *, starts: bool) -> None:
+        """Start or stop noticing attributes changed on loaded objects, for a read-only scope."""
+        if not starts:
+            self._watched = None
+            return
+        tables = self._working
+        self._watched = {id(obj): (obj, _object_state(obj)) for table in tables.values() for obj in table.values()}
+
+    def _changed_since_watch(self) -> int:
+        if self._watched is None:
+            return 0
+        return sum(1 for obj, state in self._watched.values() if _object_state(obj) != state)
+
+    def has_changes(self) -> bool:
+        """Whether this session holds work not yet committed, changed attributes of loaded objects included."""
+        if self._pending or self._deleted:
+            return True
+        if self._tables is None:
+            return False
+        tables = self._tables
+        if self._cascade(tables):
+            return True
+        for table, rows in tables.items():
+            stored = self._database.tables.get(table, {})
+            if rows.keys() != stored.keys():
+                return True
+            fields = model_info(table).fields
+            for key, obj in rows.items():
+                other = stored[key]
+                if any(getattr(obj, name, None) != getattr(other, name, None) for name in fields):
+                    return True
+        return False
 
     def begin_nested(self) -> _Savepoint:
         """Flush, then remember this session's state, as SAVEPOINT does."""
@@ -235,6 +270,9 @@ class InMemorySession:
     def flush(self) -> None:
         tables = self._working
         inserts = self._cascade(tables)
+        changed = self._changed_since_watch()
+        if changed and self.check_write is not None:
+            self.check_write(f"{len(inserts)} new, {changed} changed and {len(self._deleted)} deleted objects")
         if not inserts and not self._deleted:
             return
         if self.check_write is not None:

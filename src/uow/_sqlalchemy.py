@@ -51,12 +51,18 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
             return _method(*args, **kwargs)
 
         setattr(session, name, guarded)
+    session.info[_HELD] = True
 
 
 def _unguard_session(session: Session) -> None:
     """Give the session its own methods back, once the unit of work is done with it."""
     for name in _GUARDED:
         session.__dict__.pop(name, None)
+    session.info.pop(_HELD, None)
+
+
+#: The key in ``Session.info`` that marks a session a unit of work holds.
+_HELD = "uow.held"
 
 
 _GUARDED = ("commit", "rollback", "close")
@@ -82,22 +88,43 @@ def _guard_writes(session: Session, unit: _UnitOfWorkCore) -> None:
     event.listen(session, "do_orm_execute", do_orm_execute)
 
 
-def _options(session: Session, tx: _Transaction) -> tuple[dict[str, Any], str | None]:
-    """The execution options and the statement that start *tx* as asked, on this session's database."""
+def _prepare(session: Session, tx: _Transaction) -> None:
+    """Make every connection *session* takes for *tx* use its isolation level and read-only mode.
+
+    The options go on the session's engine (``Engine.execution_options()``
+    makes a copy that shares the pool), so they apply to the first
+    connection and to those taken after each commit, without taking one now.
+    A session bound to a connection, as in a test that joins an external
+    transaction, keeps that connection's settings.
+    """
     if tx.isolation_level is None and not tx.read_only:
-        return {}, None
+        return
+    bind = session.bind
+    if isinstance(bind, Connection):
+        return
+    if not isinstance(bind, Engine):
+        if tx.isolation_level is None:
+            return  # read-only stays enforced by the flush guard
+        msg = (
+            "isolation_level= needs a session bound to one engine (sessionmaker(engine)); this session "
+            "has several binds or none"
+        )
+        raise ConfigurationError(msg)
     options: dict[str, Any] = {}
     if tx.isolation_level is not None:
         options["isolation_level"] = tx.isolation_level
-    statement = None
-    bind = _single_bind(session)
-    if tx.read_only and bind is not None:
-        dialect = bind.dialect.name
-        if dialect == "postgresql":
+    if tx.read_only:
+        if bind.dialect.name == "postgresql":
             options["postgresql_readonly"] = True
-        elif dialect in ("mysql", "mariadb"):
-            statement = "SET TRANSACTION READ ONLY"
-    return options, statement
+        elif bind.dialect.name in ("mysql", "mariadb"):
+            event.listen(session, "after_begin", _start_read_only)
+    if options:
+        session.bind = bind.execution_options(**options)
+
+
+def _start_read_only(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    """MySQL and MariaDB: make the transaction that this connection starts next READ ONLY."""
+    connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
 def _held_connections(session: Session) -> list[Connection]:
@@ -130,19 +157,36 @@ def _single_bind(session: Session) -> Engine | Connection | None:
         return None
 
 
-def _check_separate_connection(session: Session) -> None:
-    """Refuse requires_new where the pool would hand the new session the outer one's connection.
+def _check_fresh(session: Session, outer: object) -> None:
+    """Refuse a new session that would share work with another one, before anything uses it.
 
-    ``SingletonThreadPool`` (SQLite in memory) and ``StaticPool`` give a
-    thread the same connection every time: the inner commit would commit the
-    outer block's work too.
+    *outer* is the session of the unit of work already active in this thread
+    or task, if any. A factory that hands out a session already in use (a
+    ``scoped_session``) would make uow commit or close someone else's work,
+    and a pool that gives a thread one connection (``SingletonThreadPool``
+    for SQLite in memory, ``StaticPool``) would make a nested transaction's
+    commit commit the outer one.
     """
-    bind = _single_bind(session)
-    if isinstance(bind, Engine) and isinstance(bind.pool, (SingletonThreadPool, StaticPool)):
+    outer_sync = outer.sync_session if isinstance(outer, AsyncSession) else outer
+    if session is outer_sync or _HELD in session.info or session.in_transaction():
         msg = (
-            f"propagation='requires_new' needs a second connection, but this engine's {type(bind.pool).__name__} "
-            "gives every session of a thread the same one, so the inner commit would commit the outer "
-            "work too. Use a file database or a server, or another propagation"
+            "the session factory returned a session that is already in use (a scoped_session?): uow must "
+            "not commit or close a session it does not own. Give the unit of work a sessionmaker or an engine"
+        )
+        raise ConfigurationError(msg)
+    if not isinstance(outer_sync, Session):
+        return
+    bind, outer_bind = _single_bind(session), _single_bind(outer_sync)
+    if (
+        isinstance(bind, Engine)
+        and isinstance(outer_bind, Engine)
+        and bind.pool is outer_bind.pool
+        and isinstance(bind.pool, (SingletonThreadPool, StaticPool))
+    ):
+        msg = (
+            f"a transaction inside another one needs a second connection, but this engine's "
+            f"{type(bind.pool).__name__} gives every session of a thread the same one, so the inner commit "
+            "would commit the outer work too. Use a file database or a server, or join the outer transaction"
         )
         raise ConfigurationError(msg)
 
@@ -201,15 +245,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         if not isinstance(session, Session):
             msg = f"the session factory of {type(self).__name__} returned {session!r}, not a sqlalchemy.orm.Session"
             raise ConfigurationError(msg)
-        _guard_session(session, self, session)
         return session
 
     def _prepare(self, tx: _Transaction) -> None:
-        options, statement = _options(tx.session, tx)
-        if options or statement:
-            connection = tx.session.connection(execution_options=options)
-            if statement:
-                connection.exec_driver_sql(statement)
+        _prepare(tx.session, tx)
 
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session, self)
@@ -260,8 +299,15 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         else:
             handle.rollback()
 
-    def _check_separate_connection(self, session: Session) -> None:
-        _check_separate_connection(session)
+    def _has_changes(self, session: Session) -> bool:
+        return bool(session.new or session.dirty or session.deleted)
+
+    def _read_only_scope(self, session: Session, *, starts: bool) -> None:
+        """The flush guard sees changed attributes by itself."""
+
+    def _adopt(self, session: Session, outer: object) -> None:
+        _check_fresh(session, outer)
+        _guard_session(session, self, session)
 
 
 class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
@@ -312,15 +358,10 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
                 "not a sqlalchemy.ext.asyncio.AsyncSession"
             )
             raise ConfigurationError(msg)
-        _guard_session(session.sync_session, self, session)
         return session
 
-    async def _prepare(self, tx: _Transaction) -> None:
-        options, statement = _options(tx.session.sync_session, tx)
-        if options or statement:
-            connection = await tx.session.connection(execution_options=options)
-            if statement:
-                await connection.exec_driver_sql(statement)
+    def _prepare(self, tx: _Transaction) -> None:
+        _prepare(tx.session.sync_session, tx)
 
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session.sync_session, self)
@@ -372,5 +413,12 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         else:
             await handle.rollback()
 
-    def _check_separate_connection(self, session: AsyncSession) -> None:
-        _check_separate_connection(session.sync_session)
+    def _has_changes(self, session: AsyncSession) -> bool:
+        return bool(session.new or session.dirty or session.deleted)
+
+    def _read_only_scope(self, session: AsyncSession, *, starts: bool) -> None:
+        """The flush guard sees changed attributes by itself."""
+
+    def _adopt(self, session: AsyncSession, outer: object) -> None:
+        _check_fresh(session.sync_session, outer)
+        _guard_session(session.sync_session, self, session)

@@ -9,7 +9,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from threading import get_ident
 from typing import Any, ParamSpec, TypeVar, overload
 
 import attrs
@@ -25,6 +24,7 @@ from ._unit_of_work import (
     _check_options,
     _current,
     _current_task,
+    _thread_and_task,
     _UnitOfWorkCore,
 )
 from .errors import ConfigurationError, InactiveUnitOfWorkError, is_retryable
@@ -92,13 +92,22 @@ class Retry:
         cap = min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 1, 64))
         return random.uniform(cap / 2, cap)
 
-    def _next(self, error: Exception, attempt: int, unit: _UnitOfWorkCore, block: _BlockBase, name: str) -> float:
+    def _next(
+        self, error: Exception, attempt: int, unit: _UnitOfWorkCore, block: _BlockBase, name: str, commits: int
+    ) -> float:
         """The pause before retry number *attempt* after *error*; re-raises *error* if it is not retried.
 
-        Only the owner of the transaction retries, a commit that may have
-        reached the database is never retried, and *retry_if* has the last word.
+        Only the owner of the transaction retries; an attempt that committed
+        (*commits* was the count before it), or whose commit may have reached
+        the database, is never run again; and *retry_if* has the last word.
         """
-        if not block.owner or attempt > self.retries or unit._commit_outcome_unknown or not self.retry_if(error):
+        if (
+            not block.owner
+            or attempt > self.retries
+            or unit.commits != commits
+            or unit._commit_outcome_unknown
+            or not self.retry_if(error)
+        ):
             raise error
         delay = self.delay(attempt)
         log.warning(
@@ -290,7 +299,12 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
             positional = index is not None and len(args) > index
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
             unit = _current.get() if given is None or given is NEW_UOW else given
-            if isinstance(unit, _UnitOfWorkCore) and unit._sync and not unit._alarm and unit._owner == get_ident():
+            if (
+                isinstance(unit, _UnitOfWorkCore)
+                and unit._sync
+                and not unit._alarm
+                and unit._owner == _thread_and_task()
+            ):
                 if unit is not given:
                     args, kwargs = _placed(args, kwargs, index, positional, unit)
                 scopes = unit._scopes
@@ -306,13 +320,14 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
         unit, args = options._bind(args, kwargs, index, UnitOfWork, name)
         attempt = 0
         while True:
+            commits = unit.commits
             block = Block(unit, propagation, read_only, isolation_level, commit_on_exit=True)
             try:
                 with block:
                     return func(*args, **kwargs)
             except Exception as error:
                 attempt += 1
-                delay = retry._next(error, attempt, unit, block, name)
+                delay = retry._next(error, attempt, unit, block, name, commits)
             sleep(delay)
 
     return wrapper
@@ -356,13 +371,14 @@ def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], 
         unit, args = options._bind(args, kwargs, index, AsyncUnitOfWork, name)
         attempt = 0
         while True:
+            commits = unit.commits
             block = AsyncBlock(unit, propagation, read_only, isolation_level, commit_on_exit=True)
             try:
                 async with block:
                     return await func(*args, **kwargs)
             except Exception as error:
                 attempt += 1
-                delay = retry._next(error, attempt, unit, block, name)
+                delay = retry._next(error, attempt, unit, block, name, commits)
             paused = sleep(delay)
             if inspect.isawaitable(paused):
                 await paused

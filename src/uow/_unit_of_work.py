@@ -218,8 +218,23 @@ class _UnitOfWorkCore:
         """Build a repository bound to *session*."""
 
     @abc.abstractmethod
-    def _check_separate_connection(self, session: Any) -> None:
-        """Raise ConfigurationError if a new transaction would share *session*'s connection."""
+    def _adopt(self, session: Any, outer: object) -> None:
+        """Take charge of a new *session*; raise ConfigurationError if it would share work with *outer*.
+
+        *outer* is the session of the unit of work active in this thread or task, if any.
+        """
+
+    @abc.abstractmethod
+    def _has_changes(self, session: Any) -> bool:
+        """Whether *session* holds changes not yet committed, such as an attribute set on a loaded object."""
+
+    @abc.abstractmethod
+    def _read_only_scope(self, session: Any, *, starts: bool) -> None:
+        """A read-only scope inside a read-write one starts or ends: writes made inside it must be found."""
+
+    @abc.abstractmethod
+    def _prepare(self, tx: _Transaction) -> None:
+        """Make the transaction's connections use its isolation level and read-only mode; no I/O."""
 
     @abc.abstractmethod
     def _guard_writes(self, tx: _Transaction) -> None:
@@ -258,8 +273,6 @@ class _UnitOfWorkCore:
             msg = f"propagation='never' found {type(self).__name__} active: call this code outside any block"
             raise ActiveUnitOfWorkError(msg)
         if propagation == "requires_new":
-            assert self._tx is not None
-            self._check_separate_connection(self._tx.session)
             return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
         top = self._scopes[-1]
         tx = top.tx
@@ -404,14 +417,14 @@ class _UnitOfWorkCore:
             "Drop read_only=True, or do not change objects in this scope"
         )
         error = ReadOnlyError(msg)
-        if not self._scopes[-1].tx.read_only:
+        tx = self._scopes[-1].tx
+        tx.refused = True
+        if not tx.read_only:
             self._poison(error)
         raise error
 
     def _narrows_to_read_only(self, scope: _Scope) -> bool:
         """Whether *scope*, the innermost, is read-only inside a read-write scope."""
-        if self._alarm:  # already rollback-only: nothing of it can be committed
-            return False
         return scope.read_only and len(self._scopes) > 1 and not self._scopes[-2].read_only
 
     def _writes_forbidden(self) -> bool:
@@ -437,7 +450,8 @@ class _UnitOfWorkCore:
     def _committed(self, tx: _Transaction) -> None:
         tx.used = False
         self.commits += 1
-        self.committed = True
+        if self._scopes[0].tx is tx:  # not a requires_new transaction inside the block
+            self.committed = True
         for repo in tx.repositories.values():
             for obj in repo._seen.values():
                 events = getattr(obj, "events", None)
@@ -449,7 +463,8 @@ class _UnitOfWorkCore:
         tx.used = False
         tx.hooks.clear()
         self.rollbacks += 1
-        self.rolled_back = True
+        if self._scopes[0].tx is tx:
+            self.rolled_back = True
         for repo in tx.repositories.values():
             for obj in repo._seen.values():
                 events = getattr(obj, "events", None)
@@ -462,9 +477,10 @@ class _UnitOfWorkCore:
         if exc is None and scope.poison is not None:
             return "poisoned"
         wants_commit = scope.commit_on_exit or self.autocommit
-        if exc is None and wants_commit and not scope.rollback_only and not tx.read_only and tx.used:
+        pending = tx.used or self._has_changes(tx.session)
+        if exc is None and wants_commit and not scope.rollback_only and not tx.read_only and pending:
             return "commit"
-        return "rollback" if tx.used else "nothing"
+        return "rollback" if pending else "nothing"
 
     def _savepoint_ended(
         self, scope: _Scope, exc: BaseException | None, release: bool, error: BaseException | None
@@ -557,6 +573,8 @@ def _drop_events_since(tx: _Transaction, marks: dict[int, int]) -> None:
 
 
 def _describe(owner: object) -> str:
+    if isinstance(owner, tuple):
+        return f"{_describe(owner[1])} of thread {owner[0]}"
     if isinstance(owner, int):
         return f"thread {owner}"
     if isinstance(owner, asyncio.Task):
@@ -566,6 +584,13 @@ def _describe(owner: object) -> str:
 
 def _current_task() -> object:
     return asyncio.current_task() if asyncio._get_running_loop() is not None else None
+
+
+def _thread_and_task() -> object:
+    """Where sync code runs: its thread, and its asyncio task if it runs in one."""
+    if asyncio._get_running_loop() is None:
+        return threading.get_ident()
+    return (threading.get_ident(), asyncio.current_task())
 
 
 _Hook = tuple[Callable[[], object], bool]
@@ -581,6 +606,7 @@ class _Transaction:
         "hooks",
         "isolation_level",
         "read_only",
+        "refused",
         "repositories",
         "session",
         "used",
@@ -596,8 +622,9 @@ class _Transaction:
         self.used = False
         #: Whether a rollback failed, so the connection must be invalidated.
         self.broken = False
-        #: Whether the write guard of a read-only scope is installed.
+        #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
         self.guarded = False
+        self.refused = False
         self._joined: dict[bool, _Scope] = {}
 
     def joined(self, read_only: bool) -> _Scope:
@@ -669,6 +696,12 @@ def _check_options(propagation: str, isolation_level: str | None) -> None:
 U = TypeVar("U", bound="UnitOfWork")
 AU = TypeVar("AU", bound="AsyncUnitOfWork")
 Any_U = TypeVar("Any_U", bound=_UnitOfWorkCore)
+
+
+def _outer_session() -> object:
+    """The session of the transaction active in this thread or task, if any."""
+    unit = _active_here()
+    return unit._tx.session if unit is not None and unit._tx is not None else None
 
 
 def _active_here() -> _UnitOfWorkCore | None:
@@ -799,15 +832,11 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     _interface = Repository
     _sync = True
-    _here = staticmethod(threading.get_ident)
+    _here = staticmethod(_thread_and_task)
 
     @abc.abstractmethod
     def _open(self) -> Any:
         """Create and return the session of a new transaction."""
-
-    @abc.abstractmethod
-    def _prepare(self, tx: _Transaction) -> None:
-        """Apply the transaction's isolation level and read-only mode before its first statement."""
 
     @abc.abstractmethod
     def _flush(self, session: Any) -> None:
@@ -875,28 +904,37 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     def _enter_scope(self, scope: _Scope) -> None:
         if scope.kind == OWNER:
             session = self._open()
+            self._adopt(session, _outer_session())
             scope.tx.session = session
             try:
                 self._prepare(scope.tx)
             except BaseException:
-                self._close(session, invalidate=False)
+                try:
+                    self._close(session, invalidate=False)
+                except Exception:
+                    log.exception("uow: closing the session after a failed start failed")
                 raise
         elif scope.kind == SAVEPOINT:
             scope.handle = self._begin_savepoint(scope.tx.session)
         elif scope.read_only and not self._scopes[-1].read_only:
             self._flush(scope.tx.session)  # the writes pending so far are the outer scope's
+            self._read_only_scope(scope.tx.session, starts=True)
         self._push(scope)
 
     def _exit_scope(self, exc: BaseException | None) -> None:
         scope = self._scopes[-1]
         if scope.kind == JOINED:
-            if exc is None and self._narrows_to_read_only(scope):
-                try:
+            narrows = self._narrows_to_read_only(scope)
+            try:
+                if exc is None and narrows and not self._alarm:
                     self._flush(scope.tx.session)  # a write left pending here is refused now, not at the commit
-                except BaseException as error:
-                    self._pop()
-                    self._poison(error)
-                    raise
+            except BaseException as error:
+                self._pop()
+                self._poison(error)
+                raise
+            finally:
+                if narrows:
+                    self._read_only_scope(scope.tx.session, starts=False)
             self._pop()
             if exc is not None:
                 self._poison(exc)
@@ -904,8 +942,10 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.kind == SAVEPOINT:
             self._exit_savepoint(scope, exc)
             return
-        plan = self._owner_exit_plan(scope, exc)
         try:
+            if exc is None and scope.tx.read_only and not scope.tx.refused and scope.poison is None:
+                self._flush(scope.tx.session)  # a write left pending is refused, not silently dropped
+            plan = self._owner_exit_plan(scope, exc)
             if plan == "commit":
                 self.commit()
             elif plan != "nothing":
@@ -951,6 +991,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         scope = self._scope_for("commit()")
         self._check_may_commit(scope)
         if scope.kind != OWNER:
+            self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
             return
         tx = scope.tx
         try:
@@ -964,7 +1005,6 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             self._discard(tx)
             raise
         self._committed(tx)
-        self._prepare(tx)
         self._run_hooks(tx)
 
     def rollback(self) -> None:
@@ -986,7 +1026,6 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         scope.rollback_only = False
         self._refresh_alarm()
         self._rolled_back(scope.tx)
-        self._prepare(scope.tx)
 
     def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
@@ -1014,15 +1053,19 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        while hooks:
-            callback, robust = hooks.pop(0)
-            try:
-                callback()
-            except Exception:
-                if not robust:
-                    hooks.clear()
-                    raise
-                log.exception("uow: on_commit hook %r failed", callback)
+        token = _current.set(None)  # hooks run after the transaction: they do not join it
+        try:
+            while hooks:
+                callback, robust = hooks.pop(0)
+                try:
+                    callback()
+                except Exception:
+                    if not robust:
+                        hooks.clear()
+                        raise
+                    log.exception("uow: on_commit hook %r failed", callback)
+        finally:
+            _current.reset(token)
 
 
 class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
@@ -1035,10 +1078,6 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     async def _open(self) -> Any:
         """Create and return the session of a new transaction."""
-
-    @abc.abstractmethod
-    async def _prepare(self, tx: _Transaction) -> None:
-        """Apply the transaction's isolation level and read-only mode before its first statement."""
 
     @abc.abstractmethod
     async def _flush(self, session: Any) -> None:
@@ -1095,28 +1134,37 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def _enter_scope(self, scope: _Scope) -> None:
         if scope.kind == OWNER:
             session = await self._open()
+            self._adopt(session, _outer_session())
             scope.tx.session = session
             try:
-                await self._prepare(scope.tx)
+                self._prepare(scope.tx)
             except BaseException:
-                await _run_to_completion(self._close(session, invalidate=False))
+                try:
+                    await _run_to_completion(self._close(session, invalidate=False))
+                except Exception:
+                    log.exception("uow: closing the session after a failed start failed")
                 raise
         elif scope.kind == SAVEPOINT:
             scope.handle = await self._begin_savepoint(scope.tx.session)
         elif scope.read_only and not self._scopes[-1].read_only:
             await self._flush(scope.tx.session)  # the writes pending so far are the outer scope's
+            self._read_only_scope(scope.tx.session, starts=True)
         self._push(scope)
 
     async def _exit_scope(self, exc: BaseException | None) -> None:
         scope = self._scopes[-1]
         if scope.kind == JOINED:
-            if exc is None and self._narrows_to_read_only(scope):
-                try:
+            narrows = self._narrows_to_read_only(scope)
+            try:
+                if exc is None and narrows and not self._alarm:
                     await self._flush(scope.tx.session)  # a write left pending here is refused now
-                except BaseException as error:
-                    self._pop()
-                    self._poison(error)
-                    raise
+            except BaseException as error:
+                self._pop()
+                self._poison(error)
+                raise
+            finally:
+                if narrows:
+                    self._read_only_scope(scope.tx.session, starts=False)
             self._pop()
             if exc is not None:
                 self._poison(exc)
@@ -1124,8 +1172,10 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.kind == SAVEPOINT:
             await self._exit_savepoint(scope, exc)
             return
-        plan = self._owner_exit_plan(scope, exc)
         try:
+            if exc is None and scope.tx.read_only and not scope.tx.refused and scope.poison is None:
+                await self._flush(scope.tx.session)  # a write left pending is refused, not silently dropped
+            plan = self._owner_exit_plan(scope, exc)
             if plan == "commit":
                 await self.commit()
             elif plan != "nothing":
@@ -1167,6 +1217,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         scope = self._scope_for("commit()")
         self._check_may_commit(scope)
         if scope.kind != OWNER:
+            await self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
             return
         tx = scope.tx
         try:
@@ -1180,7 +1231,6 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             await _run_to_completion(self._discard(tx))
             raise
         self._committed(tx)
-        await self._prepare(tx)
         await self._run_hooks(tx)
 
     async def rollback(self) -> None:
@@ -1197,7 +1247,6 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         scope.rollback_only = False
         self._refresh_alarm()
         self._rolled_back(scope.tx)
-        await self._prepare(scope.tx)
 
     async def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
@@ -1217,17 +1266,21 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        while hooks:
-            callback, robust = hooks.pop(0)
-            try:
-                result = callback()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                if not robust:
-                    hooks.clear()
-                    raise
-                log.exception("uow: on_commit hook %r failed", callback)
+        token = _current.set(None)  # hooks run after the transaction: they do not join it
+        try:
+            while hooks:
+                callback, robust = hooks.pop(0)
+                try:
+                    result = callback()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    if not robust:
+                        hooks.clear()
+                        raise
+                    log.exception("uow: on_commit hook %r failed", callback)
+        finally:
+            _current.reset(token)
 
 
 def _joined_error(what: str) -> JoinedScopeError:

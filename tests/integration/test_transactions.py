@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, insert, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import uow
 from tests.integration.conftest import rows
@@ -23,6 +24,11 @@ from tests.support.uows import (
 from uow import errors
 
 SERVERS = ("postgresql", "mariadb")
+
+
+class Boom(Exception):
+    """Raised by service code in the tests."""
+
 
 ISOLATION_QUERY = {
     "postgresql": "SHOW transaction_isolation",
@@ -123,6 +129,72 @@ def test_requires_new_refuses_a_pool_with_one_connection_per_thread() -> None:
     with memory.connect() as conn:
         assert [] == list(conn.execute(text("SELECT code FROM uow_skus")))
     memory.dispose()
+
+
+def test_session_already_in_use_is_refused(engine: Engine) -> None:
+    """A factory that hands out a session already in use (scoped_session) is refused before anything is lost."""
+    scoped = scoped_session(sessionmaker(engine))
+    unit = SqlAlchemyShopUnitOfWork(scoped)
+
+    @uow.transactional(factory=lambda: SqlAlchemyShopUnitOfWork(scoped), propagation="requires_new")
+    def audit(uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        uow.skus.add(Sku("audit"))  # pragma: no cover
+
+    with pytest.raises(Boom), unit:
+        unit.skus.add(Sku("outer"))
+        unit.session.flush()
+        with pytest.raises(errors.ConfigurationError, match="already in use"):
+            audit()
+        with (
+            pytest.raises(errors.ConfigurationError, match="already in use"),
+            unit.transaction(propagation="requires_new"),
+        ):
+            pass  # pragma: no cover
+        raise Boom
+    assert [] == skus(engine)
+    scoped.remove()
+
+    busy = Session(engine)
+    busy.execute(text("SELECT 1"))
+    with pytest.raises(errors.ConfigurationError, match="already in use"), SqlAlchemyShopUnitOfWork(lambda: busy):
+        pass  # pragma: no cover
+    assert busy.in_transaction()  # uow left the borrowed session alone
+    busy.close()
+
+
+def test_nested_transaction_from_a_factory_refuses_a_one_connection_pool() -> None:
+    """A decorated requires_new call on SQLite in memory raises instead of committing the caller's work."""
+    memory = create_engine("sqlite://")
+    metadata.create_all(memory)
+
+    @uow.transactional(factory=lambda: SqlAlchemyShopUnitOfWork(memory), propagation="requires_new")
+    def audit(uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        uow.skus.add(Sku("audit"))  # pragma: no cover
+
+    unit = SqlAlchemyShopUnitOfWork(memory)
+    with pytest.raises(Boom), unit:
+        unit.skus.add(Sku("outer"))
+        unit.session.flush()
+        with pytest.raises(errors.ConfigurationError, match="StaticPool|SingletonThreadPool"):
+            audit()
+        raise Boom
+    with memory.connect() as conn:
+        assert [] == list(conn.execute(text("SELECT code FROM uow_skus")))
+    memory.dispose()
+
+
+def test_commit_with_an_isolation_level_takes_no_connection_for_the_next_transaction(
+    small_engine: Engine, database: Database
+) -> None:
+    """After a commit, the block holds no connection until it runs a statement again, isolation level or not."""
+    unit = SqlAlchemyShopUnitOfWork(small_engine)
+    ran: list[int] = []
+    with unit.transaction(isolation_level=OTHER_LEVEL[database.backend]):
+        unit.skus.add(Sku("a"))
+        unit.on_commit(lambda: ran.append(small_engine.pool.checkedout()))
+        unit.commit()
+        assert 0 == small_engine.pool.checkedout()
+    assert [0] == ran
 
 
 # -- read-only ---------------------------------------------------------------------

@@ -241,6 +241,17 @@ class TransactionContract:
         assert ["old"] == codes(shop)
         assert uow.rolled_back
 
+    async def test_autocommit_commits_changes_made_after_a_commit(self, shop: Shop) -> None:
+        """With autocommit, an attribute changed after a commit in the block is committed at the exit."""
+        uow = shop.uow(autocommit=True)
+        async with uow:
+            sku = Sku("a", "first")
+            await uow.skus.add(sku)
+            await uow.commit()
+            sku.description = "second"
+        assert [("a", "second")] == shop.committed(Sku, "code", "description")
+        assert 2 == uow.commits
+
     async def test_set_rollback_only_rolls_back_quietly(self, shop: Shop) -> None:
         """set_rollback_only() makes a clean exit roll back without an error, and commit() raise."""
         uow = shop.uow(autocommit=True)
@@ -303,6 +314,17 @@ class TransactionContract:
                 raise Boom("outer")
         assert ["audit"] == codes(shop)
         assert 1 == uow.commits
+
+    async def test_requires_new_commit_does_not_mark_the_block_committed(self, shop: Shop) -> None:
+        """committed and rolled_back describe the outermost transaction, not a requires_new one inside it."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add(Sku("outer"))
+            async with uow.transaction(propagation="requires_new"):
+                await uow.skus.add(Sku("audit"))
+                await uow.commit()
+        assert (False, True, 1) == (uow.committed, uow.rolled_back, uow.commits)
+        assert ["audit"] == codes(shop)
 
     async def test_requires_new_and_outer_both_commit(self, shop: Shop) -> None:
         """Work committed by requires_new and by the outer transaction after it are both kept."""
@@ -606,6 +628,39 @@ class TransactionContract:
                         await uow.skus.add(Sku("refused"))
                 await uow.commit()
         assert [] == codes(shop)
+
+    async def test_joined_commit_in_a_read_only_transaction_refuses_the_write(self, shop: Shop) -> None:
+        """A service that adds and commits inside a read-only transaction gets ReadOnlyError, not a lost write."""
+        uow = shop.uow()
+        with pytest.raises(errors.RollbackOnlyError):  # the caller swallowed the service's error
+            async with uow.transaction(read_only=True):
+                with pytest.raises(errors.ReadOnlyError):
+                    async with uow:
+                        await uow.skus.add(Sku("refused"))
+                        await uow.commit()
+        assert [] == codes(shop)
+
+    async def test_write_left_pending_in_a_read_only_transaction_is_refused_at_its_end(self, shop: Shop) -> None:
+        """A read-only owner that ends with a new object never flushed raises ReadOnlyError instead of dropping it."""
+        uow = shop.uow()
+        with pytest.raises(errors.ReadOnlyError):
+            async with uow.transaction(read_only=True):
+                await uow.skus.add(Sku("refused"))
+        assert [] == codes(shop)
+        assert not uow.active
+
+    async def test_changed_object_in_a_joined_read_only_scope_is_refused(self, shop: Shop) -> None:
+        """Changing a loaded object in a read-only scope joined to a read-write one is refused, and never committed."""
+        await seed(shop, "a")
+        uow = shop.uow()
+        with pytest.raises(errors.RollbackOnlyError):
+            async with uow:
+                sku = await uow.skus.get("a")
+                with pytest.raises(errors.ReadOnlyError, match="1 changed"):
+                    async with uow.transaction(read_only=True):
+                        sku.description = "changed"
+                await uow.commit()
+        assert [("a", "")] == shop.committed(Sku, "code", "description")
 
     async def test_read_write_scope_cannot_join_a_read_only_one(self, shop: Shop) -> None:
         """read_only=False inside a read-only transaction raises JoinedScopeError; None inherits."""

@@ -23,7 +23,8 @@ class Boom(Exception):
 @pytest.fixture(name="session")
 def _session(mocker: MockerFixture) -> Mock:
     session: Mock = mocker.create_autospec(Session, instance=True)
-    session.in_transaction.return_value = True
+    session.in_transaction.return_value = False
+    session.info = {}
     session.new = session.deleted = session.dirty = ()
     return session
 
@@ -32,7 +33,8 @@ def _session(mocker: MockerFixture) -> Mock:
 def _async_session(mocker: MockerFixture) -> Mock:
     session: Mock = mocker.create_autospec(AsyncSession, instance=True)
     session.sync_session = mocker.create_autospec(Session, instance=True)
-    session.sync_session.in_transaction.return_value = True
+    session.sync_session.in_transaction.return_value = False
+    session.sync_session.info = {}
     session.sync_session.new = session.sync_session.deleted = session.sync_session.dirty = ()
     return session
 
@@ -49,7 +51,14 @@ def test_clean_exit_closes_the_session_without_committing(session: Mock) -> None
 
 def test_each_block_gets_a_fresh_session(mocker: MockerFixture) -> None:
     """The factory is called once per block."""
-    factory = mocker.Mock(side_effect=lambda: mocker.create_autospec(Session, instance=True))
+
+    def new_session() -> Mock:
+        session: Mock = mocker.create_autospec(Session, instance=True)
+        session.in_transaction.return_value = False
+        session.info = {}
+        return session
+
+    factory = mocker.Mock(side_effect=new_session)
     uow = SqlAlchemyShopUnitOfWork(factory)
     sessions = []
     for _ in range(3):
@@ -146,9 +155,9 @@ def test_autocommit_failure_closes_and_raises(session: Mock) -> None:
     assert not uow.active
 
 
-def test_failing_factory_leaves_the_uow_inactive(mocker: MockerFixture) -> None:
+def test_failing_factory_leaves_the_uow_inactive(mocker: MockerFixture, session: Mock) -> None:
     """If the session cannot be created, the unit of work stays usable."""
-    factory = mocker.Mock(side_effect=[ConnectionError("no server"), mocker.create_autospec(Session, instance=True)])
+    factory = mocker.Mock(side_effect=[ConnectionError("no server"), session])
     uow = SqlAlchemyShopUnitOfWork(factory)
     with pytest.raises(ConnectionError), uow:
         pass  # pragma: no cover

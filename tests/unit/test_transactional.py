@@ -1478,3 +1478,86 @@ async def test_async_uow_used_from_another_task_raises_ownership_error(
             await asyncio.create_task(action(afake))  # type: ignore[arg-type]
         await afake.commit()
     assert ["mine"] == committed_names(afake)
+
+
+# -- what the review of the transaction rules found --------------------------------
+
+
+def test_an_attempt_that_committed_is_not_run_again(fake: FakeShopUnitOfWork, sleeps: list[float]) -> None:
+    """A retryable error after an explicit commit() in the attempt is raised, not retried: the work is durable."""
+    calls: list[int] = []
+
+    @transactional(retries=Retry(retries=3, sleep=sleeps.append))
+    def import_chunks(uow: FakeShopUnitOfWork = NEW_UOW) -> None:
+        calls.append(1)
+        uow.items.add(Item("chunk 1"))
+        uow.commit()
+        raise db_error("could not serialize access", sqlstate="40001")
+
+    with pytest.raises(sa_exc.OperationalError):
+        import_chunks(uow=fake)
+    assert ([1], [], ["chunk 1"]) == (calls, sleeps, committed_names(fake))
+
+
+def test_a_hook_failing_after_the_commit_is_not_retried(fake: FakeShopUnitOfWork, sleeps: list[float]) -> None:
+    """A retryable error raised by an on_commit hook after the decorator's commit does not run the function again."""
+    calls: list[int] = []
+
+    def flaky_hook() -> None:
+        raise db_error("deadlock detected", sqlstate="40P01")
+
+    @transactional(retries=Retry(retries=3, sleep=sleeps.append))
+    def place_order(uow: FakeShopUnitOfWork = NEW_UOW) -> None:
+        calls.append(1)
+        uow.items.add(Item("order"))
+        uow.on_commit(flaky_hook)
+
+    with pytest.raises(sa_exc.OperationalError):
+        place_order(uow=fake)
+    assert ([1], [], ["order"]) == (calls, sleeps, committed_names(fake))
+
+
+def test_a_hook_calling_a_decorated_service_gets_its_own_unit_of_work(fake: FakeShopUnitOfWork) -> None:
+    """A @transactional service called from an on_commit hook runs in a unit of work of its own, and commits."""
+    factory = Factory()
+
+    @transactional(factory=factory)
+    def record_mail(uow: FakeShopUnitOfWork = NEW_UOW) -> FakeShopUnitOfWork:
+        uow.items.add(Item("mail sent"))
+        return uow
+
+    made: list[FakeShopUnitOfWork] = []
+
+    @transactional
+    def place_order(uow: FakeShopUnitOfWork = NEW_UOW) -> None:
+        uow.items.add(Item("order"))
+        uow.on_commit(lambda: made.append(record_mail()))
+
+    place_order(uow=fake)
+    assert ["order"] == committed_names(fake)
+    assert [made[0]] == factory.made
+    assert ["mail sent"] == committed_names(made[0])
+
+
+async def test_sync_uow_is_not_joined_from_a_child_task(fake: FakeShopUnitOfWork) -> None:
+    """A sync unit of work entered by one task is neither current nor joined in a task it starts."""
+    factory = Factory()
+
+    @transactional(factory=factory)
+    def audit(uow: FakeShopUnitOfWork = NEW_UOW) -> FakeShopUnitOfWork:
+        uow.items.add(Item("audit"))
+        return uow
+
+    async def child() -> FakeShopUnitOfWork:
+        with pytest.raises(errors.InactiveUnitOfWorkError):
+            current()
+        return audit()
+
+    with fake:
+        made = await asyncio.create_task(child())
+        assert fake is current()
+        with pytest.raises(errors.OwnershipError):
+            await asyncio.create_task(asyncio.to_thread(fake.items.count))
+    assert made is not fake
+    assert ["audit"] == committed_names(made)
+    assert [] == committed_names(fake)
