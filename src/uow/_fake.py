@@ -36,7 +36,7 @@ class _FakeCore(_UnitOfWorkCore):
     def _read_only_scope(self, session: InMemorySession, *, starts: bool) -> None:
         session.watch_changes(starts=starts)
 
-    def _adopt(self, session: InMemorySession, outer: object) -> None:
+    def _adopt(self, session: InMemorySession, outer: _UnitOfWorkCore | None) -> None:
         """Every transaction of the fake has a session of its own: nothing to check."""
 
     def _open_store(self) -> InMemorySession:

@@ -96,6 +96,8 @@ class InMemorySession:
         # Rows this session deleted since it took its working copy.
         self._removed: set[tuple[type[Any], Any]] = set()
         self._base_version = 0
+        # The committed tables as this session last saw them; the database never changes them in place.
+        self._baseline: Tables = {}
         #: Called before a flush that writes, with what is pending; raises if writes are forbidden.
         self.check_write: Callable[[str], None] | None = None
         # While a read-only scope runs inside a read-write one: the state of every object when it began.
@@ -117,6 +119,7 @@ class InMemorySession:
     def _view(self) -> Tables:
         """The working copy, even after a failed flush: add() and remove() still work then."""
         if self._tables is None:
+            self._baseline = self._database.tables
             self._tables, self._sequences = self._database.snapshot()
             self._base_version = self._database.version
             self._removed.clear()
@@ -131,6 +134,7 @@ class InMemorySession:
         else:
             self._merge(tables)
         self._base_version = database.version
+        self._baseline = database.tables
         self._removed.clear()
         self._inserted.clear()
 
@@ -182,7 +186,12 @@ class InMemorySession:
         return sum(1 for obj, state in self._watched.values() if _object_state(obj) != state)
 
     def has_changes(self) -> bool:
-        """Whether this session holds work not yet committed, changed attributes of loaded objects included."""
+        """Whether this session holds work not yet committed, changed attributes of loaded objects included.
+
+        It compares the working copy with the committed state as this session
+        last saw it, so a commit by another session meanwhile is not taken
+        for a change of this one.
+        """
         if self._pending or self._deleted:
             return True
         if self._tables is None:
@@ -191,12 +200,12 @@ class InMemorySession:
         if self._cascade(tables):
             return True
         for table, rows in tables.items():
-            stored = self._database.tables.get(table, {})
-            if rows.keys() != stored.keys():
+            seen = self._baseline.get(table, {})
+            if rows.keys() != seen.keys():
                 return True
             fields = model_info(table).fields
             for key, obj in rows.items():
-                other = stored[key]
+                other = seen[key]
                 if any(getattr(obj, name, None) != getattr(other, name, None) for name in fields):
                     return True
         return False
@@ -390,6 +399,11 @@ class _Members:
 
     def __init__(self, collection: Any) -> None:
         self.members: Any = dict(collection) if isinstance(collection, dict) else builtins.list(collection)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Members) and self.members == other.members
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _object_state(obj: object) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event
@@ -51,18 +53,26 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
             return _method(*args, **kwargs)
 
         setattr(session, name, guarded)
-    session.info[_HELD] = True
+    _held.add(session)
 
 
 def _unguard_session(session: Session) -> None:
-    """Give the session its own methods back, once the unit of work is done with it."""
+    """Give the session back as it came: its own methods, its own engine, no listener of uow's."""
     for name in _GUARDED:
         session.__dict__.pop(name, None)
-    session.info.pop(_HELD, None)
+    _held.discard(session)
+    changed = _changed.pop(session, None)
+    if changed is not None:
+        own_bind, listening = changed
+        session.bind = own_bind
+        if listening:
+            event.remove(session, "after_begin", _start_read_only)
 
 
-#: The key in ``Session.info`` that marks a session a unit of work holds.
-_HELD = "uow.held"
+#: The sessions that units of work hold now, and for those whose engine uow replaced to apply
+#: options: their own engine, and whether the read-only listener is on.
+_held: weakref.WeakSet[Session] = weakref.WeakSet()
+_changed: weakref.WeakKeyDictionary[Session, tuple[Engine, bool]] = weakref.WeakKeyDictionary()
 
 
 _GUARDED = ("commit", "rollback", "close")
@@ -88,42 +98,58 @@ def _guard_writes(session: Session, unit: _UnitOfWorkCore) -> None:
     event.listen(session, "do_orm_execute", do_orm_execute)
 
 
-def _prepare(session: Session, tx: _Transaction) -> None:
+def _prepare(session: Session, tx: _Transaction, models: Iterable[type[Any]]) -> None:
     """Make every connection *session* takes for *tx* use its isolation level and read-only mode.
 
-    The options go on the session's engine (``Engine.execution_options()``
-    makes a copy that shares the pool), so they apply to the first
-    connection and to those taken after each commit, without taking one now.
-    A session bound to a connection, as in a test that joins an external
-    transaction, keeps that connection's settings.
+    The options go on a copy of the session's engine
+    (``Engine.execution_options()``, which shares the pool), so they apply
+    to the first connection and to those taken after each commit, without
+    taking one now; closing the session puts its own engine back. A session
+    bound to a connection, as in a test that joins an external transaction,
+    keeps that connection's settings. *models* are the unit of work's mapped
+    classes: they must all use the session's engine.
     """
     if tx.isolation_level is None and not tx.read_only:
         return
     bind = session.bind
     if isinstance(bind, Connection):
         return
-    if not isinstance(bind, Engine):
+    if not isinstance(bind, Engine) or any(session.get_bind(model) is not bind for model in models):
         if tx.isolation_level is None:
             return  # read-only stays enforced by the flush guard
         msg = (
-            "isolation_level= needs a session bound to one engine (sessionmaker(engine)); this session "
-            "has several binds or none"
+            "isolation_level= needs a session whose models all use one engine (sessionmaker(engine)); "
+            "this session has other binds"
         )
         raise ConfigurationError(msg)
     options: dict[str, Any] = {}
     if tx.isolation_level is not None:
         options["isolation_level"] = tx.isolation_level
-    if tx.read_only:
-        if bind.dialect.name == "postgresql":
-            options["postgresql_readonly"] = True
-        elif bind.dialect.name in ("mysql", "mariadb"):
-            event.listen(session, "after_begin", _start_read_only)
+    if tx.read_only and bind.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True
+    listening = tx.read_only and bind.dialect.name in ("mysql", "mariadb")
+    if listening:
+        event.listen(session, "after_begin", _start_read_only)
+    if options or listening:
+        _changed[session] = (bind, listening)
     if options:
-        session.bind = bind.execution_options(**options)
+        session.bind = _engine_with(bind, options)
+
+
+def _engine_with(engine: Engine, options: dict[str, Any]) -> Engine:
+    """A copy of *engine* with *options*, made once per engine and options: making one takes a while."""
+    copies: dict[tuple[tuple[str, Any], ...], Engine] = engine.__dict__.setdefault("_uow_engine_copies", {})
+    key = tuple(sorted(options.items()))
+    copy = copies.get(key)
+    if copy is None:
+        copy = copies[key] = engine.execution_options(**options)
+    return copy
 
 
 def _start_read_only(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
     """MySQL and MariaDB: make the transaction that this connection starts next READ ONLY."""
+    if transaction.nested or transaction.parent is not None:
+        return  # a savepoint inside the transaction, which is READ ONLY already
     connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
@@ -157,35 +183,41 @@ def _single_bind(session: Session) -> Engine | Connection | None:
         return None
 
 
-def _check_fresh(session: Session, outer: object) -> None:
+def _has_changes(session: Session) -> bool:
+    """Whether *session* would write something at its next flush."""
+    return bool(session.new or session.deleted) or any(session.is_modified(obj) for obj in session.dirty)
+
+
+def _check_fresh(session: Session, outer: _UnitOfWorkCore | None) -> None:
     """Refuse a new session that would share work with another one, before anything uses it.
 
-    *outer* is the session of the unit of work already active in this thread
-    or task, if any. A factory that hands out a session already in use (a
-    ``scoped_session``) would make uow commit or close someone else's work,
-    and a pool that gives a thread one connection (``SingletonThreadPool``
-    for SQLite in memory, ``StaticPool``) would make a nested transaction's
-    commit commit the outer one.
+    *outer* is the unit of work active in this context, if any. A factory that
+    hands out a session already in use (a ``scoped_session``) would make uow
+    commit or close someone else's work, and a pool that gives a thread one
+    connection (``SingletonThreadPool`` for SQLite in memory, ``StaticPool``)
+    would make a nested transaction's commit commit the outer one.
     """
-    outer_sync = outer.sync_session if isinstance(outer, AsyncSession) else outer
-    if session is outer_sync or _HELD in session.info or session.in_transaction():
+    handle = outer._tx.session if outer is not None and outer._tx is not None else None
+    outer_session = handle.sync_session if isinstance(handle, AsyncSession) else handle
+    if session is outer_session or session in _held or session.in_transaction():
         msg = (
             "the session factory returned a session that is already in use (a scoped_session?): uow must "
             "not commit or close a session it does not own. Give the unit of work a sessionmaker or an engine"
         )
         raise ConfigurationError(msg)
-    if not isinstance(outer_sync, Session):
+    if outer is None or not isinstance(outer_session, Session):
         return
-    bind, outer_bind = _single_bind(session), _single_bind(outer_sync)
-    if (
-        isinstance(bind, Engine)
-        and isinstance(outer_bind, Engine)
-        and bind.pool is outer_bind.pool
-        and isinstance(bind.pool, (SingletonThreadPool, StaticPool))
-    ):
+    bind, outer_bind = _single_bind(session), _single_bind(outer_session)
+    if not (isinstance(bind, Engine) and isinstance(outer_bind, Engine) and bind.pool is outer_bind.pool):
+        return
+    pool = bind.pool
+    shared = isinstance(pool, StaticPool) or (
+        isinstance(pool, SingletonThreadPool) and outer._owner_thread == threading.get_ident()
+    )
+    if shared:
         msg = (
             f"a transaction inside another one needs a second connection, but this engine's "
-            f"{type(bind.pool).__name__} gives every session of a thread the same one, so the inner commit "
+            f"{type(pool).__name__} gives every session of a thread the same one, so the inner commit "
             "would commit the outer work too. Use a file database or a server, or join the outer transaction"
         )
         raise ConfigurationError(msg)
@@ -248,7 +280,8 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         return session
 
     def _prepare(self, tx: _Transaction) -> None:
-        _prepare(tx.session, tx)
+        if tx.isolation_level is not None or tx.read_only:
+            _prepare(tx.session, tx, self._models())
 
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session, self)
@@ -300,12 +333,12 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             handle.rollback()
 
     def _has_changes(self, session: Session) -> bool:
-        return bool(session.new or session.dirty or session.deleted)
+        return _has_changes(session)
 
     def _read_only_scope(self, session: Session, *, starts: bool) -> None:
         """The flush guard sees changed attributes by itself."""
 
-    def _adopt(self, session: Session, outer: object) -> None:
+    def _adopt(self, session: Session, outer: _UnitOfWorkCore | None) -> None:
         _check_fresh(session, outer)
         _guard_session(session, self, session)
 
@@ -361,7 +394,8 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         return session
 
     def _prepare(self, tx: _Transaction) -> None:
-        _prepare(tx.session.sync_session, tx)
+        if tx.isolation_level is not None or tx.read_only:
+            _prepare(tx.session.sync_session, tx, self._models())
 
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session.sync_session, self)
@@ -414,11 +448,11 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
             await handle.rollback()
 
     def _has_changes(self, session: AsyncSession) -> bool:
-        return bool(session.new or session.dirty or session.deleted)
+        return _has_changes(session.sync_session)
 
     def _read_only_scope(self, session: AsyncSession, *, starts: bool) -> None:
         """The flush guard sees changed attributes by itself."""
 
-    def _adopt(self, session: AsyncSession, outer: object) -> None:
+    def _adopt(self, session: AsyncSession, outer: _UnitOfWorkCore | None) -> None:
         _check_fresh(session.sync_session, outer)
         _guard_session(session.sync_session, self, session)

@@ -104,7 +104,7 @@ class Retry:
         if (
             not block.owner
             or attempt > self.retries
-            or unit.commits != commits
+            or unit.commits + unit._nested_commits != commits
             or unit._commit_outcome_unknown
             or not self.retry_if(error)
         ):
@@ -320,7 +320,7 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
         unit, args = options._bind(args, kwargs, index, UnitOfWork, name)
         attempt = 0
         while True:
-            commits = unit.commits
+            commits = unit.commits + unit._nested_commits
             block = Block(unit, propagation, read_only, isolation_level, commit_on_exit=True)
             try:
                 with block:
@@ -371,7 +371,7 @@ def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], 
         unit, args = options._bind(args, kwargs, index, AsyncUnitOfWork, name)
         attempt = 0
         while True:
-            commits = unit.commits
+            commits = unit.commits + unit._nested_commits
             block = AsyncBlock(unit, propagation, read_only, isolation_level, commit_on_exit=True)
             try:
                 async with block:

@@ -203,8 +203,13 @@ class _UnitOfWorkCore:
         # The open scopes, outermost first, and the transaction of the innermost.
         self._scopes: list[_Scope] = []
         self._tx: _Transaction | None = None
-        # The thread (sync) or task (async) that entered the outermost scope.
+        # Where the outermost scope was entered: thread and task (sync) or task (async), and the thread.
         self._owner: object = None
+        self._owner_thread = 0
+        # While on_commit hooks run: the owner scope whose transaction committed.
+        self._hook_owner: _Scope | None = None
+        # Commits of units of work nested in this one's transactions (requires_new through a factory).
+        self._nested_commits = 0
         # True when a use must take the slow path: inactive, or rollback-only.
         self._alarm = True
         # Whether the latest failed real commit may have reached the database.
@@ -218,10 +223,11 @@ class _UnitOfWorkCore:
         """Build a repository bound to *session*."""
 
     @abc.abstractmethod
-    def _adopt(self, session: Any, outer: object) -> None:
+    def _adopt(self, session: Any, outer: _UnitOfWorkCore | None) -> None:
         """Take charge of a new *session*; raise ConfigurationError if it would share work with *outer*.
 
-        *outer* is the session of the unit of work active in this thread or task, if any.
+        *outer* is the unit of work active in this context, if any: in this thread or task, or in the
+        task or thread whose context this one copied.
         """
 
     @abc.abstractmethod
@@ -275,6 +281,8 @@ class _UnitOfWorkCore:
         if propagation == "requires_new":
             return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
         top = self._scopes[-1]
+        if top is self._hook_owner:  # an on_commit hook: its transaction has ended, so start one
+            return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
         tx = top.tx
         if isolation_level is not None and isolation_level != tx.isolation_level:
             shown = tx.isolation_level or "the default level"
@@ -299,10 +307,14 @@ class _UnitOfWorkCore:
         if scope.kind == OWNER:
             if not self._scopes:
                 self._owner = self._here()
+                self._owner_thread = threading.get_ident()
                 self.committed = False
                 self.rolled_back = False
+            outer = _active_here()
+            scope.tx.outer_unit = outer if outer is not self else None
             self._commit_outcome_unknown = False
-            self._forget_repositories()
+            if self._tx is not None:  # requires_new: the suspended transaction's repositories step aside
+                self._forget_repositories(self._tx)
             self._tx = scope.tx
             scope.token = _current.set(self)
         elif scope.kind == SAVEPOINT:
@@ -317,10 +329,10 @@ class _UnitOfWorkCore:
     def _pop(self) -> _Scope:
         scope = self._scopes.pop()
         if scope.kind == OWNER:
+            self._forget_repositories(scope.tx)
             for repo in scope.tx.repositories.values():
                 repo._close()
             scope.tx.repositories.clear()
-            self._forget_repositories()
             self._tx = self._scopes[-1].tx if self._scopes else None
             if scope.token is not None:
                 try:
@@ -332,12 +344,13 @@ class _UnitOfWorkCore:
         self._refresh_alarm()
         return scope
 
-    def _forget_repositories(self) -> None:
-        for name in self._slots:
+    def _forget_repositories(self, tx: _Transaction) -> None:
+        """Drop the repositories of *tx* that reads of this block left in the instance dict."""
+        for name in tx.repositories:
             self.__dict__.pop(name, None)
 
     def _refresh_alarm(self) -> None:
-        self._alarm = not self._scopes or self._boundary().poison is not None
+        self._alarm = not self._scopes or self._boundary().poison is not None or self._hook_owner is not None
 
     def _boundary(self) -> _Scope:
         """The innermost scope that can roll back on its own: the owner or a savepoint."""
@@ -447,9 +460,17 @@ class _UnitOfWorkCore:
         self.__dict__[name] = repo
         return repo
 
+    def _models(self) -> list[type[Any]]:
+        """The mapped classes of the declared repositories."""
+        return [slot.model for slot in self._slots.values()]
+
     def _committed(self, tx: _Transaction) -> None:
         tx.used = False
         self.commits += 1
+        outer = tx.outer_unit
+        while outer is not None:  # durable work the outer units' retries must not repeat
+            outer._nested_commits += 1
+            outer = outer._tx.outer_unit if outer._tx is not None else None
         if self._scopes[0].tx is tx:  # not a requires_new transaction inside the block
             self.committed = True
         for repo in tx.repositories.values():
@@ -476,11 +497,10 @@ class _UnitOfWorkCore:
         tx = scope.tx
         if exc is None and scope.poison is not None:
             return "poisoned"
-        wants_commit = scope.commit_on_exit or self.autocommit
-        pending = tx.used or self._has_changes(tx.session)
-        if exc is None and wants_commit and not scope.rollback_only and not tx.read_only and pending:
+        wants_commit = (scope.commit_on_exit or self.autocommit) and not scope.rollback_only and not tx.read_only
+        if exc is None and wants_commit and (tx.used or self._has_changes(tx.session)):
             return "commit"
-        return "rollback" if pending else "nothing"
+        return "rollback" if tx.used else "nothing"
 
     def _savepoint_ended(
         self, scope: _Scope, exc: BaseException | None, release: bool, error: BaseException | None
@@ -526,6 +546,17 @@ class _UnitOfWorkCore:
         """
         self._check_use("set_rollback_only()")
         self._boundary().rollback_only = True
+
+    def _start_hooks(self) -> Token[_UnitOfWorkCore | None]:
+        """Hooks run after the transaction, not in it: nothing joins the scope whose transaction committed."""
+        self._hook_owner = self._scopes[-1]
+        self._alarm = True
+        return _current.set(None)
+
+    def _end_hooks(self, token: Token[_UnitOfWorkCore | None]) -> None:
+        _current.reset(token)
+        self._hook_owner = None
+        self._refresh_alarm()
 
     def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
         if not callable(callback):
@@ -586,11 +617,15 @@ def _current_task() -> object:
     return asyncio.current_task() if asyncio._get_running_loop() is not None else None
 
 
-def _thread_and_task() -> object:
+def _thread_and_task(
+    _loop: Callable[[], object] = asyncio._get_running_loop,
+    _thread: Callable[[], int] = threading.get_ident,
+    _task: Callable[[], object] = asyncio.current_task,
+) -> object:
     """Where sync code runs: its thread, and its asyncio task if it runs in one."""
-    if asyncio._get_running_loop() is None:
-        return threading.get_ident()
-    return (threading.get_ident(), asyncio.current_task())
+    if _loop() is None:
+        return _thread()
+    return (_thread(), _task())
 
 
 _Hook = tuple[Callable[[], object], bool]
@@ -605,6 +640,7 @@ class _Transaction:
         "guarded",
         "hooks",
         "isolation_level",
+        "outer_unit",
         "read_only",
         "refused",
         "repositories",
@@ -625,6 +661,8 @@ class _Transaction:
         #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
         self.guarded = False
         self.refused = False
+        #: The unit of work active in this thread or task when this one started (another object).
+        self.outer_unit: _UnitOfWorkCore | None = None
         self._joined: dict[bool, _Scope] = {}
 
     def joined(self, read_only: bool) -> _Scope:
@@ -698,10 +736,10 @@ AU = TypeVar("AU", bound="AsyncUnitOfWork")
 Any_U = TypeVar("Any_U", bound=_UnitOfWorkCore)
 
 
-def _outer_session() -> object:
-    """The session of the transaction active in this thread or task, if any."""
-    unit = _active_here()
-    return unit._tx.session if unit is not None and unit._tx is not None else None
+def _outer_unit() -> _UnitOfWorkCore | None:
+    """The active unit of work in this context, even one that a parent task or thread entered."""
+    unit = _current.get()
+    return unit if unit is not None and unit._tx is not None else None
 
 
 def _active_here() -> _UnitOfWorkCore | None:
@@ -904,7 +942,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     def _enter_scope(self, scope: _Scope) -> None:
         if scope.kind == OWNER:
             session = self._open()
-            self._adopt(session, _outer_session())
+            self._adopt(session, _outer_unit())
             scope.tx.session = session
             try:
                 self._prepare(scope.tx)
@@ -1053,7 +1091,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        token = _current.set(None)  # hooks run after the transaction: they do not join it
+        token = self._start_hooks()
         try:
             while hooks:
                 callback, robust = hooks.pop(0)
@@ -1065,7 +1103,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                         raise
                     log.exception("uow: on_commit hook %r failed", callback)
         finally:
-            _current.reset(token)
+            self._end_hooks(token)
 
 
 class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
@@ -1134,7 +1172,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def _enter_scope(self, scope: _Scope) -> None:
         if scope.kind == OWNER:
             session = await self._open()
-            self._adopt(session, _outer_session())
+            self._adopt(session, _outer_unit())
             scope.tx.session = session
             try:
                 self._prepare(scope.tx)
@@ -1266,7 +1304,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        token = _current.set(None)  # hooks run after the transaction: they do not join it
+        token = self._start_hooks()
         try:
             while hooks:
                 callback, robust = hooks.pop(0)
@@ -1280,7 +1318,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                         raise
                     log.exception("uow: on_commit hook %r failed", callback)
         finally:
-            _current.reset(token)
+            self._end_hooks(token)
 
 
 def _joined_error(what: str) -> JoinedScopeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 import uow
 from tests.integration.conftest import rows
 from tests.support.databases import Database, Provisioner
-from tests.support.models import Sku, metadata
+from tests.support.models import Note, Sku, metadata
 from tests.support.uows import (
     AsyncShopUnitOfWork,
     AsyncSqlAlchemyShopUnitOfWork,
@@ -195,6 +196,80 @@ def test_commit_with_an_isolation_level_takes_no_connection_for_the_next_transac
         unit.commit()
         assert 0 == small_engine.pool.checkedout()
     assert [0] == ran
+
+
+@pytest.mark.parametrize("database", SERVERS, indirect=True)
+def test_options_do_not_stay_on_a_session_handed_out_again(engine: Engine, database: Database) -> None:
+    """A scoped_session reused by the next block keeps neither the read-only mode nor the isolation level."""
+    scoped = scoped_session(sessionmaker(engine))
+    unit = SqlAlchemyShopUnitOfWork(scoped)
+    with unit.transaction(read_only=True, isolation_level="SERIALIZABLE"):
+        assert 0 == unit.skus.count()
+    with unit:
+        assert SHOWN[database.backend, DEFAULT_LEVEL[database.backend]] == current_level(unit, database.backend)
+        unit.skus.add(Sku("written"))
+        unit.commit()
+    scoped.remove()
+    assert ["written"] == skus(engine)
+
+
+def test_child_task_cannot_share_a_one_connection_pool() -> None:
+    """A task started inside a block on SQLite in memory cannot open a transaction on the same connection."""
+    memory = create_engine("sqlite://")
+    metadata.create_all(memory)
+
+    @uow.transactional(factory=lambda: SqlAlchemyShopUnitOfWork(memory))
+    def audit(uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        uow.skus.add(Sku("audit"))  # pragma: no cover
+
+    async def parent() -> None:
+        unit = SqlAlchemyShopUnitOfWork(memory)
+        with pytest.raises(Boom), unit:
+            unit.skus.add(Sku("parent"))
+            unit.session.flush()
+
+            async def child() -> None:
+                audit()
+
+            with pytest.raises(errors.ConfigurationError, match="SingletonThreadPool"):
+                await asyncio.create_task(child())
+            raise Boom
+
+    asyncio.run(parent())
+    with memory.connect() as conn:
+        assert [] == list(conn.execute(text("SELECT code FROM uow_skus")))
+    memory.dispose()
+
+
+def test_isolation_level_refuses_models_on_another_engine(engine: Engine, database: Database) -> None:
+    """isolation_level= on a session whose models use several engines raises ConfigurationError."""
+    other = database.engine()
+    unit = SqlAlchemyShopUnitOfWork(sessionmaker(bind=engine, binds={Note: other}))
+    with (
+        pytest.raises(errors.ConfigurationError, match="one engine"),
+        unit.transaction(isolation_level="SERIALIZABLE"),
+    ):
+        pass  # pragma: no cover
+    other.dispose()
+
+
+def test_hook_that_enters_the_same_unit_of_work_commits_on_its_own(engine: Engine) -> None:
+    """A hook that runs `with uow:` on the unit of work that committed starts and commits a transaction of its own."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+
+    def record() -> None:
+        with unit:
+            unit.skus.add(Sku("hook"))
+            unit.commit()
+
+    @uow.transactional
+    def place(uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        uow.skus.add(Sku("order"))
+        uow.on_commit(record)
+
+    place(uow=unit)
+    assert ["hook", "order"] == skus(engine)
+    assert 2 == unit.commits
 
 
 # -- read-only ---------------------------------------------------------------------

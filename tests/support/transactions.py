@@ -252,6 +252,30 @@ class TransactionContract:
         assert [("a", "second")] == shop.committed(Sku, "code", "description")
         assert 2 == uow.commits
 
+    async def test_autocommit_does_not_write_back_a_row_committed_meanwhile(self, shop: Shop) -> None:
+        """An outer block that only read a row after its commit leaves what requires_new committed to it."""
+        uow = shop.uow(autocommit=True)
+        async with uow:
+            sku = Sku("a", "first")
+            await uow.skus.add(sku)
+            await uow.commit()
+            async with uow.transaction(propagation="requires_new"):
+                inner = await uow.skus.get("a")
+                inner.description = "second"
+                await uow.commit()
+        assert [("a", "second")] == shop.committed(Sku, "code", "description")
+        assert 2 == uow.commits
+
+    async def test_autocommit_sends_no_commit_for_an_unchanged_value(self, shop: Shop) -> None:
+        """Setting an attribute to the value it has is no change: the exit sends no second commit."""
+        uow = shop.uow(autocommit=True)
+        async with uow:
+            sku = Sku("a", "same")
+            await uow.skus.add(sku)
+            await uow.commit()
+            sku.description = "same"
+        assert 1 == uow.commits
+
     async def test_set_rollback_only_rolls_back_quietly(self, shop: Shop) -> None:
         """set_rollback_only() makes a clean exit roll back without an error, and commit() raise."""
         uow = shop.uow(autocommit=True)
@@ -661,6 +685,30 @@ class TransactionContract:
                         sku.description = "changed"
                 await uow.commit()
         assert [("a", "")] == shop.committed(Sku, "code", "description")
+
+    async def test_read_only_scope_that_changes_nothing_passes(self, shop: Shop) -> None:
+        """A read-only scope joined to a read-write one that only reads ends quietly, with collections loaded."""
+        uow = shop.uow()
+        async with uow:
+            await uow.orders.add(Order("o1", [Line("red", 1)]))
+            await uow.commit()
+        async with uow:
+            async with uow.transaction(read_only=True):
+                order = await uow.orders.get("o1")
+                assert [("red", 1)] == [(line.sku, line.qty) for line in order.lines]
+            await uow.skus.add(Sku("after"))
+            await uow.commit()
+        assert ["after"] == codes(shop)
+
+    async def test_savepoint_inside_a_read_only_transaction(self, shop: Shop) -> None:
+        """A savepoint inside a read-only transaction that has read works: reads only, then released."""
+        await seed(shop, "a")
+        uow = shop.uow()
+        async with uow.transaction(read_only=True):
+            assert 1 == await uow.skus.count()
+            async with uow.savepoint():
+                assert ["a"] == [sku.code for sku in await uow.skus.list()]
+        assert not uow.active
 
     async def test_read_write_scope_cannot_join_a_read_only_one(self, shop: Shop) -> None:
         """read_only=False inside a read-only transaction raises JoinedScopeError; None inherits."""

@@ -1561,3 +1561,41 @@ async def test_sync_uow_is_not_joined_from_a_child_task(fake: FakeShopUnitOfWork
     assert made is not fake
     assert ["audit"] == committed_names(made)
     assert [] == committed_names(fake)
+
+
+def test_durable_work_of_a_nested_unit_of_work_is_not_repeated(sleeps: list[float]) -> None:
+    """A retryable error after a requires_new call committed through its own unit of work is not retried."""
+    factory = Factory()
+    calls: list[int] = []
+
+    @transactional(factory=factory, propagation="requires_new")
+    def audit(uow: FakeShopUnitOfWork = NEW_UOW) -> None:
+        uow.items.add(Item(f"audit {len(calls)}"))
+
+    @transactional(factory=factory, retries=Retry(retries=3, sleep=sleeps.append))
+    def place(uow: FakeShopUnitOfWork = NEW_UOW) -> None:
+        calls.append(1)
+        audit()
+        raise db_error("could not serialize access", sqlstate="40001")
+
+    with pytest.raises(sa_exc.OperationalError):
+        place()
+    assert ([1], [], ["audit 1"]) == (calls, sleeps, factory.committed)
+
+
+async def test_async_hook_that_enters_the_same_unit_of_work_commits_on_its_own(afake: AsyncFakeShopUnitOfWork) -> None:
+    """An async hook running `async with uow:` on the unit of work that committed owns a new transaction."""
+
+    async def record() -> None:
+        async with afake:
+            await afake.items.add(Item("hook"))
+            await afake.commit()
+
+    @transactional
+    async def place(uow: AsyncFakeShopUnitOfWork = NEW_UOW) -> None:
+        await uow.items.add(Item("order"))
+        uow.on_commit(record)
+
+    await place(uow=afake)
+    assert ["hook", "order"] == committed_names(afake)
+    assert 2 == afake.commits
