@@ -11,5 +11,7 @@ every change to the batches of one SKU goes through it, and its
 * :mod:`allocation.unit_of_work` — the units of work declared with uow;
 * :mod:`allocation.services` and :mod:`allocation.messagebus` — the service
   layer and the loop that hands domain events to their handlers;
-* :mod:`allocation.cli` — ``python -m allocation``, a short end-to-end scenario.
+* :mod:`allocation.cli` — ``python -m allocation``, a short end-to-end scenario;
+* :mod:`allocation.flask_app` and :mod:`allocation.fastapi_app` — the service
+  over HTTP, with Flask and with FastAPI.
 """

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, make_url
 
-__all__ = ["database_url", "default_database_url", "make_engine"]
+__all__ = ["database_url", "default_database_url", "engine_options", "make_engine"]
 
 #: Backends whose connections :func:`make_engine` sets to READ COMMITTED.
 _SERVER_BACKENDS = frozenset({"postgresql", "mysql", "mariadb"})
@@ -34,7 +35,11 @@ def make_engine(url: str | URL) -> Engine:
     and MariaDB with ``innodb_snapshot_isolation``, refuse such an UPDATE
     with a serialization error of their own instead.)
     """
-    url = make_url(url)
-    if url.get_backend_name() in _SERVER_BACKENDS:
-        return create_engine(url, isolation_level="READ COMMITTED")
-    return create_engine(url)
+    return create_engine(url, **engine_options(url))
+
+
+def engine_options(url: str | URL) -> dict[str, Any]:
+    """The ``create_engine()`` options of :func:`make_engine`: READ COMMITTED on PostgreSQL and MariaDB/MySQL."""
+    if make_url(url).get_backend_name() in _SERVER_BACKENDS:
+        return {"isolation_level": "READ COMMITTED"}
+    return {}

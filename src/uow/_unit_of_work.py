@@ -1084,7 +1084,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         the data was committed; with ``robust=True`` the error is logged and
         the next hook runs.
         """
-        if inspect.iscoroutinefunction(callback):
+        if inspect.isfunction(callback) and inspect.iscoroutinefunction(callback):
             msg = f"{callback!r} is a coroutine function; a sync unit of work runs sync hooks only"
             raise ConfigurationError(msg)
         self._add_hook(callback, robust)
@@ -1096,7 +1096,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             while hooks:
                 callback, robust = hooks.pop(0)
                 try:
-                    callback()
+                    result = callback()
+                    if inspect.isawaitable(result):
+                        if inspect.iscoroutine(result):
+                            result.close()
+                        msg = f"on_commit hook {callback!r} returned an awaitable; a sync unit of work cannot await it"
+                        raise ConfigurationError(msg)
                 except Exception:
                     if not robust:
                         hooks.clear()

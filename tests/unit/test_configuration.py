@@ -36,8 +36,14 @@ class CatalogueUnitOfWork(uow.UnitOfWork):
 
 
 def test_public_names_are_exported() -> None:
-    """uow.__all__ lists exactly the public names, sorted, and each exists."""
-    public = sorted(name for name in dir(uow) if not name.startswith("_") and name not in {"annotations"})
+    """uow.__all__ lists exactly the public names, sorted, and each exists; integration modules load on demand."""
+    integrations = {"fastapi", "flask", "pytest_plugin", "starlette"}
+    public = sorted(
+        # "@py_..." names: pytest rewrites the asserts of uow's modules, since uow ships a pytest plugin.
+        name
+        for name in dir(uow)
+        if not name.startswith(("_", "@")) and name not in {"annotations", *integrations}
+    )
     assert sorted(uow.__all__) == uow.__all__
     assert public == uow.__all__
 

@@ -11,11 +11,13 @@ CI (``CI=true``), where it fails them: CI must never pass by skipping.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import URL, Engine, create_engine, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, text
 from sqlalchemy.pool import QueuePool
 
 from allocation import config, orm
@@ -80,3 +82,33 @@ def rows(engine: Engine) -> Iterator[Rows]:
     yield query
     leaked = _dispose(reader)
     assert leaked == 0, f"{leaked} connection(s) of the reading engine were still checked out"
+
+
+class _Recorder(logging.Handler):
+    def __init__(self, entries: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.entries = entries
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entries.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def timeline_of(engine: Engine) -> Iterator[list[str]]:
+    """What happens, in order: "COMMIT" for each commit on *engine*, and what the allocation logger logs."""
+    entries: list[str] = []
+
+    def commit(connection: Connection) -> None:
+        entries.append("COMMIT")
+
+    logger = logging.getLogger("allocation")
+    recorder, level = _Recorder(entries), logger.level
+    event.listen(engine, "commit", commit)
+    logger.addHandler(recorder)
+    logger.setLevel(logging.INFO)
+    try:
+        yield entries
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(recorder)
+        event.remove(engine, "commit", commit)

@@ -1,0 +1,166 @@
+"""The allocation service over HTTP, with Flask: ``flask --app allocation.flask_app run``.
+
+Each request has a unit of work of its own, given by
+:class:`uow.flask.UnitOfWorkExtension` with the ``on_success`` policy. The
+views pass it to the services and to the message bus, whose ``with uow:``
+blocks join it: a request commits once, when its response is a 2xx or a 3xx,
+and rolls back otherwise. A commit that fails gives a 500.
+
+Domain events go to the bus after that commit. While the request runs, the
+services' commits are part of the request's transaction, so no event is
+collected yet; an ``on_commit`` hook hands the events of the committed work
+to :func:`allocation.messagebus.handle`, in a unit of work of its own. When
+a batch shrinks, for instance, the request commits the change, and then the
+bus reallocates the order lines that came off it.
+
+* ``POST /add_batch`` with ``ref``, ``sku``, ``qty`` and ``eta`` (a date or
+  ``null``): 201 ``{"ref": ...}``.
+* ``POST /allocate`` with ``orderid``, ``sku`` and ``qty``: 201
+  ``{"batchref": ...}``, ``null`` when no batch can take the line; 400 for an
+  unknown SKU.
+* ``POST /change_batch_quantity`` with ``ref`` and ``qty``: 200
+  ``{"ref": ..., "qty": ...}``; 404 for an unknown batch.
+
+A body that is not a JSON object with these fields gets a 400. Errors come
+as ``{"message": ...}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Mapping
+from datetime import date
+from typing import TypeVar
+
+from flask import Blueprint, Flask, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import Engine
+from werkzeug.exceptions import BadRequest
+
+from uow.flask import UnitOfWorkExtension
+
+from . import config, messagebus, orm, services
+from .domain import AllocationRequired, BatchQuantityChanged, Event
+from .unit_of_work import AllocationUnitOfWork, SqlAlchemyAllocationUnitOfWork
+
+__all__ = ["api", "create_app", "ext"]
+
+T = TypeVar("T")
+
+#: The unit of work of each request; ``ext.engine`` is the current app's engine.
+ext: UnitOfWorkExtension[AllocationUnitOfWork] = UnitOfWorkExtension(
+    factory=SqlAlchemyAllocationUnitOfWork, commit="on_success"
+)
+
+#: The endpoints.
+api = Blueprint("allocation", __name__)
+
+
+def create_app(database_url: str | None = None) -> Flask:
+    """The allocation app on *database_url*, or else on :func:`allocation.config.database_url`'s choice.
+
+    It creates the tables if they are missing, as ``python -m allocation``
+    does.
+    """
+    url = config.database_url(database_url)
+    app = Flask(__name__)
+    app.config["UOW_DATABASE_URL"] = url
+    app.config["UOW_ENGINE_OPTIONS"] = config.engine_options(url)
+    ext.init_app(app)
+    app.register_blueprint(api)
+    with app.app_context():
+        orm.metadata.create_all(ext.engine)
+    return app
+
+
+# -- endpoints -------------------------------------------------------------------
+
+
+@api.post("/add_batch")
+def add_batch() -> ResponseReturnValue:
+    body = _body()
+    ref = _field(body, "ref", str)
+    services.add_batch(ref, _field(body, "sku", str), _field(body, "qty", int), _eta(body), ext.uow)
+    return {"ref": ref}, 201
+
+
+@api.post("/allocate")
+def allocate() -> ResponseReturnValue:
+    body = _body()
+    event = AllocationRequired(_field(body, "orderid", str), _field(body, "sku", str), _field(body, "qty", int))
+    batchref = _handle(event)[0]
+    return {"batchref": batchref}, 201
+
+
+@api.post("/change_batch_quantity")
+def change_batch_quantity() -> ResponseReturnValue:
+    body = _body()
+    ref, qty = _field(body, "ref", str), _field(body, "qty", int)
+    _handle(BatchQuantityChanged(ref, qty))
+    return {"ref": ref, "qty": qty}, 200
+
+
+@api.errorhandler(services.InvalidSku)
+def invalid_sku(error: services.InvalidSku) -> ResponseReturnValue:
+    return {"message": str(error)}, 400
+
+
+@api.errorhandler(services.UnknownBatch)
+def unknown_batch(error: services.UnknownBatch) -> ResponseReturnValue:
+    return {"message": str(error)}, 404
+
+
+@api.errorhandler(BadRequest)
+def bad_request(error: BadRequest) -> ResponseReturnValue:
+    return {"message": error.description}, 400
+
+
+# -- the message bus -------------------------------------------------------------
+
+
+def _handle(message: Event) -> list[object]:
+    """Handle *message* in the request's unit of work; the events of its work go to the bus after the commit."""
+    unit = ext.uow
+    results = messagebus.handle(message, unit)
+    # robust: the request's work is committed whatever a handler does; a failure is logged on the "uow" logger.
+    unit.on_commit(functools.partial(_handle_committed_events, unit, ext.engine), robust=True)
+    return results
+
+
+def _handle_committed_events(unit: AllocationUnitOfWork, engine: Engine) -> None:
+    """Hand the events of *unit*'s committed work to the bus, in a unit of work of their own."""
+    bus_uow = SqlAlchemyAllocationUnitOfWork(engine)
+    for event in unit.collect_new_events():
+        if isinstance(event, Event):
+            messagebus.handle(event, bus_uow)
+
+
+# -- reading the body ------------------------------------------------------------
+
+
+def _body() -> Mapping[str, object]:
+    body = request.get_json()
+    if not isinstance(body, dict):
+        msg = "the body must be a JSON object"
+        raise BadRequest(msg)
+    return body
+
+
+def _field(body: Mapping[str, object], name: str, kind: type[T]) -> T:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        msg = f"{name} must be {'an integer' if kind is int else 'a string'}"
+        raise BadRequest(msg)
+    return value
+
+
+def _eta(body: Mapping[str, object]) -> date | None:
+    eta = body.get("eta")
+    if eta is None:
+        return None
+    if isinstance(eta, str):
+        with contextlib.suppress(ValueError):
+            return date.fromisoformat(eta)
+    msg = "eta must be null or a date, YYYY-MM-DD"
+    raise BadRequest(msg)

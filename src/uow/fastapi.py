@@ -1,0 +1,98 @@
+"""FastAPI integration: a dependency that gives an endpoint the request's unit of work, entered.
+
+Declare the annotation once, with the type the endpoints should see::
+
+    UnitOfWork = Annotated[AllocationUnitOfWork, uow.fastapi.depends(make_uow, commit="on_success")]
+
+and endpoints read ``async def allocate(..., uow: UnitOfWork)``. For the
+pure ASGI alternative, which makes the request's unit of work current
+without a parameter, see :class:`uow.starlette.UnitOfWorkMiddleware`; it
+works in a FastAPI application too.
+
+Importing this module imports FastAPI; importing :mod:`uow` does not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, get_type_hints
+
+from fastapi import params
+
+from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
+from .errors import ConfigurationError
+from .starlette import CommitPolicy, _check_policy, _check_unit, _RequestUnit
+
+__all__ = ["CommitPolicy", "depends"]
+
+
+def depends(
+    factory: Callable[..., AsyncUnitOfWork | Awaitable[AsyncUnitOfWork]], *, commit: CommitPolicy = "explicit"
+) -> params.Depends:
+    """The ``Depends`` marker that gives an endpoint the request's unit of work, entered.
+
+    Use it in an annotation that keeps your type for the type checker::
+
+        UnitOfWork = Annotated[AllocationUnitOfWork, uow.fastapi.depends(make_uow)]
+
+    *factory* is itself a FastAPI dependency: FastAPI calls it once per
+    request (so it may take a ``Request`` or other dependencies), and a test
+    replaces it with ``app.dependency_overrides[make_uow] = lambda: fake``.
+    It returns a new :class:`uow.AsyncUnitOfWork`, which the dependency
+    enters as the owner for the request: it is current for the endpoint
+    (``uow.current()``), and ``@uow.transactional`` functions join it.
+
+    It ends after the endpoint returns and its result is serialized, before
+    the response starts (the marker uses ``scope="function"``): with
+    ``commit="on_success"`` it commits unless the endpoint raised (an
+    ``HTTPException`` included); with ``commit="explicit"`` (the default) it
+    rolls back whatever the endpoint did not commit. A commit that fails
+    makes the request fail with a 500. Background tasks run after it ended.
+
+    A sync unit of work cannot be entered by a dependency: FastAPI runs a
+    ``def`` endpoint in a worker thread, and a sync unit of work belongs to
+    the thread that entered it. Declare it with ``Depends(factory)`` and
+    enter it in the endpoint, or decorate the endpoint with
+    ``@uow.transactional``.
+    """
+    if not callable(factory):
+        msg = f"uow.fastapi.depends() takes a factory that returns a new unit of work, not {factory!r}"
+        raise ConfigurationError(msg)
+    commit_on_success = _check_policy(commit)
+    _refuse_sync_factory(factory)
+    name = getattr(factory, "__qualname__", repr(factory))
+    source = f"the factory {name} of uow.fastapi.depends()"
+
+    # A default, not an annotation: FastAPI would resolve an annotation in this module's globals.
+    built_by_factory: Any = params.Depends(factory)
+
+    async def unit_of_work(unit: Any = built_by_factory) -> AsyncIterator[Any]:
+        request = _RequestUnit(_check_unit(unit, source), commit_on_success=commit_on_success)
+        await request.begin()
+        try:
+            yield request.unit
+        except BaseException as error:
+            await request.end(error)
+            raise
+        await request.end(None)
+
+    unit_of_work.__qualname__ = unit_of_work.__name__ = f"unit_of_work[{name}]"
+    return params.Depends(unit_of_work, scope="function")
+
+
+def _refuse_sync_factory(factory: Callable[..., Any]) -> None:
+    """Raise ConfigurationError now if *factory* is declared to return a sync unit of work."""
+    try:
+        routine = inspect.isfunction(factory) or inspect.ismethod(factory)
+        returns = get_type_hints(factory).get("return") if routine else None
+    except Exception:  # an annotation that does not resolve here: the first request checks the unit
+        return
+    if isinstance(returns, type) and issubclass(returns, UnitOfWork):
+        msg = (
+            f"uow.fastapi.depends() got a factory of the sync {returns.__name__}: FastAPI runs a `def` endpoint "
+            "in a worker thread, and a sync unit of work belongs to the thread that entered it. Declare it "
+            f"with `Annotated[{returns.__name__}, Depends(factory)]` and enter it in the endpoint "
+            "(`with uow:`), or decorate the endpoint with @uow.transactional"
+        )
+        raise ConfigurationError(msg)

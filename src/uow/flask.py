@@ -1,0 +1,311 @@
+"""Flask integration: a unit of work for each request, and for each application context.
+
+::
+
+    ext = UnitOfWorkExtension(factory=SqlAlchemyShopUnitOfWork, commit="on_success")
+
+    def create_app() -> Flask:
+        app = Flask(__name__)
+        app.config["UOW_DATABASE_URL"] = "postgresql+psycopg://..."
+        ext.init_app(app)
+        return app
+
+Views reach the request's unit of work as ``ext.uow``; services they call
+reach it through ``uow.current()`` and ``@uow.transactional``, which joins it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Literal, TypeVar, cast, get_args
+
+from flask import Flask, current_app, g, has_app_context, has_request_context, request
+from sqlalchemy import URL, Engine, create_engine
+from sqlalchemy.exc import ArgumentError
+from werkzeug.wrappers import Response
+
+from ._unit_of_work import UnitOfWork
+from .errors import ConfigurationError, InactiveUnitOfWorkError, RollbackOnlyError
+
+__all__ = ["CommitPolicy", "UnitOfWorkExtension"]
+
+log = logging.getLogger("uow")
+
+U = TypeVar("U", bound=UnitOfWork)
+R = TypeVar("R", bound=Response)
+
+CommitPolicy = Literal["explicit", "on_success"]
+"""When the extension commits: never (the view calls ``commit()``), or on a 2xx or 3xx response."""
+
+_POLICIES: tuple[str, ...] = get_args(CommitPolicy)
+
+#: Where things are kept: the app's state in ``app.extensions``, the request's unit of work in the
+#: request's WSGI environ, an application context's unit of work on ``flask.g``.
+_EXTENSION_KEY = "uow"
+_REQUEST_KEY = "uow.flask.unit"
+_APP_CONTEXT_KEY = "_uow_flask_unit"
+#: What is kept there once the context was torn down.
+_TORN_DOWN = "torn down"
+
+
+class _AppState(Generic[U]):
+    """What the extension keeps for one app: the engine built from its configuration, and its factory."""
+
+    __slots__ = ("engine", "extension", "factory")
+
+    def __init__(self, extension: UnitOfWorkExtension[U], engine: Engine, factory: Callable[[Engine], U]) -> None:
+        self.extension = extension
+        self.engine = engine
+        self.factory = factory
+
+
+class _Entry(Generic[U]):
+    """A unit of work entered for a request or an application context."""
+
+    __slots__ = ("ended", "handled", "state", "unit")
+
+    def __init__(self, state: _AppState[U], unit: U, handled: BaseException | None) -> None:
+        self.state = state
+        self.unit = unit
+        #: The exception being handled when the unit of work was entered, if any (see _ended_by).
+        self.handled = handled
+        #: Whether the extension has ended the unit of work's block.
+        self.ended = False
+
+
+class UnitOfWorkExtension(Generic[U]):
+    """Give each request, and each application context, a unit of work of its own.
+
+    *factory* builds a unit of work from the app's engine; a
+    ``SqlAlchemyUnitOfWork`` subclass is such a factory. :meth:`init_app`
+    builds the engine of each app from ``app.config["UOW_DATABASE_URL"]``,
+    with ``app.config["UOW_ENGINE_OPTIONS"]`` as keyword arguments of
+    ``create_engine()``. Several apps may share one extension object.
+
+    Each request gets a new unit of work, entered before the view runs, and
+    ended when the request is torn down: whatever it has not committed is
+    rolled back, and its session closed. An application context outside a
+    request (a CLI command, ``with app.app_context():``) gets one when it
+    first uses :attr:`uow`, ended when the context ends.
+
+    *commit* is the commit policy. ``"explicit"``: the view calls
+    ``uow.commit()``. ``"on_success"``: the extension commits when the
+    response is a 2xx or a 3xx, in an ``after_request`` function, before the
+    response is sent; a commit that fails raises from there, and Flask
+    answers 500. An application context outside a request commits when it
+    ends without an exception.
+    """
+
+    def __init__(
+        self, app: Flask | None = None, *, factory: Callable[[Engine], U], commit: CommitPolicy = "explicit"
+    ) -> None:
+        if commit not in _POLICIES:
+            msg = f"commit must be one of {', '.join(map(repr, _POLICIES))}, not {commit!r}"
+            raise ConfigurationError(msg)
+        _check_factory(factory)
+        #: Builds a unit of work from an app's engine; init_app() may give an app another one.
+        self.factory = factory
+        #: The commit policy, given as ``commit=``.
+        self.commit_policy: CommitPolicy = commit
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask, *, factory: Callable[[Engine], U] | None = None) -> None:
+        """Build *app*'s engine from its configuration, and register the extension's hooks on it.
+
+        *factory*, if given, replaces the extension's factory for this app
+        only: for example a fake unit of work in a test.
+        """
+        if _EXTENSION_KEY in app.extensions:
+            msg = (
+                f"{app.name!r} already has a unit of work extension: call init_app() once per app, "
+                "and use one UnitOfWorkExtension per app"
+            )
+            raise ConfigurationError(msg)
+        if factory is not None:
+            _check_factory(factory)
+        url = app.config.get("UOW_DATABASE_URL")
+        if not isinstance(url, (str, URL)) or not url:
+            msg = (
+                f"app.config['UOW_DATABASE_URL'] is {url!r}: set it to the SQLAlchemy URL of the database "
+                "before calling init_app()"
+            )
+            raise ConfigurationError(msg)
+        options = app.config.get("UOW_ENGINE_OPTIONS") or {}
+        if not isinstance(options, Mapping):
+            msg = f"app.config['UOW_ENGINE_OPTIONS'] must be a dict of create_engine() arguments, not {options!r}"
+            raise ConfigurationError(msg)
+        try:
+            engine = create_engine(url, **options)
+        except (ArgumentError, TypeError) as error:
+            msg = f"cannot build the engine of {app.name!r} from UOW_DATABASE_URL and UOW_ENGINE_OPTIONS: {error}"
+            raise ConfigurationError(msg) from error
+        app.before_request(self._before_request)
+        app.after_request(self._after_request)
+        app.teardown_request(self._teardown_request)
+        app.teardown_appcontext(self._teardown_appcontext)
+        app.extensions[_EXTENSION_KEY] = _AppState(self, engine, factory or self.factory)
+
+    @property
+    def uow(self) -> U:
+        """The unit of work of the current request, or else of the current application context.
+
+        The request's is entered before the view runs. An application
+        context outside a request gets its own on first use. Raises
+        :class:`~uow.errors.InactiveUnitOfWorkError` outside any context.
+        """
+        if not has_app_context():
+            msg = (
+                "ext.uow was used outside an application context: use it in a view, a CLI command, "
+                "or inside `with app.app_context():`"
+            )
+            raise InactiveUnitOfWorkError(msg)
+        state = self._state()
+        if has_request_context():
+            entry = self._request_entry(state, create=True)
+            if entry is not None:
+                return entry.unit
+        return self._app_context_entry(state).unit
+
+    @property
+    def engine(self) -> Engine:
+        """The engine of the current app, built by :meth:`init_app`; needs an application context."""
+        if not has_app_context():
+            msg = "ext.engine needs an application context: use it inside `with app.app_context():`"
+            raise InactiveUnitOfWorkError(msg)
+        return self._state().engine
+
+    # -- where the units of work are kept -------------------------------------
+
+    def _state(self) -> _AppState[U]:
+        state = current_app.extensions.get(_EXTENSION_KEY)
+        if not isinstance(state, _AppState) or state.extension is not self:
+            msg = f"this UnitOfWorkExtension was not set up for {current_app.name!r}: call ext.init_app(app) first"
+            raise ConfigurationError(msg)
+        return cast("_AppState[U]", state)
+
+    def _request_entry(self, state: _AppState[U], *, create: bool) -> _Entry[U] | None:
+        """The request's entry; None if it has none yet (and *create* is false) or another app's."""
+        entry = request.environ.get(_REQUEST_KEY)
+        if entry is _TORN_DOWN:
+            raise _torn_down("request")
+        if entry is None:
+            if not create:
+                return None
+            entry = request.environ[_REQUEST_KEY] = self._enter(state)
+        if not isinstance(entry, _Entry) or entry.state is not state:
+            return None  # another app's context was pushed inside this request
+        return cast("_Entry[U]", entry)
+
+    def _app_context_entry(self, state: _AppState[U]) -> _Entry[U]:
+        entry = g.get(_APP_CONTEXT_KEY)
+        if entry is _TORN_DOWN:
+            raise _torn_down("application context")
+        if entry is None:
+            entry = self._enter(state)
+            setattr(g, _APP_CONTEXT_KEY, entry)
+        return cast("_Entry[U]", entry)
+
+    def _enter(self, state: _AppState[U]) -> _Entry[U]:
+        """Build a unit of work with the app's factory, and enter it."""
+        unit = state.factory(state.engine)
+        if not isinstance(unit, UnitOfWork):
+            msg = (
+                f"the unit of work factory returned {unit!r}, not a uow.UnitOfWork: Flask views are "
+                "synchronous, so the factory must build a sync unit of work"
+            )
+            raise ConfigurationError(msg)
+        if unit.active:
+            msg = (
+                f"the unit of work factory returned {unit!r}, which is already active: return a new "
+                "unit of work on each call, or one that no request or context is using"
+            )
+            raise ConfigurationError(msg)
+        # The policy decides how the extension's block ends: on_success commits on a clean exit.
+        unit.autocommit = self.commit_policy == "on_success"
+        unit.__enter__()
+        return _Entry(state, unit, sys.exc_info()[1])
+
+    # -- hooks -----------------------------------------------------------------
+
+    def _before_request(self) -> None:
+        self._request_entry(self._state(), create=True)
+
+    def _after_request(self, response: R) -> R:
+        """On a 2xx or 3xx response, under on_success, commit: a failure raises, and Flask answers 500."""
+        if self.commit_policy != "on_success" or not 200 <= response.status_code < 400:
+            return response
+        entry = self._request_entry(self._state(), create=False)
+        if entry is None or entry.ended:
+            return response
+        entry.ended = True
+        entry.unit.__exit__(None, None, None)
+        return response
+
+    # Teardown leaves a marker where the entry was: a teardown function that runs later and uses ext.uow
+    # gets an error, instead of entering a unit of work that nothing would end.
+
+    def _teardown_request(self, exc: BaseException | None) -> None:
+        """Roll back what the request did not commit, and close its session; never raises."""
+        entry = request.environ.get(_REQUEST_KEY)
+        request.environ[_REQUEST_KEY] = _TORN_DOWN
+        if isinstance(entry, _Entry) and not entry.ended:
+            entry.ended = True
+            _discard(entry.unit, exc)
+
+    def _teardown_appcontext(self, exc: BaseException | None) -> None:
+        """End the application context's unit of work: commit under on_success if no exception ended it."""
+        entry = g.get(_APP_CONTEXT_KEY)
+        setattr(g, _APP_CONTEXT_KEY, _TORN_DOWN)
+        if not isinstance(entry, _Entry) or entry.ended:
+            return
+        entry.ended = True
+        exc = exc if exc is not None else _ended_by(entry)
+        if exc is None and self.commit_policy == "on_success":
+            entry.unit.__exit__(None, None, None)  # a failed commit raises to whoever ends the context
+        else:
+            _discard(entry.unit, exc)
+
+
+def _check_factory(factory: object) -> None:
+    if not callable(factory):
+        msg = (
+            f"factory must be a callable that takes an Engine and returns a unit of work, such as a "
+            f"SqlAlchemyUnitOfWork subclass, not {factory!r}"
+        )
+        raise ConfigurationError(msg)
+
+
+def _torn_down(where: str) -> InactiveUnitOfWorkError:
+    msg = (
+        f"ext.uow was used after the {where}'s unit of work was torn down: teardown functions registered "
+        "before init_app() run after the extension's, and cannot use it"
+    )
+    return InactiveUnitOfWorkError(msg)
+
+
+def _ended_by(entry: _Entry[Any]) -> BaseException | None:
+    """The exception that is ending the context although Flask was not told of it, if any.
+
+    Click before 8.3 ends the application context of a CLI command without
+    passing it the command's exception; the exception is then the one being
+    handled. One already handled when the unit of work was entered is not it.
+    """
+    handled = sys.exc_info()[1]
+    return handled if handled is not None and handled is not entry.handled else None
+
+
+def _discard(unit: UnitOfWork, exc: BaseException | None) -> None:
+    """End *unit*'s block without committing: roll back, close; log what fails, never raise it."""
+    unit.autocommit = False
+    try:
+        if exc is None:
+            unit.__exit__(None, None, None)
+        else:
+            unit.__exit__(type(exc), exc, exc.__traceback__)
+    except RollbackOnlyError:
+        pass  # a joined scope failed and its error was caught: rolled back, as it would be anyway
+    except Exception:
+        log.exception("uow: ending %r at the end of a Flask context failed", unit)

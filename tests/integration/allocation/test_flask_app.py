@@ -1,0 +1,227 @@
+"""The Flask entry point of the allocation service end to end, through Flask's test client, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, inspect
+from werkzeug.test import TestResponse
+
+from allocation import orm
+from allocation.flask_app import create_app, ext
+
+from .conftest import checked_out, timeline_of
+
+if TYPE_CHECKING:
+    from .conftest import Rows
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+ALLOCATIONS = (
+    "SELECT b.reference, o.orderid, o.qty FROM allocations a "
+    "JOIN batches b ON b.id = a.batch_id JOIN order_lines o ON o.id = a.orderline_id "
+    "ORDER BY b.reference, o.orderid"
+)
+
+
+def app_engine(app: Flask) -> Engine:
+    """The engine that the extension built for *app*."""
+    with app.app_context():
+        return ext.engine
+
+
+@pytest.fixture(name="app")
+def _app(engine: Engine) -> Iterator[Flask]:
+    """The app on the test's freshly created tables; at the end, its engine must have every connection back."""
+    app = create_app(engine.url.render_as_string(hide_password=False))
+    built = app_engine(app)
+    try:
+        yield app
+    finally:
+        leaked = checked_out(built)
+        built.dispose()
+    assert 0 == leaked, f"{leaked} connection(s) of the app's engine were still checked out"
+
+
+@pytest.fixture(name="client")
+def _client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture(name="timeline")
+def _timeline(app: Flask) -> Iterator[list[str]]:
+    """What happens, in order: "COMMIT" for each commit on the app's engine, and what the allocation logger logs."""
+    with timeline_of(app_engine(app)) as entries:
+        yield entries
+
+
+def post(client: FlaskClient, path: str, **body: Any) -> TestResponse:
+    return client.post(path, json=body)
+
+
+def add_batch(client: FlaskClient, ref: str, sku: str, qty: int, eta: str | None = None) -> None:
+    assert 201 == post(client, "/add_batch", ref=ref, sku=sku, qty=qty, eta=eta).status_code
+
+
+def test_add_batch_commits_the_product_and_its_batch(client: FlaskClient, rows: Rows) -> None:
+    """POST /add_batch answers 201, and the product and its batch are in the database."""
+    response = post(client, "/add_batch", ref="b1", sku="CRUNCHY-ARMCHAIR", qty=100, eta="2030-01-31")
+
+    assert (201, {"ref": "b1"}) == (response.status_code, response.json)
+    assert [("CRUNCHY-ARMCHAIR", 0)] == rows("SELECT sku, version_number FROM products")
+    assert [("b1", "CRUNCHY-ARMCHAIR", 100, date(2030, 1, 31))] == [
+        (ref, sku, qty, date.fromisoformat(str(eta)))
+        for ref, sku, qty, eta in rows("SELECT reference, sku, purchased_quantity, eta FROM batches")
+    ]
+
+
+def test_allocate_returns_the_batch_and_commits_once(client: FlaskClient, timeline: list[str], rows: Rows) -> None:
+    """POST /allocate answers 201 with the preferred batch, committed by the request's one commit."""
+    add_batch(client, "shipment-batch", "RETRO-CLOCK", 100, "2030-01-01")
+    add_batch(client, "in-stock-batch", "RETRO-CLOCK", 100)
+    timeline.clear()
+
+    response = post(client, "/allocate", orderid="o1", sku="RETRO-CLOCK", qty=10)
+
+    assert (201, {"batchref": "in-stock-batch"}) == (response.status_code, response.json)
+    assert ["COMMIT"] == timeline
+    assert [("in-stock-batch", "o1", 10)] == rows(ALLOCATIONS)
+    assert [(1,)] == rows("SELECT version_number FROM products")
+
+
+def test_allocate_of_an_unknown_sku_is_a_400_and_commits_nothing(
+    client: FlaskClient, timeline: list[str], rows: Rows
+) -> None:
+    """POST /allocate of an unknown SKU answers 400 with the message, and the request commits nothing."""
+    add_batch(client, "b1", "AREALSKU", 100)
+    timeline.clear()
+
+    response = post(client, "/allocate", orderid="o1", sku="NONEXISTENTSKU", qty=10)
+
+    assert (400, {"message": "Invalid sku NONEXISTENTSKU"}) == (response.status_code, response.json)
+    assert [] == timeline
+    assert [(0,)] == rows("SELECT COUNT(*) FROM order_lines")
+    assert [("AREALSKU", 0)] == rows("SELECT sku, version_number FROM products")
+
+
+def test_allocate_out_of_stock_allocates_nothing_and_reports_it_after_the_commit(
+    client: FlaskClient, timeline: list[str], rows: Rows
+) -> None:
+    """An order line that fits no batch gets a null batchref, and the bus handles OutOfStock after the commit."""
+    add_batch(client, "b1", "POP-ART-VASE", 5)
+    timeline.clear()
+
+    response = post(client, "/allocate", orderid="o1", sku="POP-ART-VASE", qty=10)
+
+    assert (201, {"batchref": None}) == (response.status_code, response.json)
+    assert ["COMMIT", "out of stock: POP-ART-VASE"] == timeline
+    assert [] == rows(ALLOCATIONS)
+    assert [(0,)] == rows("SELECT version_number FROM products")
+
+
+def test_change_batch_quantity_reallocates_after_the_commit(
+    client: FlaskClient, timeline: list[str], rows: Rows
+) -> None:
+    """Shrinking a batch commits the change, then the bus moves the line that came off it to the next batch."""
+    add_batch(client, "batch1", "INDIFFERENT-TABLE", 50)
+    add_batch(client, "batch2", "INDIFFERENT-TABLE", 50, "2030-01-01")
+    assert {"batchref": "batch1"} == post(client, "/allocate", orderid="order1", sku="INDIFFERENT-TABLE", qty=20).json
+    assert {"batchref": "batch1"} == post(client, "/allocate", orderid="order2", sku="INDIFFERENT-TABLE", qty=20).json
+    timeline.clear()
+
+    response = post(client, "/change_batch_quantity", ref="batch1", qty=25)
+
+    assert (200, {"ref": "batch1", "qty": 25}) == (response.status_code, response.json)
+    assert ["COMMIT", "COMMIT"] == timeline  # the request's, then the reallocation's
+    assert [("batch1", "order1", 20), ("batch2", "order2", 20)] == rows(ALLOCATIONS)
+    assert [("batch1", 25), ("batch2", 50)] == rows(
+        "SELECT reference, purchased_quantity FROM batches ORDER BY reference"
+    )
+    # two allocations, the change, the reallocation
+    assert [(4,)] == rows("SELECT version_number FROM products")
+
+
+def test_change_quantity_of_an_unknown_batch_is_a_404_and_commits_nothing(
+    client: FlaskClient, timeline: list[str], rows: Rows
+) -> None:
+    """POST /change_batch_quantity of an unknown batch answers 404 with the message, and commits nothing."""
+    add_batch(client, "b1", "LONELY-STOOL", 10)
+    timeline.clear()
+
+    response = post(client, "/change_batch_quantity", ref="nope", qty=5)
+
+    assert (404, {"message": "Unknown batch nope"}) == (response.status_code, response.json)
+    assert [] == timeline
+    assert [("b1", 10)] == rows("SELECT reference, purchased_quantity FROM batches")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"orderid": "o1", "sku": "SCANDI-PEN"}, "qty must be an integer"),
+        ({"orderid": "o1", "sku": "SCANDI-PEN", "qty": True}, "qty must be an integer"),
+        ({"orderid": 1, "sku": "SCANDI-PEN", "qty": 1}, "orderid must be a string"),
+        (["o1", "SCANDI-PEN", 1], "the body must be a JSON object"),
+    ],
+    ids=["missing", "boolean", "number", "list"],
+)
+def test_a_malformed_body_is_a_400_and_commits_nothing(
+    client: FlaskClient, timeline: list[str], rows: Rows, body: object, message: str
+) -> None:
+    """A body that lacks a field or gives it the wrong type answers 400 with the message, and commits nothing."""
+    add_batch(client, "b1", "SCANDI-PEN", 10)
+    timeline.clear()
+
+    response = client.post("/allocate", json=body)
+
+    assert (400, {"message": message}) == (response.status_code, response.json)
+    assert [] == timeline
+    assert [(0,)] == rows("SELECT COUNT(*) FROM order_lines")
+
+
+def test_a_malformed_eta_is_a_400_and_commits_nothing(client: FlaskClient, rows: Rows) -> None:
+    """POST /add_batch with an eta that is not a date answers 400 with the message, and commits nothing."""
+    response = post(client, "/add_batch", ref="b1", sku="SCANDI-PEN", qty=10, eta="next week")
+
+    assert (400, {"message": "eta must be null or a date, YYYY-MM-DD"}) == (response.status_code, response.json)
+    assert [(0,)] == rows("SELECT COUNT(*) FROM products")
+
+
+def test_requests_leave_no_connection_checked_out(app: Flask, client: FlaskClient, rows: Rows) -> None:
+    """After requests that commit, are refused and fail, every connection of the app's engine is back in its pool."""
+    statuses = []
+    for n in range(10):
+        statuses += [
+            post(client, "/add_batch", ref=f"b{n}", sku=f"SKU-{n}", qty=10, eta=None).status_code,
+            post(client, "/add_batch", ref=f"b{n}", sku=f"SKU-{n}", qty=10, eta=None).status_code,  # taken: 500
+            post(client, "/allocate", orderid=f"o{n}", sku=f"SKU-{n}", qty=4).status_code,
+            post(client, "/allocate", orderid=f"o{n}-big", sku=f"SKU-{n}", qty=40).status_code,
+            post(client, "/allocate", orderid=f"o{n}", sku="NO-SUCH-SKU", qty=4).status_code,
+            post(client, "/change_batch_quantity", ref=f"b{n}", qty=2).status_code,
+        ]
+
+    assert [201, 500, 201, 201, 400, 200] * 10 == statuses
+    assert 0 == checked_out(app_engine(app))
+    assert [(10,)] == rows("SELECT COUNT(*) FROM batches WHERE purchased_quantity = 2")
+    assert [(0,)] == rows("SELECT COUNT(*) FROM allocations")  # each line came off, and fits nowhere
+
+
+def test_create_app_takes_the_environment_database_and_creates_missing_tables(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create_app() without a URL uses $DATABASE_URL, and creates the allocation tables if they are missing."""
+    orm.metadata.drop_all(engine)
+    url = engine.url.render_as_string(hide_password=False)
+    monkeypatch.setenv("DATABASE_URL", url)
+
+    built = app_engine(create_app())
+    leaked = checked_out(built)
+    built.dispose()
+
+    assert (url, 0) == (built.url.render_as_string(hide_password=False), leaked)
+    assert {"allocations", "batches", "order_lines", "products"} == set(inspect(engine).get_table_names())
