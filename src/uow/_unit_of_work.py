@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from contextvars import ContextVar, Token
@@ -1084,7 +1085,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         the data was committed; with ``robust=True`` the error is logged and
         the next hook runs.
         """
-        if inspect.isfunction(callback) and inspect.iscoroutinefunction(callback):
+        if type(callback) in (types.FunctionType, types.MethodType) and inspect.iscoroutinefunction(callback):
             msg = f"{callback!r} is a coroutine function; a sync unit of work runs sync hooks only"
             raise ConfigurationError(msg)
         self._add_hook(callback, robust)

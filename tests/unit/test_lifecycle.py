@@ -322,3 +322,19 @@ async def test_async_rollback_from_another_task_raises(async_session: Mock) -> N
     async with uow:
         with pytest.raises(errors.OwnershipError, match="task"):
             await asyncio.create_task(uow.rollback())
+
+
+def test_sync_hooks_may_be_mocks_but_not_awaitables(session: Mock, mocker: MockerFixture) -> None:
+    """A sync unit of work runs a mock hook, and refuses, when it runs, a hook that returns an awaitable."""
+
+    async def later() -> None:
+        pass  # pragma: no cover
+
+    uow = SqlAlchemyShopUnitOfWork(lambda: session)
+    stub = mocker.MagicMock(spec=lambda: None)
+    with uow:
+        uow.on_commit(stub)
+        uow.on_commit(lambda: later())
+        with pytest.raises(errors.ConfigurationError, match="returned an awaitable"):
+            uow.commit()
+    stub.assert_called_once_with()
