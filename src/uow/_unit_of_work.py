@@ -207,8 +207,6 @@ class _UnitOfWorkCore:
         # Where the outermost scope was entered: thread and task (sync) or task (async), and the thread.
         self._owner: object = None
         self._owner_thread = 0
-        # While on_commit hooks run: the owner scope whose transaction committed.
-        self._hook_owner: _Scope | None = None
         # Commits of units of work nested in this one's transactions (requires_new through a factory).
         self._nested_commits = 0
         # True when a use must take the slow path: inactive, or rollback-only.
@@ -282,7 +280,7 @@ class _UnitOfWorkCore:
         if propagation == "requires_new":
             return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
         top = self._scopes[-1]
-        if top is self._hook_owner:  # an on_commit hook: its transaction has ended, so start one
+        if top.sealed:  # an on_commit hook, or a sealed request: its transaction has ended, so start one
             return _Scope(OWNER, _Transaction(bool(read_only), isolation_level), bool(read_only), commit_on_exit)
         tx = top.tx
         if isolation_level is not None and isolation_level != tx.isolation_level:
@@ -351,7 +349,8 @@ class _UnitOfWorkCore:
             self.__dict__.pop(name, None)
 
     def _refresh_alarm(self) -> None:
-        self._alarm = not self._scopes or self._boundary().poison is not None or self._hook_owner is not None
+        scopes = self._scopes
+        self._alarm = not scopes or self._boundary().poison is not None or scopes[-1].sealed
 
     def _boundary(self) -> _Scope:
         """The innermost scope that can roll back on its own: the owner or a savepoint."""
@@ -548,15 +547,28 @@ class _UnitOfWorkCore:
         self._check_use("set_rollback_only()")
         self._boundary().rollback_only = True
 
-    def _start_hooks(self) -> Token[_UnitOfWorkCore | None]:
+    def _start_hooks(self) -> tuple[Token[_UnitOfWorkCore | None], _Scope, bool]:
         """Hooks run after the transaction, not in it: nothing joins the scope whose transaction committed."""
-        self._hook_owner = self._scopes[-1]
+        scope = self._scopes[-1]
+        sealed, scope.sealed = scope.sealed, True
         self._alarm = True
-        return _current.set(None)
+        return _current.set(None), scope, sealed
 
-    def _end_hooks(self, token: Token[_UnitOfWorkCore | None]) -> None:
+    def _seal(self) -> None:
+        """Let nothing join the current transaction any more: entering this unit of work starts a new one.
+
+        For an integration whose request has answered while its unit of work
+        is still open (a response sent by another task): a background task
+        then gets a transaction of its own, as it would after the block ended.
+        """
+        if self._scopes:
+            self._scopes[-1].sealed = True
+            self._alarm = True
+
+    def _end_hooks(self, started: tuple[Token[_UnitOfWorkCore | None], _Scope, bool]) -> None:
+        token, scope, sealed = started
         _current.reset(token)
-        self._hook_owner = None
+        scope.sealed = sealed
         self._refresh_alarm()
 
     def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
@@ -689,6 +701,7 @@ class _Scope:
         "poison",
         "read_only",
         "rollback_only",
+        "sealed",
         "token",
         "tx",
     )
@@ -704,6 +717,8 @@ class _Scope:
         self.event_marks: dict[int, int] = {}
         self.poison: BaseException | None = None
         self.rollback_only = False
+        #: Whether nothing may join this scope any more (its hooks run, or its request has answered).
+        self.sealed = False
         self.token: Token[_UnitOfWorkCore | None] | None = None
 
     def releases(self, exc: BaseException | None) -> bool:
@@ -1092,7 +1107,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        token = self._start_hooks()
+        started = self._start_hooks()
         try:
             while hooks:
                 callback, robust = hooks.pop(0)
@@ -1109,7 +1124,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                         raise
                     log.exception("uow: on_commit hook %r failed", callback)
         finally:
-            self._end_hooks(token)
+            self._end_hooks(started)
 
 
 class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
@@ -1310,7 +1325,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        token = self._start_hooks()
+        started = self._start_hooks()
         try:
             while hooks:
                 callback, robust = hooks.pop(0)
@@ -1324,7 +1339,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                         raise
                     log.exception("uow: on_commit hook %r failed", callback)
         finally:
-            self._end_hooks(token)
+            self._end_hooks(started)
 
 
 def _joined_error(what: str) -> JoinedScopeError:

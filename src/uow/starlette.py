@@ -146,7 +146,11 @@ class UnitOfWorkMiddleware:
                 if request.here():
                     status = int(message["status"])
                     await request.end(None if status < 400 else _ErrorResponse(status))
-                elif commit_on_success:
+                elif not commit_on_success:
+                    # The request has answered: its background tasks, which the request's task runs after
+                    # this response, must get transactions of their own, not the request's.
+                    request.unit._seal()
+                else:
                     msg = (
                         "UnitOfWorkMiddleware cannot commit before this response starts: another task than the "
                         "request's is sending it (Starlette sends streaming and file responses from a task of "

@@ -477,6 +477,35 @@ async def test_a_streaming_response_sent_by_another_task_passes_under_explicit(
     assert [False, False] == [unit.active for unit in shop.units]
 
 
+@ON_DATABASES
+async def test_a_background_task_of_a_streaming_response_gets_a_transaction_of_its_own(
+    async_engine: AsyncEngine, engine: Engine
+) -> None:
+    """A background task after a response sent by another task never joins the request's transaction."""
+
+    @transactional(factory=lambda: AsyncSqlAlchemyShopUnitOfWork(async_engine))
+    async def record(name: str, uow: AsyncShopUnitOfWork = NEW_UOW) -> None:
+        await uow.items.add(Item(name))
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        await uow.current(AsyncShopUnitOfWork).items.add(Item("not committed"))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"streamed"
+
+        return StreamingResponse(body(), background=BackgroundTask(record, "from the background"))
+
+    app = Starlette(
+        routes=[Route("/stream", endpoint, methods=["POST"])],
+        middleware=[Middleware(UnitOfWorkMiddleware, factory=lambda: AsyncSqlAlchemyShopUnitOfWork(async_engine))],
+    )
+    async with client(app) as http:
+        response = await http.post("/stream")
+
+    assert (200, "streamed") == (response.status_code, response.text)
+    assert ["from the background"] == item_names(engine)
+
+
 def _leaves(caught: list[BaseException]) -> list[BaseException]:
     """The exceptions in *caught*, exception groups opened."""
     found: list[BaseException] = []

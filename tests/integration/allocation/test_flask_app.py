@@ -224,4 +224,4 @@ def test_create_app_takes_the_environment_database_and_creates_missing_tables(
     built.dispose()
 
     assert (url, 0) == (built.url.render_as_string(hide_password=False), leaked)
-    assert {"allocations", "batches", "order_lines", "products"} == set(inspect(engine).get_table_names())
+    assert {"allocations", "batches", "order_lines", "products"} <= set(inspect(engine).get_table_names())
