@@ -1,0 +1,643 @@
+"""Benchmarks: what uow costs on top of SQLAlchemy, next to the usual alternatives.
+
+Run from the repository root::
+
+    python benchmarks/run.py            # full run, a few minutes
+    python benchmarks/run.py --quick    # under a minute, rougher numbers
+    python benchmarks/run.py --profile  # also profile uow against raw SQLAlchemy on SQLite in memory
+
+A *service call* gets a product by primary key, decrements its stock, adds an
+order line and commits. Every variant runs that call in the same process, in
+interleaved rounds (each round times a batch of every variant, in a rotating
+order), and the table reports the median microseconds per call and the ratio
+to raw SQLAlchemy (``sessionmaker.begin()``) on the same backend. See
+README.md next to this file for what each variant is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import functools
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import attrs
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, create_engine, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, registry, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+import uow
+
+POSTGRESQL_URL = os.environ.get("UOW_BENCH_POSTGRESQL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+ASYNCPG_URL = os.environ.get("UOW_BENCH_ASYNCPG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+PRODUCTS = 100
+INITIAL_STOCK = 10**9
+
+
+# --- The model, mapped imperatively -------------------------------------------------------------
+
+
+@attrs.define(eq=False, slots=False)
+class Product:
+    name: str
+    stock: int
+    id: int | None = None
+
+
+@attrs.define(eq=False, slots=False)
+class OrderLine:
+    product_id: int
+    qty: int
+    id: int | None = None
+
+
+metadata = MetaData()
+products_table = Table(
+    "products",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(50), nullable=False),
+    Column("stock", Integer, nullable=False),
+)
+order_lines_table = Table(
+    "order_lines",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("product_id", ForeignKey("products.id"), nullable=False),
+    Column("qty", Integer, nullable=False),
+)
+mapper_registry = registry(metadata=metadata)
+mapper_registry.map_imperatively(Product, products_table)
+mapper_registry.map_imperatively(OrderLine, order_lines_table)
+
+
+class ShopUnitOfWork(uow.UnitOfWork):
+    products = uow.repository(Product)
+    order_lines = uow.repository(OrderLine)
+
+
+class SqlAlchemyShopUnitOfWork(uow.SqlAlchemyUnitOfWork, ShopUnitOfWork):
+    pass
+
+
+class FakeShopUnitOfWork(uow.FakeUnitOfWork, ShopUnitOfWork):
+    pass
+
+
+class AsyncShopUnitOfWork(uow.AsyncUnitOfWork):
+    products = uow.repository(Product)
+    order_lines = uow.repository(OrderLine)
+
+
+class AsyncSqlAlchemyShopUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncShopUnitOfWork):
+    pass
+
+
+# --- The service, once per variant --------------------------------------------------------------
+
+
+def place_order(unit: ShopUnitOfWork, product_id: int) -> None:
+    """The service as a uow user writes it."""
+    with unit:
+        product = unit.products.get(product_id)
+        product.stock -= 1
+        unit.order_lines.add(OrderLine(product_id, 1))
+        unit.commit()
+
+
+async def place_order_async(unit: AsyncShopUnitOfWork, product_id: int) -> None:
+    async with unit:
+        product = await unit.products.get(product_id)
+        product.stock -= 1
+        await unit.order_lines.add(OrderLine(product_id, 1))
+        await unit.commit()
+
+
+class CosmicUnitOfWork:
+    """A hand-rolled unit of work in the style of *Architecture Patterns with Python*."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+
+    def __enter__(self) -> CosmicUnitOfWork:
+        self.session = self.session_factory()
+        self.products = CosmicRepository(self.session, Product)
+        self.order_lines = CosmicRepository(self.session, OrderLine)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.rollback()
+        self.session.close()
+
+    def commit(self) -> None:
+        self.session.commit()
+
+    def rollback(self) -> None:
+        self.session.rollback()
+
+
+class CosmicRepository:
+    def __init__(self, session: Session, model: type[Any]) -> None:
+        self.session = session
+        self.model = model
+
+    def add(self, obj: Any) -> None:
+        self.session.add(obj)
+
+    def get(self, key: Any) -> Any:
+        return self.session.get(self.model, key)
+
+
+def provide_session(func: Callable[..., Any]) -> Callable[..., Any]:
+    """An Airflow-style decorator: inject a session when none is given, commit and close it after."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, session: Session | None = None, **kwargs: Any) -> Any:
+        if session is not None:
+            return func(*args, session=session, **kwargs)
+        session = wrapper.session_factory()  # type: ignore[attr-defined]
+        try:
+            result = func(*args, session=session, **kwargs)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+        return result
+
+    return wrapper
+
+
+SELECT_STOCK = text("SELECT stock FROM products WHERE id = :id")
+UPDATE_STOCK = text("UPDATE products SET stock = :stock WHERE id = :id")
+INSERT_LINE = text("INSERT INTO order_lines (product_id, qty) VALUES (:product_id, :qty)")
+
+
+def sync_variants(engine: Engine) -> dict[str, Callable[[int], None]]:
+    """The sync variants, each a function of a product id that runs one service call."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    shared = SqlAlchemyShopUnitOfWork(factory)
+
+    def uow_repository(product_id: int) -> None:
+        place_order(shared, product_id)
+
+    @uow.transactional(factory=lambda: SqlAlchemyShopUnitOfWork(factory))
+    def uow_decorator(product_id: int, uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        product = uow.products.get(product_id)
+        product.stock -= 1
+        uow.order_lines.add(OrderLine(product_id, 1))
+
+    def raw(product_id: int) -> None:
+        with factory.begin() as session:
+            product = session.get(Product, product_id)
+            product.stock -= 1
+            session.add(OrderLine(product_id, 1))
+
+    cosmic = CosmicUnitOfWork(factory)
+
+    def cosmic_uow(product_id: int) -> None:
+        with cosmic:
+            product = cosmic.products.get(product_id)
+            product.stock -= 1
+            cosmic.order_lines.add(OrderLine(product_id, 1))
+            cosmic.commit()
+
+    @provide_session
+    def airflow(product_id: int, session: Session) -> None:
+        product = session.get(Product, product_id)
+        product.stock -= 1
+        session.add(OrderLine(product_id, 1))
+
+    airflow.session_factory = factory  # type: ignore[attr-defined]
+
+    def core_text(product_id: int) -> None:
+        with engine.begin() as connection:
+            stock = connection.execute(SELECT_STOCK, {"id": product_id}).scalar_one()
+            connection.execute(UPDATE_STOCK, {"stock": stock - 1, "id": product_id})
+            connection.execute(INSERT_LINE, {"product_id": product_id, "qty": 1})
+
+    variants = {
+        "uow (repository)": uow_repository,
+        "uow (@transactional)": uow_decorator,
+        "raw SQLAlchemy": raw,
+        "cosmicpython UoW": cosmic_uow,
+        "provide_session": airflow,
+    }
+    advanced = advanced_alchemy_variant(factory)
+    if advanced is not None:
+        variants["advanced-alchemy"] = advanced
+    variants["core text()"] = core_text
+    return variants
+
+
+def advanced_alchemy_variant(factory: sessionmaker[Session]) -> Callable[[int], None] | None:
+    """advanced-alchemy's repository, when it is installed (a benchmark-only dependency)."""
+    try:
+        from advanced_alchemy.repository import SQLAlchemySyncRepository
+    except ImportError:
+        return None
+
+    class ProductRepository(SQLAlchemySyncRepository[Product]):  # type: ignore[type-var]
+        model_type = Product
+
+    class OrderLineRepository(SQLAlchemySyncRepository[OrderLine]):  # type: ignore[type-var]
+        model_type = OrderLine
+
+    def advanced(product_id: int) -> None:
+        with factory.begin() as session:
+            products = ProductRepository(session=session, auto_expunge=False, auto_commit=False)
+            lines = OrderLineRepository(session=session, auto_expunge=False, auto_commit=False)
+            product = products.get(product_id)
+            product.stock -= 1
+            lines.add(OrderLine(product_id, 1), auto_refresh=False)
+
+    return advanced
+
+
+def async_variants(engine: AsyncEngine) -> dict[str, Callable[[int], Awaitable[None]]]:
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    shared = AsyncSqlAlchemyShopUnitOfWork(factory)
+
+    async def uow_repository(product_id: int) -> None:
+        await place_order_async(shared, product_id)
+
+    async def raw(product_id: int) -> None:
+        async with factory.begin() as session:
+            product = await session.get(Product, product_id)
+            product.stock -= 1
+            session.add(OrderLine(product_id, 1))
+
+    async def core_text(product_id: int) -> None:
+        async with engine.begin() as connection:
+            stock = (await connection.execute(SELECT_STOCK, {"id": product_id})).scalar_one()
+            await connection.execute(UPDATE_STOCK, {"stock": stock - 1, "id": product_id})
+            await connection.execute(INSERT_LINE, {"product_id": product_id, "qty": 1})
+
+    return {"uow (repository)": uow_repository, "raw SQLAlchemy": raw, "core text()": core_text}
+
+
+# --- Timing -------------------------------------------------------------------------------------
+
+
+@attrs.define
+class Plan:
+    rounds: int
+    batch_seconds: float
+
+
+def _ids() -> Iterator[int]:
+    while True:
+        yield from range(1, PRODUCTS + 1)
+
+
+def calibrate(call: Callable[[int], None], plan: Plan, ids: Iterator[int]) -> int:
+    """Calls per batch, so that one batch of *call* takes about ``plan.batch_seconds``."""
+    n, elapsed = 1, 0.0
+    while elapsed < plan.batch_seconds / 4:
+        n *= 2
+        start = time.perf_counter()
+        for _ in range(n):
+            call(next(ids))
+        elapsed = time.perf_counter() - start
+    return max(1, int(n * plan.batch_seconds / elapsed))
+
+
+def measure(variants: dict[str, Callable[[int], None]], plan: Plan, reference: str) -> dict[str, float]:
+    """Median microseconds per call of each variant, over interleaved rounds."""
+    ids = _ids()
+    for call in variants.values():  # warm up: caches, compiled statements, the pool
+        for _ in range(20):
+            call(next(ids))
+    n = calibrate(variants[reference], plan, ids)
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(plan.rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            call = variants[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                call(next(ids))
+            samples[name].append((time.perf_counter() - start) / n * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+async def measure_async(
+    variants: dict[str, Callable[[int], Awaitable[None]]], plan: Plan, reference: str
+) -> dict[str, float]:
+    ids = _ids()
+    for call in variants.values():
+        for _ in range(20):
+            await call(next(ids))
+    n, elapsed = 1, 0.0
+    while elapsed < plan.batch_seconds / 4:
+        n *= 2
+        start = time.perf_counter()
+        for _ in range(n):
+            await variants[reference](next(ids))
+        elapsed = time.perf_counter() - start
+    n = max(1, int(n * plan.batch_seconds / elapsed))
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(plan.rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            call = variants[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                await call(next(ids))
+            samples[name].append((time.perf_counter() - start) / n * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# --- Backends: a fresh schema for each run ------------------------------------------------------
+
+
+def seed(engine: Engine) -> None:
+    metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            products_table.insert(), [{"name": f"p{i}", "stock": INITIAL_STOCK} for i in range(1, PRODUCTS + 1)]
+        )
+
+
+@contextlib.contextmanager
+def sqlite_memory() -> Iterator[Engine]:
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    seed(engine)
+    yield engine
+    engine.dispose()
+
+
+@contextlib.contextmanager
+def sqlite_file() -> Iterator[Engine]:
+    with tempfile.TemporaryDirectory() as directory:
+        engine = create_engine(f"sqlite:///{directory}/bench.db")
+        seed(engine)
+        yield engine
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def postgresql_schema(url: str) -> Iterator[str]:
+    """A schema created for this run, dropped at its end; yields its name."""
+    name = f"uow_bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def postgresql(schema: str) -> Iterator[Engine]:
+    engine = create_engine(POSTGRESQL_URL, connect_args={"options": f"-csearch_path={schema}"})
+    seed(engine)
+    yield engine
+    engine.dispose()
+
+
+def unreachable(url: str) -> str | None:
+    """Why *url* cannot be used, or None."""
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return None
+
+
+async def run_async(url: str, plan: Plan, connect_args: dict[str, Any] | None = None) -> dict[str, float]:
+    kwargs: dict[str, Any] = {"connect_args": connect_args or {}}
+    if url.startswith("sqlite"):
+        kwargs["poolclass"] = StaticPool
+    engine = create_async_engine(url, **kwargs)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+        await connection.execute(
+            products_table.insert(), [{"name": f"p{i}", "stock": INITIAL_STOCK} for i in range(1, PRODUCTS + 1)]
+        )
+    try:
+        return await measure_async(async_variants(engine), plan, "raw SQLAlchemy")
+    finally:
+        await engine.dispose()
+
+
+# --- The targets that are not a table row -------------------------------------------------------
+
+
+def measure_join(plan: Plan) -> tuple[float, float, float]:
+    """Per-call µs of a plain no-op, a @transactional no-op joining the active unit of work
+    (found, not passed) and one that is passed the unit of work."""
+
+    def plain(uow: Any = None) -> None:
+        return None
+
+    @uow.transactional
+    def decorated(uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        return None
+
+    unit = FakeShopUnitOfWork()
+    n = 20_000 if plan.rounds < 10 else 100_000
+    samples: dict[str, list[float]] = {"plain": [], "found": [], "passed": []}
+    with unit:
+        for _ in range(plan.rounds):
+            for name, call in (
+                ("plain", lambda: plain(uow=unit)),
+                ("found", decorated),
+                ("passed", lambda: decorated(uow=unit)),
+            ):
+                start = time.perf_counter()
+                for _ in range(n):
+                    call()
+                samples[name].append((time.perf_counter() - start) / n * 1e6)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return medians["plain"], medians["found"], medians["passed"]
+
+
+def fake_unit_test() -> None:
+    """A unit test of the service on the fake: a fresh unit of work, one product, one call, one check."""
+    fake = FakeShopUnitOfWork()
+    with fake:
+        fake.products.add(Product("lamp", 10, id=1))
+        fake.commit()
+    place_order(fake, 1)
+    with fake:
+        assert fake.products.get(1).stock == 9
+
+
+def sqlite_unit_test() -> None:
+    """The same test on SQLite in memory: a fresh database, as a per-test fixture builds it."""
+    engine = create_engine("sqlite://")
+    metadata.create_all(engine)
+    real = SqlAlchemyShopUnitOfWork(engine)
+    with real:
+        real.products.add(Product("lamp", 10, id=1))
+        real.commit()
+    place_order(real, 1)
+    with real:
+        assert real.products.get(1).stock == 9
+    engine.dispose()
+
+
+def measure_fake(plan: Plan) -> tuple[float, float]:
+    """Per-test µs of the same unit test on FakeUnitOfWork and on uow over SQLite in memory."""
+    medians = measure({"fake": lambda _: fake_unit_test(), "sqlite": lambda _: sqlite_unit_test()}, plan, "sqlite")
+    return medians["fake"], medians["sqlite"]
+
+
+def profile_sqlite_memory(calls: int) -> None:
+    """Print where uow spends time that raw SQLAlchemy does not, on SQLite in memory."""
+    with sqlite_memory() as engine:
+        variants = sync_variants(engine)
+        for name in ("raw SQLAlchemy", "uow (repository)"):
+            call = variants[name]
+            for pid in range(1, 101):
+                call(pid)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for i in range(calls):
+                call(i % PRODUCTS + 1)
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            total = stats.total_tt  # type: ignore[attr-defined]
+            print(f"\n{name}: {total / calls * 1e6:.1f} µs per call under the profiler")
+            if name.startswith("uow"):
+                rows = [
+                    (tt, nc, func)
+                    for func, (_, nc, tt, _, _) in stats.stats.items()  # type: ignore[attr-defined]
+                    if f"{os.sep}uow{os.sep}" in func[0]
+                ]
+                rows.sort(reverse=True)
+                own = sum(tt for tt, _, _ in rows)
+                print(f"  time in uow's own functions: {own / calls * 1e6:.1f} µs per call ({own / total:.1%})")
+                print("  top uow functions by tottime (µs per service call, calls per service call):")
+                for tt, nc, (filename, line, function) in rows[:12]:
+                    where = f"uow/{os.path.basename(filename)}:{line}"
+                    print(f"    {tt / calls * 1e6:7.2f} µs  {nc / calls:5.1f}x  {function}  ({where})")
+
+
+# --- Output -------------------------------------------------------------------------------------
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    print(f"\n{'backend':<18} {'variant':<22} {'µs/call':>10} {'x raw':>7}")
+    for backend, medians in results.items():
+        raw = medians["raw SQLAlchemy"]
+        for variant, value in medians.items():
+            print(f"{backend:<18} {variant:<22} {value:>10.1f} {value / raw:>7.3f}")
+        print()
+
+
+def write_chart(results: dict[str, dict[str, float]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("chart skipped: matplotlib not installed")
+        return
+    variants = list(dict.fromkeys(v for medians in results.values() for v in medians))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        xs, ys = [], []
+        for j, medians in enumerate(results.values()):
+            if variant in medians:
+                xs.append(j + i * width)
+                ys.append(medians[variant] / medians["raw SQLAlchemy"])
+        ax.bar(xs, ys, width, label=variant)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], list(results))
+    ax.set_ylabel("time per call / raw SQLAlchemy")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: under a minute")
+    parser.add_argument("--profile", action="store_true", help="profile uow against raw SQLAlchemy on SQLite in memory")
+    parser.add_argument("--chart", default=os.path.join(os.path.dirname(__file__), "ratios.png"), help="PNG to write")
+    args = parser.parse_args(argv)
+    plan = Plan(rounds=5, batch_seconds=0.05) if args.quick else Plan(rounds=15, batch_seconds=0.25)
+    began = time.perf_counter()
+
+    results: dict[str, dict[str, float]] = {}
+    for backend, make in (("SQLite memory", sqlite_memory), ("SQLite file", sqlite_file)):
+        with make() as engine:
+            results[backend] = measure(sync_variants(engine), plan, "raw SQLAlchemy")
+        print(f"{backend}: done", file=sys.stderr)
+
+    reason = unreachable(POSTGRESQL_URL)
+    if reason is None:
+        with postgresql_schema(POSTGRESQL_URL) as schema:
+            with postgresql(schema) as engine:
+                results["PostgreSQL"] = measure(sync_variants(engine), plan, "raw SQLAlchemy")
+            print("PostgreSQL: done", file=sys.stderr)
+            results["async aiosqlite"] = asyncio.run(run_async("sqlite+aiosqlite://", plan))
+            print("async aiosqlite: done", file=sys.stderr)
+            results["async asyncpg"] = asyncio.run(
+                run_async(ASYNCPG_URL, plan, {"server_settings": {"search_path": schema}})
+            )
+            print("async asyncpg: done", file=sys.stderr)
+    else:
+        print(f"PostgreSQL skipped: {reason}")
+        results["async aiosqlite"] = asyncio.run(run_async("sqlite+aiosqlite://", plan))
+
+    plain, found, passed = measure_join(plan)
+    fake, sqlite = measure_fake(plan)
+
+    print_table(results)
+    if "advanced-alchemy" not in results["SQLite memory"]:
+        print("advanced-alchemy: not measured (not installed)\n")
+    memory = results["SQLite memory"]
+    ratio = memory["uow (repository)"] / memory["raw SQLAlchemy"]
+    print("targets:")
+    print(f"  uow ≤ 1.03x raw on SQLite memory:      {ratio:.3f}x  {'met' if ratio <= 1.03 else 'missed'}")
+    for backend in ("async aiosqlite", "async asyncpg"):
+        if backend in results:
+            r = results[backend]["uow (repository)"] / results[backend]["raw SQLAlchemy"]
+            print(f"  uow ≤ 1.05x raw, {backend:<20} {r:.3f}x  {'met' if r <= 1.05 else 'missed'}")
+    for label, value in (("found", found), ("passed", passed)):
+        extra = value - plain
+        print(
+            f"  join ≤ 1 µs ({label:<6}):                 +{extra:.2f} µs "
+            f"({value:.2f} vs {plain:.2f} plain)  {'met' if extra <= 1 else 'missed'}"
+        )
+    speedup = sqlite / fake
+    print(
+        f"  fake ≥ 50x faster than SQLite memory (one unit test):  {speedup:.1f}x "
+        f"({fake:.1f} vs {sqlite:.1f} µs)  {'met' if speedup >= 50 else 'missed'}"
+    )
+    write_chart(results, args.chart)
+    if args.profile:
+        profile_sqlite_memory(500 if args.quick else 3000)
+    print(f"\ntotal time: {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
