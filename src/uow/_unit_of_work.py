@@ -1,9 +1,10 @@
 """The abstract units of work, sync and async, and how repositories are declared.
 
-``_UnitOfWorkCore`` holds the state machine and does no I/O. The sync and the
-async twin each add only the ``with`` / ``async with`` protocol and the
-``commit()`` / ``rollback()`` methods, which call the protected hooks that an
-implementation fills (``_open``, ``_commit``, ``_rollback``, ``_close``).
+``_UnitOfWorkCore`` holds the state machine of scopes and does no I/O. The
+sync and the async twin each add only what awaits: entering and leaving
+scopes, ``commit()``, ``rollback()`` and running hooks, which call the
+protected hooks that an implementation fills (``_open``, ``_flush``,
+``_commit``, ``_rollback``, ``_close``, the savepoint hooks).
 """
 
 from __future__ import annotations
@@ -407,6 +408,22 @@ class _UnitOfWorkCore:
         """The innermost scope, after checking that *what* may use it."""
         self._check_use(what)
         return self._scopes[-1]
+
+    def _owner_scope(self, what: str) -> _Scope:
+        """The owner's scope, for *what*, which only the owner may do; allowed in a rollback-only transaction."""
+        if not self._scopes or self._owner != self._here():
+            self._check_use(what)
+        scope = self._scopes[-1]
+        if scope.kind != OWNER:
+            raise _joined_error(what)
+        return scope
+
+    def _rolled_back_by_owner(self, scope: _Scope) -> None:
+        """After the owner's explicit rollback: the transaction is healthy again."""
+        scope.poison = None
+        scope.rollback_only = False
+        self._refresh_alarm()
+        self._rolled_back(scope.tx)
 
     def _check_may_commit(self, scope: _Scope) -> None:
         boundary = scope if scope.kind != JOINED else self._boundary()
@@ -1068,18 +1085,9 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         :class:`~uow.errors.JoinedScopeError`: raise an exception instead, so
         that the owner rolls back, or use :meth:`savepoint`.
         """
-        if not self._scopes:
-            self._check_use("rollback()")
-        scope = self._scopes[-1]
-        if self._owner != self._here():
-            self._check_use("rollback()")
-        if scope.kind != OWNER:
-            raise _joined_error("rollback()")
+        scope = self._owner_scope("rollback()")
         self._rollback(scope.tx.session)
-        scope.poison = None
-        scope.rollback_only = False
-        self._refresh_alarm()
-        self._rolled_back(scope.tx)
+        self._rolled_back_by_owner(scope)
 
     def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
@@ -1294,18 +1302,9 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def rollback(self) -> None:
         """Discard the uncommitted work of the owner's block now; see :meth:`UnitOfWork.rollback`."""
-        if not self._scopes:
-            self._check_use("rollback()")
-        scope = self._scopes[-1]
-        if self._owner != self._here():
-            self._check_use("rollback()")
-        if scope.kind != OWNER:
-            raise _joined_error("rollback()")
+        scope = self._owner_scope("rollback()")
         await self._rollback(scope.tx.session)
-        scope.poison = None
-        scope.rollback_only = False
-        self._refresh_alarm()
-        self._rolled_back(scope.tx)
+        self._rolled_back_by_owner(scope)
 
     async def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
