@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,9 @@ from sqlalchemy import Integer, inspect
 from sqlalchemy.orm import Mapper
 
 from .errors import ConfigurationError, ModelTypeError, UnknownFieldError
+
+#: Key types that are a whole single-column key as they are; checked first, since most keys are one.
+_SCALAR_KEYS = frozenset({int, str, bytes, uuid.UUID})
 
 
 @attrs.frozen
@@ -31,6 +35,8 @@ class ModelInfo:
 
     def normalize_key(self, key: Any) -> Any:
         """Turn what ``get()`` was given into the form :meth:`key_of` returns."""
+        if type(key) in _SCALAR_KEYS and len(self.primary_key) == 1:
+            return key
         if isinstance(key, Mapping):
             missing = set(self.primary_key) - set(key)
             if missing:

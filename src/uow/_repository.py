@@ -50,12 +50,18 @@ class _RepositoryBase(Generic[T]):
             self._unit._touch()
         return obj
 
+    def _remember(self, obj: T) -> T:
+        """Record *obj* as seen, in a public method that has called :meth:`_use` already."""
+        self._seen[id(obj)] = obj
+        return obj
+
     def _use(self) -> None:
         """Every public method starts here: refuse a closed repository, note the use."""
         if not self._open:
             self._check_open()
-        if self._unit is not None:
-            self._unit._touch()
+        unit = self._unit
+        if unit is not None:
+            unit._touch()
 
     def _track_all(self, objs: Iterable[T]) -> builtins.list[T]:
         """Record every object in *objs* as seen and return them as a list."""
@@ -88,7 +94,7 @@ class _RepositoryBase(Generic[T]):
                 f"get_by({shown}) matched more than one {self.model.__name__}; filter on a unique column, or use list()"
             )
             raise MultipleResultsError(msg)
-        return self._track(found[0]) if found else None
+        return self._remember(found[0]) if found else None
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -109,7 +115,7 @@ class Repository(_RepositoryBase[T], abc.ABC):
         self._use()
         self._info.check_instance(obj, "add")
         self._add(obj)
-        self._track(obj)
+        self._remember(obj)
 
     def add_all(self, objs: Iterable[T]) -> None:
         """Add several new objects at once."""
@@ -125,7 +131,7 @@ class Repository(_RepositoryBase[T], abc.ABC):
         """
         self._use()
         obj = self._get(self._info.normalize_key(key))
-        return None if obj is None else self._track(obj)
+        return None if obj is None else self._remember(obj)
 
     def get_by(self, **filters: Any) -> T | None:
         """The one object whose attributes equal *filters*, or ``None``.
@@ -181,7 +187,7 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         self._use()
         self._info.check_instance(obj, "add")
         await self._add(obj)
-        self._track(obj)
+        self._remember(obj)
 
     async def add_all(self, objs: Iterable[T]) -> None:
         """Add several new objects at once."""
@@ -194,7 +200,7 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         """The object with primary key *key*, or ``None``."""
         self._use()
         obj = await self._get(self._info.normalize_key(key))
-        return None if obj is None else self._track(obj)
+        return None if obj is None else self._remember(obj)
 
     async def get_by(self, **filters: Any) -> T | None:
         """The one object whose attributes equal *filters*, or ``None``."""

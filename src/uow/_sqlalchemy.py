@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,8 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
     The methods are shadowed on this one instance; uow's own calls reach them
     in the owner's scope, where the guard lets them through. *handle* is what
     the unit of work holds: the session, or the ``AsyncSession`` around it.
+    A unit of work guards its session once a scope is entered on top of the
+    owner's: before that, only the owner's code can reach it.
     """
     for name in _GUARDED:
         method = getattr(session, name)
@@ -53,15 +54,21 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
             return _method(*args, **kwargs)
 
         setattr(session, name, guarded)
-    _held.add(session)
+
+
+def _hold(session: Session) -> None:
+    """Mark *session* as held by a unit of work, so that no other one takes it."""
+    session.__dict__[_HELD] = True
 
 
 def _unguard_session(session: Session) -> None:
     """Give the session back as it came: its own methods, its own engine, no listener of uow's."""
-    for name in _GUARDED:
-        session.__dict__.pop(name, None)
-    _held.discard(session)
-    changed = _changed.pop(session, None)
+    attributes = session.__dict__
+    attributes.pop(_HELD, None)
+    if _GUARDED[0] in attributes:
+        for name in _GUARDED:
+            attributes.pop(name, None)
+    changed = attributes.pop(_CHANGED, None)
     if changed is not None:
         own_bind, listening = changed
         session.bind = own_bind
@@ -69,10 +76,11 @@ def _unguard_session(session: Session) -> None:
             event.remove(session, "after_begin", _start_read_only)
 
 
-#: The sessions that units of work hold now, and for those whose engine uow replaced to apply
-#: options: their own engine, and whether the read-only listener is on.
-_held: weakref.WeakSet[Session] = weakref.WeakSet()
-_changed: weakref.WeakKeyDictionary[Session, tuple[Engine, bool]] = weakref.WeakKeyDictionary()
+#: Instance attributes that uow sets on the sessions its units of work hold, and removes when
+#: they close: a mark that the session is held, and, for a session whose engine uow replaced to
+#: apply options, its own engine and whether the read-only listener is on.
+_HELD = "_uow_held"
+_CHANGED = "_uow_changed"
 
 
 _GUARDED = ("commit", "rollback", "close")
@@ -131,7 +139,7 @@ def _prepare(session: Session, tx: _Transaction, models: Iterable[type[Any]]) ->
     if listening:
         event.listen(session, "after_begin", _start_read_only)
     if options or listening:
-        _changed[session] = (bind, listening)
+        session.__dict__[_CHANGED] = (bind, listening)
     if options:
         session.bind = _engine_with(bind, options)
 
@@ -199,7 +207,7 @@ def _check_fresh(session: Session, outer: _UnitOfWorkCore | None) -> None:
     """
     handle = outer._tx.session if outer is not None and outer._tx is not None else None
     outer_session = handle.sync_session if isinstance(handle, AsyncSession) else handle
-    if session is outer_session or session in _held or session.in_transaction():
+    if session is outer_session or _HELD in session.__dict__ or session.in_transaction():
         msg = (
             "the session factory returned a session that is already in use (a scoped_session?): uow must "
             "not commit or close a session it does not own. Give the unit of work a sessionmaker or an engine"
@@ -340,7 +348,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
 
     def _adopt(self, session: Session, outer: _UnitOfWorkCore | None) -> None:
         _check_fresh(session, outer)
-        _guard_session(session, self, session)
+        _hold(session)
+
+    def _guard_session(self, tx: _Transaction) -> None:
+        _guard_session(tx.session, self, tx.session)
 
 
 class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
@@ -455,4 +466,7 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
 
     def _adopt(self, session: AsyncSession, outer: _UnitOfWorkCore | None) -> None:
         _check_fresh(session.sync_session, outer)
-        _guard_session(session.sync_session, self, session)
+        _hold(session.sync_session)
+
+    def _guard_session(self, tx: _Transaction) -> None:
+        _guard_session(tx.session.sync_session, self, tx.session)

@@ -61,23 +61,25 @@ class SqlAlchemyRepository(Repository[T]):
         self._use()
         return self._session
 
+    # The hooks run inside a public method, which has checked the use already.
+
     def _add(self, obj: T) -> None:
-        self.session.add(obj)
+        self._session.add(obj)
 
     def _add_all(self, objs: builtins.list[T]) -> None:
-        self.session.add_all(objs)
+        self._session.add_all(objs)
 
     def _get(self, key: Any) -> T | None:
-        return self.session.get(self.model, key)
+        return self._session.get(self.model, key)
 
     def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
-        return self.session.scalars(_list_statement(self._info, filters, limit)).all()
+        return self._session.scalars(_list_statement(self._info, filters, limit)).all()
 
     def _count(self, filters: dict[str, Any]) -> int:
-        return int(self.session.scalar(_count_statement(self._info, filters)) or 0)
+        return int(self._session.scalar(_count_statement(self._info, filters)) or 0)
 
     def _remove(self, obj: T) -> None:
-        session = self.session
+        session = self._session
         if _check_removable(session, obj, self.model):
             session.expunge(obj)
         else:
@@ -98,22 +100,22 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
         return self._session
 
     async def _add(self, obj: T) -> None:
-        self.session.add(obj)
+        self._session.add(obj)
 
     async def _add_all(self, objs: builtins.list[T]) -> None:
-        self.session.add_all(objs)
+        self._session.add_all(objs)
 
     async def _get(self, key: Any) -> T | None:
-        return await self.session.get(self.model, key)
+        return await self._session.get(self.model, key)
 
     async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
-        return (await self.session.scalars(_list_statement(self._info, filters, limit))).all()
+        return (await self._session.scalars(_list_statement(self._info, filters, limit))).all()
 
     async def _count(self, filters: dict[str, Any]) -> int:
-        return int(await self.session.scalar(_count_statement(self._info, filters)) or 0)
+        return int(await self._session.scalar(_count_statement(self._info, filters)) or 0)
 
     async def _remove(self, obj: T) -> None:
-        session = self.session
+        session = self._session
         if _check_removable(session.sync_session, obj, self.model):
             session.expunge(obj)
         else:

@@ -309,6 +309,8 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
                     args, kwargs = _placed(args, kwargs, index, positional, unit)
                 scopes = unit._scopes
                 top = scopes[-1]
+                if not top.tx.session_guarded:
+                    unit._nest(top.tx)
                 scopes.append(top.tx.joined(top.read_only))
                 try:
                     result = func(*args, **kwargs)
@@ -360,6 +362,8 @@ def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], 
                     args, kwargs = _placed(args, kwargs, index, positional, unit)
                 scopes = unit._scopes
                 top = scopes[-1]
+                if not top.tx.session_guarded:
+                    unit._nest(top.tx)
                 scopes.append(top.tx.joined(top.read_only))
                 try:
                     result = await func(*args, **kwargs)

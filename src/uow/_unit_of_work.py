@@ -302,8 +302,22 @@ class _UnitOfWorkCore:
         kind = SAVEPOINT if propagation == "nested" else JOINED
         return _Scope(kind, tx, scope_read_only, commit_on_exit=False)
 
+    def _guard_session(self, tx: _Transaction) -> None:
+        """Make *tx*'s session refuse ``commit()``, ``rollback()`` and ``close()`` from scopes above its owner.
+
+        Called once per transaction, when the first scope is entered on top
+        of its owner's: until then only the owner can reach the session.
+        """
+
+    def _nest(self, tx: _Transaction) -> None:
+        """A scope is entered on top of *tx*'s innermost one."""
+        tx.session_guarded = True
+        self._guard_session(tx)
+
     def _push(self, scope: _Scope) -> None:
         """Make *scope* the innermost; for an owner, after its session is open."""
+        if self._scopes and not self._scopes[-1].tx.session_guarded:
+            self._nest(self._scopes[-1].tx)
         if scope.kind == OWNER:
             if not self._scopes:
                 self._owner = self._here()
@@ -313,8 +327,6 @@ class _UnitOfWorkCore:
             outer = _active_here()
             scope.tx.outer_unit = outer if outer is not self else None
             self._commit_outcome_unknown = False
-            if self._tx is not None:  # requires_new: the suspended transaction's repositories step aside
-                self._forget_repositories(self._tx)
             self._tx = scope.tx
             scope.token = _current.set(self)
         elif scope.kind == SAVEPOINT:
@@ -329,7 +341,6 @@ class _UnitOfWorkCore:
     def _pop(self) -> _Scope:
         scope = self._scopes.pop()
         if scope.kind == OWNER:
-            self._forget_repositories(scope.tx)
             for repo in scope.tx.repositories.values():
                 repo._close()
             scope.tx.repositories.clear()
@@ -339,15 +350,12 @@ class _UnitOfWorkCore:
                     _current.reset(scope.token)
                 except ValueError:  # exited in another context than entered; leave it
                     log.warning("uow: %r was exited in another context than it was entered in", self)
-        if not self._scopes:
+        if self._scopes:
+            self._refresh_alarm()
+        else:
             self._owner = None
-        self._refresh_alarm()
+            self._alarm = True
         return scope
-
-    def _forget_repositories(self, tx: _Transaction) -> None:
-        """Drop the repositories of *tx* that reads of this block left in the instance dict."""
-        for name in tx.repositories:
-            self.__dict__.pop(name, None)
 
     def _refresh_alarm(self) -> None:
         scopes = self._scopes
@@ -406,7 +414,8 @@ class _UnitOfWorkCore:
 
     def _scope_for(self, what: str) -> _Scope:
         """The innermost scope, after checking that *what* may use it."""
-        self._check_use(what)
+        if self._alarm or self._owner != self._here():
+            self._check_use(what)
         return self._scopes[-1]
 
     def _owner_scope(self, what: str) -> _Scope:
@@ -462,7 +471,8 @@ class _UnitOfWorkCore:
         return bool(self._scopes) and self._scopes[-1].read_only
 
     def _repository(self, name: str) -> Any:
-        if self._alarm or self._owner != self._here():
+        # Use from another thread or task is refused when the repository is used.
+        if self._alarm:
             self._check_use(f"{type(self).__name__}.{name}")
         tx = self._tx
         assert tx is not None
@@ -472,9 +482,6 @@ class _UnitOfWorkCore:
             repo = self._new_repository(tx.session, self._implementations[name], slot.model)
             repo._unit = self
             tx.repositories[name] = repo
-        # Later reads in this transaction find the repository in the instance
-        # dict and skip the descriptor; _pop() removes it again.
-        self.__dict__[name] = repo
         return repo
 
     def _models(self) -> list[type[Any]]:
@@ -675,6 +682,7 @@ class _Transaction:
         "refused",
         "repositories",
         "session",
+        "session_guarded",
         "used",
     )
 
@@ -691,6 +699,8 @@ class _Transaction:
         #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
         self.guarded = False
         self.refused = False
+        #: Whether the session refuses commit, rollback and close from scopes above the owner's.
+        self.session_guarded = False
         #: The unit of work active in this thread or task when this one started (another object).
         self.outer_unit: _UnitOfWorkCore | None = None
         self._joined: dict[bool, _Scope] = {}
@@ -978,7 +988,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             self._adopt(session, _outer_unit())
             scope.tx.session = session
             try:
-                self._prepare(scope.tx)
+                if scope.tx.isolation_level is not None or scope.tx.read_only:
+                    self._prepare(scope.tx)
             except BaseException:
                 try:
                     self._close(session, invalidate=False)
@@ -1060,11 +1071,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         commit fails, the work is rolled back and the error raised.
         """
         scope = self._scope_for("commit()")
-        self._check_may_commit(scope)
-        if scope.kind != OWNER:
-            self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
-            return
         tx = scope.tx
+        if scope.kind != OWNER or scope.rollback_only or tx.read_only:
+            self._check_may_commit(scope)
+            if scope.kind != OWNER:
+                self._flush(tx.session)  # errors surface here, in the scope that caused them
+                return
         try:
             self._flush(tx.session)
             try:
@@ -1076,7 +1088,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             self._discard(tx)
             raise
         self._committed(tx)
-        self._run_hooks(tx)
+        if tx.hooks:
+            self._run_hooks(tx)
 
     def rollback(self) -> None:
         """Discard the uncommitted work of the owner's block now; the block goes on.
@@ -1115,6 +1128,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
+        if not hooks:
+            return
         started = self._start_hooks()
         try:
             while hooks:
@@ -1204,7 +1219,8 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             self._adopt(session, _outer_unit())
             scope.tx.session = session
             try:
-                self._prepare(scope.tx)
+                if scope.tx.isolation_level is not None or scope.tx.read_only:
+                    self._prepare(scope.tx)
             except BaseException:
                 try:
                     await _run_to_completion(self._close(session, invalidate=False))
@@ -1282,11 +1298,12 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def commit(self) -> None:
         """Commit the work done so far; see :meth:`UnitOfWork.commit`."""
         scope = self._scope_for("commit()")
-        self._check_may_commit(scope)
-        if scope.kind != OWNER:
-            await self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
-            return
         tx = scope.tx
+        if scope.kind != OWNER or scope.rollback_only or tx.read_only:
+            self._check_may_commit(scope)
+            if scope.kind != OWNER:
+                await self._flush(tx.session)  # errors surface here, in the scope that caused them
+                return
         try:
             await self._flush(tx.session)
             try:
@@ -1298,7 +1315,8 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             await _run_to_completion(self._discard(tx))
             raise
         self._committed(tx)
-        await self._run_hooks(tx)
+        if tx.hooks:
+            await self._run_hooks(tx)
 
     async def rollback(self) -> None:
         """Discard the uncommitted work of the owner's block now; see :meth:`UnitOfWork.rollback`."""
@@ -1324,6 +1342,8 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
+        if not hooks:
+            return
         started = self._start_hooks()
         try:
             while hooks:
