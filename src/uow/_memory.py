@@ -265,6 +265,19 @@ class InMemorySession:
         if not self._holds(obj):
             self._pending[id(obj)] = obj
 
+    def insert_now(self, objs: builtins.list[Any]) -> None:
+        """A bulk INSERT: flush, then write copies of *objs*, which stay unattached, as the database would."""
+        self.flush()
+        pending, self._pending = self._pending, {}
+        try:
+            for obj in copy.deepcopy(objs):
+                for relationship in inspect(type(obj)).relationships:  # a bulk INSERT writes one table
+                    obj.__dict__.pop(relationship.key, None)
+                self._pending[id(obj)] = obj
+            self.flush()
+        finally:
+            self._pending = pending
+
     def delete(self, obj: object) -> None:
         if self._pending.pop(id(obj), None) is not None:
             return
@@ -485,6 +498,9 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
         for obj in objs:
             store.add(obj)
 
+    def _add_bulk(self, objs: builtins.list[T]) -> None:
+        self._store.insert_now(objs)
+
     def _get(self, key: Any) -> T | None:
         found: T | None = self._store.get(self.model, key)
         return found
@@ -509,6 +525,9 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
         store = self._store
         for obj in objs:
             store.add(obj)
+
+    async def _add_bulk(self, objs: builtins.list[T]) -> None:
+        self._store.insert_now(objs)
 
     async def _get(self, key: Any) -> T | None:
         found: T | None = self._store.get(self.model, key)

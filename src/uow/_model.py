@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
-from sqlalchemy import Integer, inspect
+from sqlalchemy import Column, Integer, Table, insert, inspect
 from sqlalchemy.orm import Mapper
 
 from .errors import ConfigurationError, ModelTypeError, UnknownFieldError
@@ -26,6 +26,10 @@ class ModelInfo:
     fields: frozenset[str]
     #: The single integer primary key the database would generate, if any.
     generated_key: str | None
+    #: For a bulk insert: the statement, and per column attribute the parameter name and whether
+    #: an unset (None) value is left out so that the database's default or generated key applies.
+    bulk_statement: Any
+    bulk_columns: tuple[tuple[str, str, bool], ...]
 
     def key_of(self, obj: object) -> Any:
         """The identity of *obj* as ``Session.get()`` takes it."""
@@ -57,6 +61,33 @@ class ModelInfo:
             )
             raise UnknownFieldError(msg)
         return key
+
+    def bulk_batches(self, objs: list[Any]) -> Iterator[list[dict[str, Any]]]:
+        """The INSERT parameters of *objs*, in their order, batched by the columns each one sets.
+
+        An attribute that is None or unset is left out where the column has a
+        default or a generated key, so the database fills it in as at a flush.
+        """
+        required = [(attribute, parameter) for attribute, parameter, optional in self.bulk_columns if not optional]
+        optional = [(attribute, parameter) for attribute, parameter, optional in self.bulk_columns if optional]
+        rows: list[dict[str, Any]] = []
+        shape: tuple[str, ...] = ()
+        for obj in objs:
+            values = obj.__dict__
+            row = {parameter: values.get(attribute) for attribute, parameter in required}
+            if optional:
+                for attribute, parameter in optional:
+                    value = values.get(attribute)
+                    if value is not None:
+                        row[parameter] = value
+                present = tuple(row)
+                if rows and present != shape:
+                    yield rows
+                    rows = []
+                shape = present
+            rows.append(row)
+        if rows:
+            yield rows
 
     def check_filters(self, filters: Mapping[str, object]) -> None:
         unknown = set(filters) - self.fields
@@ -106,10 +137,24 @@ def _read_model(model: type[Any]) -> ModelInfo:
             and not column.foreign_keys
         ):
             generated_key = primary_key[0]
+    # A class on one table is inserted with a Core INSERT on that table, the fastest way; one
+    # with inheritance or a version counter through the ORM's bulk INSERT, which handles those.
+    table = mapper.local_table
+    plain = isinstance(table, Table) and len(mapper.tables) == 1 and mapper.polymorphic_on is None
+    plain = plain and mapper.version_id_col is None
+    bulk_columns = []
+    for prop in mapper.column_attrs:
+        column = prop.columns[0]
+        if not isinstance(column, Column) or (plain and column.table is not table):
+            continue
+        optional = column.default is not None or column.server_default is not None or prop.key == generated_key
+        bulk_columns.append((prop.key, column.key if plain else prop.key, optional))
     return ModelInfo(
         model=model,
         mapper=mapper,
         primary_key=primary_key,
         fields=frozenset(prop.key for prop in mapper.column_attrs),
         generated_key=generated_key,
+        bulk_statement=insert(table) if plain and isinstance(table, Table) else insert(model),
+        bulk_columns=tuple(bulk_columns),
     )

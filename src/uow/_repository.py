@@ -117,10 +117,20 @@ class Repository(_RepositoryBase[T], abc.ABC):
         self._add(obj)
         self._remember(obj)
 
-    def add_all(self, objs: Iterable[T]) -> None:
-        """Add several new objects at once."""
+    def add_all(self, objs: Iterable[T], *, bulk: bool = False) -> None:
+        """Add several new objects at once.
+
+        With ``bulk=True`` they are inserted now, with one executemany INSERT,
+        for loading many rows fast: the objects stay unattached, so later
+        changes to them are not saved, generated keys are not set on them,
+        related objects are not added, and their domain events are not
+        collected. The unit of work's commit still decides whether they stay.
+        """
         self._use()
         checked = self._checked_many(objs)
+        if bulk:
+            self._add_bulk(checked)
+            return
         self._add_all(checked)
         self._track_all(checked)
 
@@ -167,6 +177,9 @@ class Repository(_RepositoryBase[T], abc.ABC):
     def _add_all(self, objs: builtins.list[T]) -> None: ...
 
     @abc.abstractmethod
+    def _add_bulk(self, objs: builtins.list[T]) -> None: ...
+
+    @abc.abstractmethod
     def _get(self, key: Any) -> T | None: ...
 
     @abc.abstractmethod
@@ -189,10 +202,13 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         await self._add(obj)
         self._remember(obj)
 
-    async def add_all(self, objs: Iterable[T]) -> None:
-        """Add several new objects at once."""
+    async def add_all(self, objs: Iterable[T], *, bulk: bool = False) -> None:
+        """Add several new objects at once; ``bulk=True`` inserts them now, as in :meth:`Repository.add_all`."""
         self._use()
         checked = self._checked_many(objs)
+        if bulk:
+            await self._add_bulk(checked)
+            return
         await self._add_all(checked)
         self._track_all(checked)
 
@@ -231,6 +247,9 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     async def _add_all(self, objs: builtins.list[T]) -> None: ...
+
+    @abc.abstractmethod
+    async def _add_bulk(self, objs: builtins.list[T]) -> None: ...
 
     @abc.abstractmethod
     async def _get(self, key: Any) -> T | None: ...

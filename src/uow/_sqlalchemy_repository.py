@@ -69,6 +69,12 @@ class SqlAlchemyRepository(Repository[T]):
     def _add_all(self, objs: builtins.list[T]) -> None:
         self._session.add_all(objs)
 
+    def _add_bulk(self, objs: builtins.list[T]) -> None:
+        session = self._session
+        session.flush()  # rows they refer to may be pending
+        for rows in self._info.bulk_batches(objs):
+            session.execute(self._info.bulk_statement, rows)
+
     def _get(self, key: Any) -> T | None:
         return self._session.get(self.model, key)
 
@@ -104,6 +110,12 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
 
     async def _add_all(self, objs: builtins.list[T]) -> None:
         self._session.add_all(objs)
+
+    async def _add_bulk(self, objs: builtins.list[T]) -> None:
+        session = self._session
+        await session.flush()
+        for rows in self._info.bulk_batches(objs):
+            await session.execute(self._info.bulk_statement, rows)
 
     async def _get(self, key: Any) -> T | None:
         return await self._session.get(self.model, key)

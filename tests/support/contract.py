@@ -334,6 +334,102 @@ class Contract:
             await uow.commit()
         assert [("x",), ("y",), ("z",)] == shop.committed(Sku, "code")
 
+    # -- add_all(bulk=True) ------------------------------------------------------
+
+    async def test_bulk_add_all_inserts_every_row(self, shop: Shop) -> None:
+        """add_all(bulk=True) inserts every object, and the commit keeps them."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add_all((Sku(f"s{i:03}", "bulk", i) for i in range(250)), bulk=True)
+            assert 250 == await uow.skus.count(description="bulk")
+            await uow.commit()
+        assert [(f"s{i:03}", i) for i in range(250)] == sorted(shop.committed(Sku, "code", "stock"))
+
+    async def test_bulk_rows_roll_back_with_the_block(self, shop: Shop) -> None:
+        """Rows inserted in bulk disappear when the block rolls back."""
+        uow = shop.uow()
+        with pytest.raises(Boom):
+            async with uow:
+                await uow.skus.add_all([Sku("a"), Sku("b")], bulk=True)
+                raise Boom
+        assert [] == shop.committed(Sku, "code")
+
+    async def test_bulk_objects_stay_unattached(self, shop: Shop) -> None:
+        """After a bulk insert, changing the object saves nothing, and no generated key is set on it."""
+        uow = shop.uow()
+        async with uow:
+            sku, item = Sku("a", "as inserted", 1), Item("first")
+            await uow.skus.add_all([sku], bulk=True)
+            await uow.items.add_all([item], bulk=True)
+            sku.description = "changed afterwards"
+            loaded = await uow.skus.get("a")
+            await uow.commit()
+        assert loaded is not sku
+        assert "as inserted" == loaded.description
+        assert item.id is None
+        assert [("a", "as inserted")] == shop.committed(Sku, "code", "description")
+        assert [("first",)] == shop.committed(Item, "name")
+
+    async def test_bulk_applies_column_defaults_and_generated_keys(self, shop: Shop) -> None:
+        """Unset attributes get their column default, and None keys are generated, as at a flush."""
+        uow = shop.uow()
+        async with uow:
+            await uow.notes.add_all([Note(text="plain"), Note(text="pinned", pinned=True)], bulk=True)
+            await uow.items.add_all([Item("a", 1), Item("b", 2), Item("c", 3, id=100)], bulk=True)
+            await uow.commit()
+        assert [("pinned", True), ("plain", False)] == shop.committed(Note, "text", "pinned")
+        rows = shop.committed(Item, "id", "name")
+        assert (100, "c") in rows
+        assert ["a", "b", "c"] == sorted(name for _, name in rows)
+        assert 3 == len({key for key, _ in rows})
+
+    async def test_bulk_writes_pending_objects_first(self, shop: Shop) -> None:
+        """Objects added before a bulk insert are written before it, and both are committed."""
+        uow = shop.uow()
+        async with uow:
+            await uow.orders.add(Order("o1"))
+            await uow.skus.add_all([Sku("x")], bulk=True)
+            await uow.commit()
+        assert [("o1",)] == shop.committed(Order, "ref")
+        assert [("x",)] == shop.committed(Sku, "code")
+
+    async def test_bulk_does_not_add_related_objects(self, shop: Shop) -> None:
+        """A bulk insert writes the objects' own table only, not objects they refer to."""
+        uow = shop.uow()
+        async with uow:
+            await uow.orders.add_all([Order("o1", [Line("LAMP", 1)])], bulk=True)
+            await uow.commit()
+        assert [("o1",)] == shop.committed(Order, "ref")
+        assert [] == shop.committed(Line, "sku")
+
+    async def test_bulk_duplicate_key_raises_and_commits_nothing(self, shop: Shop) -> None:
+        """A duplicate primary key in a bulk insert raises IntegrityError, and the block commits nothing."""
+        await seed(shop, Sku("a"))
+        uow = shop.uow()
+        with pytest.raises(IntegrityError):
+            async with uow:
+                await uow.skus.add_all([Sku("b"), Sku("a")], bulk=True)
+                await uow.commit()
+        assert [("a",)] == shop.committed(Sku, "code")
+
+    async def test_bulk_of_the_wrong_type_raises_before_writing(self, shop: Shop) -> None:
+        """An object of another class in a bulk insert raises ModelTypeError and nothing is written."""
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.ModelTypeError):
+                await uow.skus.add_all([Sku("a"), Item("x")], bulk=True)
+            assert 0 == await uow.skus.count()
+            await uow.commit()
+        assert [] == shop.committed(Sku, "code")
+
+    async def test_bulk_in_a_read_only_transaction_raises(self, shop: Shop) -> None:
+        """A bulk insert in a read-only transaction raises ReadOnlyError and writes nothing."""
+        uow = shop.uow()
+        with pytest.raises(errors.ReadOnlyError):
+            async with uow.transaction(read_only=True):
+                await uow.skus.add_all([Sku("a")], bulk=True)
+        assert [] == shop.committed(Sku, "code")
+
     async def test_generated_keys_are_assigned_at_flush(self, shop: Shop) -> None:
         """A database-generated key is None after add() and set by the next query or commit."""
         uow = shop.uow()
