@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession, _Savepoint
-from ._repository import _RepositoryBase
 from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
 
 __all__ = ["AsyncFakeUnitOfWork", "FakeUnitOfWork"]
@@ -18,10 +15,6 @@ class _FakeCore(_UnitOfWorkCore):
         super().__init__(autocommit=autocommit)
         #: The committed state, shared by every block of this unit of work.
         self.database = InMemoryDatabase()
-
-    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(session, model)
-        return repo
 
     def _prepare(self, tx: _Transaction) -> None:
         """The fake has no isolation levels, and read-only mode is enforced at flush."""

@@ -12,7 +12,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransa
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from ._repository import _RepositoryBase
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
 from ._unit_of_work import OWNER, AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
 from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError
@@ -294,10 +293,6 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session, self)
 
-    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(session, model)
-        return repo
-
     def _flush(self, session: Session) -> None:
         session.flush()
 
@@ -347,8 +342,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         """The flush guard sees changed attributes by itself."""
 
     def _adopt(self, session: Session, outer: _UnitOfWorkCore | None) -> None:
-        _check_fresh(session, outer)
-        _hold(session)
+        attributes = session.__dict__
+        if outer is not None or _HELD in attributes or session.in_transaction():
+            _check_fresh(session, outer)
+        attributes[_HELD] = True
 
     def _guard_session(self, tx: _Transaction) -> None:
         _guard_session(tx.session, self, tx.session)
@@ -410,10 +407,6 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
 
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session.sync_session, self)
-
-    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        repo: _RepositoryBase[Any] = repository_class(session, model)
-        return repo
 
     async def _flush(self, session: AsyncSession) -> None:
         await session.flush()

@@ -219,10 +219,6 @@ class _UnitOfWorkCore:
     # -- protected hooks for implementations ---------------------------------
 
     @abc.abstractmethod
-    def _new_repository(self, session: Any, repository_class: type[Any], model: type[Any]) -> _RepositoryBase[Any]:
-        """Build a repository bound to *session*."""
-
-    @abc.abstractmethod
     def _adopt(self, session: Any, outer: _UnitOfWorkCore | None) -> None:
         """Take charge of a new *session*; raise ConfigurationError if it would share work with *outer*.
 
@@ -479,7 +475,7 @@ class _UnitOfWorkCore:
         repo = tx.repositories.get(name)
         if repo is None:
             slot = self._slots[name]
-            repo = self._new_repository(tx.session, self._implementations[name], slot.model)
+            repo = self._implementations[name](tx.session, slot.model)
             repo._unit = self
             tx.repositories[name] = repo
         return repo

@@ -375,11 +375,11 @@ class Contract:
         uow = shop.uow()
         async with uow:
             await uow.notes.add_all([Note(text="plain"), Note(text="pinned", pinned=True)], bulk=True)
-            await uow.items.add_all([Item("a", 1), Item("b", 2), Item("c", 3, id=100)], bulk=True)
+            await uow.items.add_all([Item("a", 1), Item("b", 2), Item("c", 3, id=10**6)], bulk=True)
             await uow.commit()
         assert [("pinned", True), ("plain", False)] == shop.committed(Note, "text", "pinned")
         rows = shop.committed(Item, "id", "name")
-        assert (100, "c") in rows
+        assert (10**6, "c") in rows
         assert ["a", "b", "c"] == sorted(name for _, name in rows)
         assert 3 == len({key for key, _ in rows})
 
@@ -443,7 +443,7 @@ class Contract:
         assert isinstance(first.id, int)
         assert isinstance(second.id, int)
         assert first.id < second.id
-        assert sorted([(first.id, "a"), (second.id, "b")]) == shop.committed(Item, "id", "name")
+        assert [(first.id, "a"), (second.id, "b")] == sorted(shop.committed(Item, "id", "name"))
 
     async def test_duplicate_primary_key_in_one_flush_raises(self, shop: Shop) -> None:
         """Two new objects with one primary key fail with IntegrityError at commit."""
