@@ -371,7 +371,7 @@ class InMemorySession:
         if obj is None or (table, key) not in self._identity:
             self.flush()
             obj = self._working.get(table, {}).get(key)
-        if not isinstance(obj, model):
+        if not isinstance(obj, model) or id(obj) in self._deleted:  # a removed object is gone for get() too
             return None
         self._identity.add((table, key))
         return obj

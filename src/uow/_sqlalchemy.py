@@ -14,7 +14,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
 from ._unit_of_work import OWNER, AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
-from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError
+from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError, _shown
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import UOWTransaction
@@ -266,7 +266,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         if isinstance(session_factory, Engine):
             session_factory = sessionmaker(session_factory, expire_on_commit=False)
         elif not callable(session_factory):
-            msg = f"{type(self).__name__} takes an Engine or a session factory, not {session_factory!r}"
+            msg = f"{type(self).__name__} takes an Engine or a session factory, not {_shown(session_factory)}"
             raise ConfigurationError(msg)
         self.session_factory = session_factory
 
@@ -282,7 +282,9 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     def _open(self) -> Session:
         session = self.session_factory()
         if not isinstance(session, Session):
-            msg = f"the session factory of {type(self).__name__} returned {session!r}, not a sqlalchemy.orm.Session"
+            msg = (
+                f"the session factory of {type(self).__name__} returned {_shown(session)}, not a sqlalchemy.orm.Session"
+            )
             raise ConfigurationError(msg)
         return session
 
@@ -378,7 +380,9 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         if isinstance(session_factory, AsyncEngine):
             session_factory = async_sessionmaker(session_factory, expire_on_commit=False)
         elif not callable(session_factory):
-            msg = f"{type(self).__name__} takes an AsyncEngine or an async session factory, not {session_factory!r}"
+            msg = (
+                f"{type(self).__name__} takes an AsyncEngine or an async session factory, not {_shown(session_factory)}"
+            )
             raise ConfigurationError(msg)
         self.session_factory = session_factory
 
@@ -395,7 +399,7 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         session = self.session_factory()
         if not isinstance(session, AsyncSession):
             msg = (
-                f"the session factory of {type(self).__name__} returned {session!r}, "
+                f"the session factory of {type(self).__name__} returned {_shown(session)}, "
                 "not a sqlalchemy.ext.asyncio.AsyncSession"
             )
             raise ConfigurationError(msg)

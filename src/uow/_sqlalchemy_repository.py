@@ -44,6 +44,11 @@ def _check_removable(session: Session, obj: object, model: type[Any]) -> bool:
     return bool(state.pending)
 
 
+def _pending_delete(session: Session, obj: object) -> bool:
+    """Whether *obj* is marked for deletion in *session* and not yet flushed (or restored by a rollback)."""
+    return obj in session.deleted
+
+
 class SqlAlchemyRepository(Repository[T]):
     """A :class:`~uow.Repository` that reads and writes through a SQLAlchemy ``Session``.
 
@@ -54,6 +59,8 @@ class SqlAlchemyRepository(Repository[T]):
     def __init__(self, session: Session, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
+        # Objects this repository removed: the session's get() returns them until the next flush.
+        self._removed: set[int] = set()
 
     @property
     def session(self) -> Session:
@@ -76,7 +83,10 @@ class SqlAlchemyRepository(Repository[T]):
             session.execute(self._info.bulk_statement, rows)
 
     def _get(self, key: Any) -> T | None:
-        return self._session.get(self.model, key)
+        found = self._session.get(self.model, key)
+        if found is not None and self._removed and _pending_delete(self._session, found):
+            return None
+        return found
 
     def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
         return self._session.scalars(_list_statement(self._info, filters, limit)).all()
@@ -90,6 +100,7 @@ class SqlAlchemyRepository(Repository[T]):
             session.expunge(obj)
         else:
             session.delete(obj)
+            self._removed.add(id(obj))
 
 
 class AsyncSqlAlchemyRepository(AsyncRepository[T]):
@@ -98,6 +109,7 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
     def __init__(self, session: AsyncSession, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
+        self._removed: set[int] = set()
 
     @property
     def session(self) -> AsyncSession:
@@ -118,7 +130,10 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
             await session.execute(self._info.bulk_statement, rows)
 
     async def _get(self, key: Any) -> T | None:
-        return await self._session.get(self.model, key)
+        found = await self._session.get(self.model, key)
+        if found is not None and self._removed and _pending_delete(self._session.sync_session, found):
+            return None
+        return found
 
     async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
         return (await self._session.scalars(_list_statement(self._info, filters, limit))).all()
@@ -132,3 +147,4 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
             session.expunge(obj)
         else:
             await session.delete(obj)
+            self._removed.add(id(obj))

@@ -27,7 +27,7 @@ from ._unit_of_work import (
     _thread_and_task,
     _UnitOfWorkCore,
 )
-from .errors import ConfigurationError, InactiveUnitOfWorkError, is_retryable
+from .errors import ConfigurationError, InactiveUnitOfWorkError, _shown, is_retryable
 
 __all__ = ["NEW_UOW", "Retry", "Transactional", "transactional"]
 
@@ -196,7 +196,7 @@ class Transactional:
             # Entering a scope validates these too; checking now reports the mistake at import.
             _check_options(configured.propagation, configured.isolation_level)
             if configured.factory is not None and not callable(configured.factory):
-                msg = f"factory must be a callable that returns a unit of work, not {configured.factory!r}"
+                msg = f"factory must be a callable that returns a unit of work, not {_shown(configured.factory)}"
                 raise ConfigurationError(msg)
             return configured
         return self._decorate(func)
@@ -205,7 +205,7 @@ class Transactional:
         if isinstance(func, (classmethod, staticmethod)):
             return type(func)(self._decorate(func.__func__))
         if not callable(func):
-            msg = f"@transactional decorates a function, not {func!r}"
+            msg = f"@transactional decorates a function, not {_shown(func)}"
             raise ConfigurationError(msg)
         name = getattr(func, "__qualname__", repr(func))
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -244,7 +244,7 @@ class Transactional:
         """The unit of work a call runs in: the one given, the active one here, or a new one."""
         if given is not None and given is not NEW_UOW:
             if not isinstance(given, kind):
-                msg = f"{name} was given uow={given!r}, which is not a {kind.__name__}"
+                msg = f"{name} was given uow={_shown(given)}, which is not a {kind.__name__}"
                 raise ConfigurationError(msg)
             return given
         active = _active_here()
@@ -265,7 +265,7 @@ class Transactional:
             raise InactiveUnitOfWorkError(msg)
         unit = self.factory()
         if not isinstance(unit, kind):
-            msg = f"the factory of @transactional on {name} returned {unit!r}, not a {kind.__name__}"
+            msg = f"the factory of @transactional on {name} returned {_shown(unit)}, not a {kind.__name__}"
             raise ConfigurationError(msg)
         return unit
 

@@ -30,6 +30,7 @@ from .errors import (
     OwnershipError,
     ReadOnlyError,
     RollbackOnlyError,
+    _shown,
     is_retryable,
 )
 
@@ -128,13 +129,13 @@ def repository(model: type[Any], repository_class: Callable[..., Any] | None = N
     ``products = repository(Product, SqlAlchemyProductRepository)``.
     """
     if not isinstance(model, type):
-        msg = f"repository() takes a mapped class as its first argument, not {model!r}"
+        msg = f"repository() takes a mapped class as its first argument, not {_shown(model)}"
         raise ConfigurationError(msg)
     if repository_class is None:
         return ModelRepository(model, None)
     if not (isinstance(repository_class, type) and issubclass(repository_class, _RepositoryBase)):
         msg = (
-            f"repository({model.__name__}, {repository_class!r}): the second argument must be "
+            f"repository({model.__name__}, {_shown(repository_class)}): the second argument must be "
             "a subclass of uow.Repository or uow.AsyncRepository"
         )
         raise ConfigurationError(msg)
@@ -431,10 +432,12 @@ class _UnitOfWorkCore:
         self._rolled_back(scope.tx)
 
     def _check_may_commit(self, scope: _Scope) -> None:
-        boundary = scope if scope.kind != JOINED else self._boundary()
-        if boundary.rollback_only:
-            msg = "commit() after set_rollback_only(): this transaction can only be rolled back"
-            raise RollbackOnlyError(msg)
+        # Rollback-only anywhere from this scope out to its transaction's owner refuses the commit:
+        # a savepoint's work cannot be kept by a transaction that will roll back.
+        for outer in reversed(self._scopes):
+            if outer.tx is scope.tx and outer.rollback_only:
+                msg = "commit() after set_rollback_only(): this transaction can only be rolled back"
+                raise RollbackOnlyError(msg)
         if scope.kind == OWNER and scope.tx.read_only:
             msg = "commit() in a read-only unit of work: it never commits; leave the block to end it"
             raise ReadOnlyError(msg)
@@ -593,7 +596,7 @@ class _UnitOfWorkCore:
 
     def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
         if not callable(callback):
-            msg = f"on_commit() takes a callable with no arguments, not {callback!r}"
+            msg = f"on_commit() takes a callable with no arguments, not {_shown(callback)}"
             raise ConfigurationError(msg)
         scope = self._scope_for("on_commit()")
         scope.tx.hooks.append((callback, robust))
@@ -1118,7 +1121,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         the next hook runs.
         """
         if type(callback) in (types.FunctionType, types.MethodType) and inspect.iscoroutinefunction(callback):
-            msg = f"{callback!r} is a coroutine function; a sync unit of work runs sync hooks only"
+            msg = f"{_shown(callback)} is a coroutine function; a sync unit of work runs sync hooks only"
             raise ConfigurationError(msg)
         self._add_hook(callback, robust)
 
@@ -1135,7 +1138,10 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                     if inspect.isawaitable(result):
                         if inspect.iscoroutine(result):
                             result.close()
-                        msg = f"on_commit hook {callback!r} returned an awaitable; a sync unit of work cannot await it"
+                        msg = (
+                            f"on_commit hook {_shown(callback)} returned an awaitable; "
+                            "a sync unit of work cannot await it"
+                        )
                         raise ConfigurationError(msg)
                 except Exception:
                     if not robust:

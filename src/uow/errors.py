@@ -13,6 +13,7 @@ the in-memory fake raises the same SQLAlchemy types where the database would.
 from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import make_url
 from sqlalchemy.orm import exc as orm_exc
 
 __all__ = [
@@ -138,3 +139,20 @@ def _retryable_dbapi_error(orig: object) -> bool:
             return True
     args: tuple[object, ...] = getattr(orig, "args", ())
     return bool(args) and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_CODES
+
+
+def _shown(value: object) -> str:
+    """*value* as an error message shows what it was given: its repr, with any password hidden.
+
+    A database URL passed where an engine or a factory belongs must not put its
+    password into an error message, a log line or a traceback.
+    """
+    if isinstance(value, (str, bytes)):
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        if "://" in text or "@" in text:
+            try:
+                shown = make_url(text).render_as_string(hide_password=True)
+            except Exception:  # not a URL after all: show no part of it
+                return f"a {type(value).__name__} of {len(value)} characters"
+            return f"the {type(value).__name__} {shown!r}"
+    return repr(value)

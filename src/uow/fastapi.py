@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 from fastapi import params
 
 from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
-from .errors import ConfigurationError
+from .errors import ConfigurationError, _shown
 from .starlette import CommitPolicy, _check_policy, _check_unit, _RequestUnit
 
 __all__ = ["CommitPolicy", "depends"]
@@ -57,7 +57,7 @@ def depends(
     ``@uow.transactional``.
     """
     if not callable(factory):
-        msg = f"uow.fastapi.depends() takes a factory that returns a new unit of work, not {factory!r}"
+        msg = f"uow.fastapi.depends() takes a factory that returns a new unit of work, not {_shown(factory)}"
         raise ConfigurationError(msg)
     commit_on_success = _check_policy(commit)
     _refuse_sync_factory(factory)

@@ -27,7 +27,7 @@ from sqlalchemy.exc import ArgumentError
 from werkzeug.wrappers import Response
 
 from ._unit_of_work import UnitOfWork
-from .errors import ConfigurationError, InactiveUnitOfWorkError, RollbackOnlyError
+from .errors import ConfigurationError, InactiveUnitOfWorkError, RollbackOnlyError, _shown
 
 __all__ = ["CommitPolicy", "UnitOfWorkExtension"]
 
@@ -129,13 +129,13 @@ class UnitOfWorkExtension(Generic[U]):
         url = app.config.get("UOW_DATABASE_URL")
         if not isinstance(url, (str, URL)) or not url:
             msg = (
-                f"app.config['UOW_DATABASE_URL'] is {url!r}: set it to the SQLAlchemy URL of the database "
+                f"app.config['UOW_DATABASE_URL'] is {_shown(url)}: set it to the SQLAlchemy URL of the database "
                 "before calling init_app()"
             )
             raise ConfigurationError(msg)
         options = app.config.get("UOW_ENGINE_OPTIONS") or {}
         if not isinstance(options, Mapping):
-            msg = f"app.config['UOW_ENGINE_OPTIONS'] must be a dict of create_engine() arguments, not {options!r}"
+            msg = f"app.config['UOW_ENGINE_OPTIONS'] must be a dict of create_engine() arguments, not {_shown(options)}"
             raise ConfigurationError(msg)
         try:
             engine = create_engine(url, **options)
@@ -213,13 +213,13 @@ class UnitOfWorkExtension(Generic[U]):
         unit = state.factory(state.engine)
         if not isinstance(unit, UnitOfWork):
             msg = (
-                f"the unit of work factory returned {unit!r}, not a uow.UnitOfWork: Flask views are "
+                f"the unit of work factory returned {_shown(unit)}, not a uow.UnitOfWork: Flask views are "
                 "synchronous, so the factory must build a sync unit of work"
             )
             raise ConfigurationError(msg)
         if unit.active:
             msg = (
-                f"the unit of work factory returned {unit!r}, which is already active: return a new "
+                f"the unit of work factory returned {_shown(unit)}, which is already active: return a new "
                 "unit of work on each call, or one that no request or context is using"
             )
             raise ConfigurationError(msg)
@@ -273,7 +273,7 @@ def _check_factory(factory: object) -> None:
     if not callable(factory):
         msg = (
             f"factory must be a callable that takes an Engine and returns a unit of work, such as a "
-            f"SqlAlchemyUnitOfWork subclass, not {factory!r}"
+            f"SqlAlchemyUnitOfWork subclass, not {_shown(factory)}"
         )
         raise ConfigurationError(msg)
 

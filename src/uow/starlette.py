@@ -20,7 +20,7 @@ from typing import Literal, get_args
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._unit_of_work import AsyncBlock, AsyncUnitOfWork, UnitOfWork
-from .errors import ConfigurationError, OwnershipError
+from .errors import ConfigurationError, OwnershipError, _shown
 
 __all__ = ["CommitPolicy", "UnitOfWorkMiddleware"]
 
@@ -54,7 +54,7 @@ def _check_unit(unit: object, source: str) -> AsyncUnitOfWork:
         )
         raise ConfigurationError(msg)
     if not isinstance(unit, AsyncUnitOfWork):
-        msg = f"{source} returned {unit!r}, not a unit of work: return a new uow.AsyncUnitOfWork"
+        msg = f"{source} returned {_shown(unit)}, not a unit of work: return a new uow.AsyncUnitOfWork"
         raise ConfigurationError(msg)
     if unit.active:
         msg = (
@@ -124,7 +124,7 @@ class UnitOfWorkMiddleware:
         self, app: ASGIApp, factory: Callable[[], AsyncUnitOfWork], *, commit: CommitPolicy = "explicit"
     ) -> None:
         if not callable(factory):
-            msg = f"UnitOfWorkMiddleware takes a factory that returns a new unit of work, not {factory!r}"
+            msg = f"UnitOfWorkMiddleware takes a factory that returns a new unit of work, not {_shown(factory)}"
             raise ConfigurationError(msg)
         self.app = app
         self.factory = factory
