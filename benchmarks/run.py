@@ -21,18 +21,20 @@ import asyncio
 import contextlib
 import cProfile
 import functools
+import importlib.metadata
 import os
 import pstats
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, create_engine, text
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, create_engine, insert, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, registry, sessionmaker
@@ -536,6 +538,126 @@ def profile_sqlite_memory(calls: int) -> None:
                     print(f"    {tt / calls * 1e6:7.2f} µs  {nc / calls:5.1f}x  {function}  ({where})")
 
 
+# --- The bulk path and threads on PostgreSQL -------------------------------------------------------
+
+BULK_ROWS = 10_000
+
+
+def measure_bulk(engine: Engine, plan: Plan) -> dict[str, float]:
+    """Median milliseconds to insert and commit BULK_ROWS order lines, each way, in interleaved rounds.
+
+    Each way starts from its natural input, built before the clock starts: a
+    list of dicts for SQL statements, a list of mapped objects for the
+    repository and the session.
+    """
+    factory = sessionmaker(engine, expire_on_commit=False)
+    unit = SqlAlchemyShopUnitOfWork(factory)
+
+    def dicts() -> list[dict[str, int]]:
+        return [{"product_id": i % PRODUCTS + 1, "qty": i % 7 + 1} for i in range(BULK_ROWS)]
+
+    def objects() -> list[OrderLine]:
+        return [OrderLine(i % PRODUCTS + 1, i % 7 + 1) for i in range(BULK_ROWS)]
+
+    def core(rows: Any) -> None:
+        with engine.begin() as connection:
+            connection.execute(order_lines_table.insert(), rows)
+
+    def uow_bulk(objs: Any) -> None:
+        with unit:
+            unit.order_lines.add_all(objs, bulk=True)
+            unit.commit()
+
+    def uow_add_all(objs: Any) -> None:
+        with unit:
+            unit.order_lines.add_all(objs)
+            unit.commit()
+
+    def orm_insert(rows: Any) -> None:
+        with factory.begin() as session:
+            session.execute(insert(OrderLine), rows)
+
+    def orm_add_all(objs: Any) -> None:
+        with factory.begin() as session:
+            session.add_all(objs)
+
+    variants: dict[str, tuple[Callable[[Any], None], Callable[[], Any]]] = {
+        "core insert() executemany": (core, dicts),
+        "uow add_all(bulk=True)": (uow_bulk, objects),
+        "ORM insert(Model), dicts": (orm_insert, dicts),
+        "uow add_all()": (uow_add_all, objects),
+        "ORM add_all() + flush": (orm_add_all, objects),
+    }
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for call, make in variants.values():
+        call(make())
+    for round_ in range(max(3, plan.rounds // 3)):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            call, make = variants[name]
+            with engine.begin() as connection:
+                connection.execute(order_lines_table.delete())
+            given = make()
+            start = time.perf_counter()
+            call(given)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+THREADS = (1, 2, 4, 8)
+
+
+def measure_threads(engine: Engine, plan: Plan) -> dict[int, dict[str, float]]:
+    """Service calls per second with 1, 2, 4 and 8 threads, uow and raw, each thread on its own products."""
+    variants = sync_variants(engine)
+    seconds = plan.batch_seconds * 4
+
+    def run(call: Callable[[int], None], threads: int) -> float:
+        barrier = threading.Barrier(threads + 1)
+        done = [0] * threads
+        stop = threading.Event()
+
+        def worker(n: int) -> None:
+            ids = [pid for pid in range(1, PRODUCTS + 1) if pid % threads == n]
+            barrier.wait()
+            count = 0
+            while not stop.is_set():
+                call(ids[count % len(ids)])
+                count += 1
+            done[n] = count
+
+        pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+        for thread in pool:
+            thread.start()
+        barrier.wait()
+        start = time.perf_counter()
+        time.sleep(seconds)
+        stop.set()
+        for thread in pool:
+            thread.join()
+        return sum(done) / (time.perf_counter() - start)
+
+    results: dict[int, dict[str, float]] = {}
+    names = ("raw SQLAlchemy", "uow (repository)", "uow (@transactional)")
+    for threads in THREADS:
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(max(3, plan.rounds // 3)):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                call = variants[name]
+                if name == "uow (repository)":  # one unit of work per thread, as a worker holds its own
+                    local = threading.local()
+
+                    def call(pid: int, local: threading.local = local) -> None:
+                        unit = getattr(local, "unit", None)
+                        if unit is None:
+                            unit = local.unit = SqlAlchemyShopUnitOfWork(sessionmaker(engine, expire_on_commit=False))
+                        place_order(unit, pid)
+
+                samples[name].append(run(call, threads))
+        results[threads] = {name: statistics.median(values) for name, values in samples.items()}
+    return results
+
+
 # --- Output -------------------------------------------------------------------------------------
 
 
@@ -548,17 +670,78 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
         print()
 
 
-def write_chart(results: dict[str, dict[str, float]], path: str) -> None:
+def print_postgresql_extras(bulk: dict[str, float], threads: dict[int, dict[str, float]]) -> None:
+    """The bulk-insert table and the thread-scaling table, with their targets."""
+    if bulk:
+        core = bulk["core insert() executemany"]
+        print(f"\n{BULK_ROWS:,} rows on PostgreSQL       {'ms':>8} {'x core':>7}")
+        for variant, value in bulk.items():
+            print(f"{variant:<28} {value:>8.1f} {value / core:>7.2f}")
+        ratio = bulk["uow add_all(bulk=True)"] / core
+        print(f"  target: bulk ≤ 1.2x core insert(): {ratio:.2f}x  {verdict(ratio <= 1.2)}")
+    if threads:
+        header = ("threads", "raw calls/s", "uow calls/s", "x raw", "@transactional", "x raw")
+        print("\n{:<8} {:>12} {:>12} {:>6} {:>15} {:>6}".format(*header))
+        worst = 1e9
+        for count, rates in threads.items():
+            raw, unit = rates["raw SQLAlchemy"], rates["uow (repository)"]
+            decorated = rates["uow (@transactional)"]
+            worst = min(worst, unit / raw, decorated / raw)
+            row = (count, raw, unit, unit / raw, decorated, decorated / raw)
+            print("{:<8} {:>12.0f} {:>12.0f} {:>6.3f} {:>15.0f} {:>6.3f}".format(*row))
+        print(f"  target: throughput ≥ 0.95x raw at 1-8 threads: worst {worst:.3f}x  {verdict(worst >= 0.95)}")
+
+
+def print_markdown(
+    results: dict[str, dict[str, float]], bulk: dict[str, float], threads: dict[int, dict[str, float]]
+) -> None:
+    """The same tables as Markdown, for the docs' Performance page."""
+    backends = list(results)
+    variants = list(dict.fromkeys(v for medians in results.values() for v in medians))
+    print("\n| Variant | " + " | ".join(backends) + " |")
+    print("| --- |" + " ---: |" * len(backends))
+    for variant in variants:
+        cells = []
+        for backend in backends:
+            medians = results[backend]
+            value = medians.get(variant)
+            cells.append("" if value is None else f"{value:.0f} µs ({value / medians['raw SQLAlchemy']:.3f}x)")
+        print(f"| {variant} | " + " | ".join(cells) + " |")
+    if bulk:
+        core = bulk["core insert() executemany"]
+        print(f"\n| {BULK_ROWS:,} rows | ms | x core |\n| --- | ---: | ---: |")
+        for variant, value in bulk.items():
+            print(f"| {variant} | {value:.1f} | {value / core:.2f} |")
+    if threads:
+        print("\n| Threads | raw SQLAlchemy | uow (repository) | uow (@transactional) |\n| ---: | ---: | ---: | ---: |")
+        for count, rates in threads.items():
+            raw = rates["raw SQLAlchemy"]
+            unit, decorated = rates["uow (repository)"], rates["uow (@transactional)"]
+            shown = (f"{unit:.0f}/s ({unit / raw:.3f}x)", f"{decorated:.0f}/s ({decorated / raw:.3f}x)")
+            print(f"| {count} | {raw:.0f}/s | {shown[0]} | {shown[1]} |")
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
+
+
+def write_chart(
+    results: dict[str, dict[str, float]], bulk: dict[str, float], threads: dict[int, dict[str, float]], path: str
+) -> None:
+    """A PNG of the ratios: the service call per backend, the bulk insert, and throughput per thread count."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("chart skipped: matplotlib not installed")
+        print("chart skipped: matplotlib not installed (bash scripts/bench.sh installs it)")
         return
+    extras = bool(bulk) + bool(threads)
+    fig = plt.figure(figsize=(12, 9 if extras else 5))
+    grid = fig.add_gridspec(2 if extras else 1, max(extras, 1))
+    ax = fig.add_subplot(grid[0, :])
     variants = list(dict.fromkeys(v for medians in results.values() for v in medians))
-    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         xs, ys = [], []
@@ -570,22 +753,80 @@ def write_chart(results: dict[str, dict[str, float]], path: str) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], list(results))
     ax.set_ylabel("time per call / raw SQLAlchemy")
-    ax.legend(fontsize="small")
+    ax.set_title("Service call: get, decrement, add a line, commit (lower is better)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    column = 0
+    if bulk:
+        ax = fig.add_subplot(grid[1, column])
+        column += 1
+        core = bulk["core insert() executemany"]
+        names = list(bulk)
+        ax.barh(names[::-1], [bulk[name] / core for name in names[::-1]], color="tab:blue")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.axvline(1.2, color="tab:red", linewidth=0.8, linestyle="--", label="target 1.2x")
+        ax.set_xlabel("time / core insert()")
+        ax.set_title(f"{BULK_ROWS:,} rows, PostgreSQL (lower is better)")
+        ax.legend(fontsize="small")
+    if threads:
+        ax = fig.add_subplot(grid[1, column])
+        counts = list(threads)
+        for name in ("uow (repository)", "uow (@transactional)"):
+            ax.plot(counts, [threads[n][name] / threads[n]["raw SQLAlchemy"] for n in counts], marker="o", label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(0.95, color="tab:red", linewidth=0.8, linestyle="--", label="target 0.95x")
+        ax.set_xticks(counts)
+        ax.set_ylim(0.8, 1.2)
+        ax.set_xlabel("threads")
+        ax.set_ylabel("calls per second / raw SQLAlchemy")
+        ax.set_title("Threads, PostgreSQL (higher is better)")
+        ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     print(f"chart written to {path}")
+
+
+def describe_machine() -> str:
+    """What the numbers were measured on: the CPU, Python, SQLAlchemy and the drivers."""
+    import platform
+
+    import sqlalchemy
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    versions = [f"Python {platform.python_version()}", f"SQLAlchemy {sqlalchemy.__version__}"]
+    for distribution in ("psycopg", "asyncpg", "aiosqlite", "advanced-alchemy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(f"{distribution} {importlib.metadata.version(distribution)}")
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; " + ", ".join(versions)
+
+
+def postgresql_version(url: str) -> str:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return str(connection.execute(text("SHOW server_version")).scalar_one())
+    finally:
+        engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: under a minute")
     parser.add_argument("--profile", action="store_true", help="profile uow against raw SQLAlchemy on SQLite in memory")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument("--chart", default=os.path.join(os.path.dirname(__file__), "ratios.png"), help="PNG to write")
     args = parser.parse_args(argv)
     plan = Plan(rounds=5, batch_seconds=0.05) if args.quick else Plan(rounds=15, batch_seconds=0.25)
     began = time.perf_counter()
+    print(f"machine: {describe_machine()}")
 
     results: dict[str, dict[str, float]] = {}
+    bulk: dict[str, float] = {}
+    threads: dict[int, dict[str, float]] = {}
     for backend, make in (("SQLite memory", sqlite_memory), ("SQLite file", sqlite_file)):
         with make() as engine:
             results[backend] = measure(sync_variants(engine), plan, "raw SQLAlchemy")
@@ -593,10 +834,15 @@ def main(argv: list[str] | None = None) -> int:
 
     reason = unreachable(POSTGRESQL_URL)
     if reason is None:
+        print(f"PostgreSQL {postgresql_version(POSTGRESQL_URL)}")
         with postgresql_schema(POSTGRESQL_URL) as schema:
             with postgresql(schema) as engine:
                 results["PostgreSQL"] = measure(sync_variants(engine), plan, "raw SQLAlchemy")
-            print("PostgreSQL: done", file=sys.stderr)
+                print("PostgreSQL: done", file=sys.stderr)
+                bulk = measure_bulk(engine, plan)
+                print("PostgreSQL bulk: done", file=sys.stderr)
+                threads = measure_threads(engine, plan)
+                print("PostgreSQL threads: done", file=sys.stderr)
             results["async aiosqlite"] = asyncio.run(run_async("sqlite+aiosqlite://", plan))
             print("async aiosqlite: done", file=sys.stderr)
             results["async asyncpg"] = asyncio.run(
@@ -632,7 +878,10 @@ def main(argv: list[str] | None = None) -> int:
         f"  fake ≥ 50x faster than SQLite memory (one unit test):  {speedup:.1f}x "
         f"({fake:.1f} vs {sqlite:.1f} µs)  {'met' if speedup >= 50 else 'missed'}"
     )
-    write_chart(results, args.chart)
+    print_postgresql_extras(bulk, threads)
+    if args.markdown:
+        print_markdown(results, bulk, threads)
+    write_chart(results, bulk, threads, args.chart)
     if args.profile:
         profile_sqlite_memory(500 if args.quick else 3000)
     print(f"\ntotal time: {time.perf_counter() - began:.0f} s")
