@@ -7,10 +7,8 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
-import uow
-from tests.support.databases import Database, Provisioner
+from tests.support.databases import Database, Provisioner, check_nothing_left
 from tests.support.models import TABLES
-from uow import errors
 
 BACKENDS = ("sqlite", "postgresql", "mariadb")
 
@@ -43,12 +41,7 @@ def engine(database: Database, provisioner: Provisioner) -> Engine:
 def _no_connection_left_checked_out(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test, no unit of work is active and every engine's pool has all its connections back."""
     yield
-    with pytest.raises(errors.InactiveUnitOfWorkError):
-        uow.current()
-    if "provisioner" in request.fixturenames:
-        prov: Provisioner = request.getfixturevalue("provisioner")
-        leaked = {str(eng.url): eng.pool.checkedout() for eng in prov.engines if eng.pool.checkedout()}
-        assert {} == leaked
+    check_nothing_left(request)
 
 
 def rows(eng: Engine, sql: str) -> list[tuple[object, ...]]:

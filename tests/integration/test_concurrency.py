@@ -22,13 +22,14 @@ from sqlalchemy.orm import Session
 from tests.integration.conftest import rows
 from tests.support.databases import Database, Provisioner
 from tests.support.models import Item, Sku, skus
+from tests.support.threads import TaskBarrier, checked_out, counting, database_errors, run_threads
 from tests.support.uows import (
     AsyncShopUnitOfWork,
     AsyncSqlAlchemyShopUnitOfWork,
     ShopUnitOfWork,
     SqlAlchemyShopUnitOfWork,
 )
-from uow import NEW_UOW, Retry, current, errors, transactional
+from uow import NEW_UOW, Retry, current, transactional
 
 #: How long a thread, a barrier or a task may wait before the test gives up on it: a hang guard, never asserted.
 TIMEOUT = 60.0
@@ -115,29 +116,6 @@ async def alock(session: AsyncSession, code: str) -> Sku:
     return (await session.scalars(for_update(code))).one()
 
 
-def database_errors(eng: Engine) -> list[BaseException]:
-    """Every error *eng* reports from now on, as the driver raised it, in order."""
-    seen: list[BaseException] = []
-
-    @event.listens_for(eng, "handle_error")
-    def record(context: Any) -> None:
-        seen.append(context.original_exception)
-
-    return seen
-
-
-def counting(retried: list[BaseException]) -> Callable[[BaseException], bool]:
-    """The default retry predicate, recording in *retried* each error it lets retry."""
-
-    def retry_if(error: BaseException) -> bool:
-        if errors.is_retryable(error):
-            retried.append(error)
-            return True
-        return False
-
-    return retry_if
-
-
 def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The WARNING records of logger "uow" that announce a retry."""
     return [
@@ -150,46 +128,6 @@ def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def deepest_retry(caplog: pytest.LogCaptureFixture) -> int:
     """The highest retry number that any one call reached, from the retry warnings."""
     return max((int(found[1]) for found in map(RETRY_NUMBER.search, retry_warnings(caplog)) if found), default=0)
-
-
-def run_threads(count: int, target: Callable[[int], None]) -> None:
-    """Run *target(n)* in *count* threads; re-raise the first failure of any of them."""
-    failures: list[BaseException] = []
-
-    def run(n: int) -> None:
-        try:
-            target(n)
-        except BaseException as error:  # the test thread reports every failure
-            failures.append(error)
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
-    assert [] == [thread.name for thread in threads if thread.is_alive()]
-    if failures:
-        raise failures[0]
-
-
-class TaskBarrier:
-    """Makes *parties* tasks wait for each other once (``asyncio.Barrier`` needs Python 3.11)."""
-
-    def __init__(self, parties: int) -> None:
-        self._waiting = parties
-        self._all_here = asyncio.Event()
-
-    async def wait(self) -> None:
-        self._waiting -= 1
-        if not self._waiting:
-            self._all_here.set()
-        await asyncio.wait_for(self._all_here.wait(), TIMEOUT)
-
-
-def checked_out(eng: AsyncEngine | Engine) -> int:
-    """How many connections of *eng* are out of its pool."""
-    sync = eng.sync_engine if isinstance(eng, AsyncEngine) else eng
-    return sync.pool.checkedout()  # type: ignore[attr-defined]
 
 
 # -- fixtures -----------------------------------------------------------------

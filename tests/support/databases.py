@@ -17,6 +17,9 @@ import attrs
 import pytest
 from sqlalchemy import URL, Engine, create_engine, make_url, text
 
+import uow
+from uow import errors
+
 from .models import metadata
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -114,3 +117,13 @@ class Provisioner:
         for gen in self._teardowns:
             for _ in gen:  # runs the code after the yield, which drops the database
                 pass
+
+
+def check_nothing_left(request: pytest.FixtureRequest) -> None:
+    """After a test: no unit of work is current, and every engine the test made has all its connections back."""
+    with pytest.raises(errors.InactiveUnitOfWorkError):
+        uow.current()
+    if "provisioner" in request.fixturenames:
+        prov: Provisioner = request.getfixturevalue("provisioner")
+        leaked = {str(eng.url): eng.pool.checkedout() for eng in prov.engines if eng.pool.checkedout()}
+        assert {} == leaked

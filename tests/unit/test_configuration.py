@@ -199,3 +199,19 @@ def test_fakes_share_nothing_between_instances() -> None:
         first.commit()
     assert first.database is not second.database
     assert {} == second.database.tables
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("postgresql://app:hunter2@db/shop", "'postgresql://app:***@db/shop'"),
+        ("app:hunter2@db", "a str of 14 characters"),
+        (b"mysql://app:hunter2@db/shop", "'mysql://app:***@db/shop'"),
+    ],
+)
+def test_a_url_given_instead_of_an_engine_is_shown_without_its_password(given: object, shown: str) -> None:
+    """A URL (or URL-like string) passed where an engine belongs appears in the error with no password."""
+    with pytest.raises(errors.ConfigurationError) as raised:
+        SqlAlchemyShopUnitOfWork(given)  # type: ignore[arg-type]
+    assert "hunter2" not in str(raised.value)
+    assert shown in str(raised.value)
