@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import builtins
 import copy
+import datetime
+import uuid
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import attrs
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ._model import model_info
 from ._repository import AsyncRepository, Repository, _RepositoryBase
@@ -51,6 +55,51 @@ def _table_key(cls: type[Any]) -> type[Any]:
     return mapper.base_mapper.class_
 
 
+#: Values that a copy of an object shares with the original: they never change in place.
+_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), complex, frozenset, Decimal, uuid.UUID})
+_ATOMIC |= {datetime.datetime, datetime.date, datetime.time, datetime.timedelta}
+
+
+def _copy_tables(tables: Tables) -> Tables:
+    """A deep copy of *tables*, with one memo, so that object graphs keep their identities.
+
+    Mapped objects are copied attribute by attribute into a new instance that
+    SQLAlchemy set up (``ClassManager.new_instance()``), which is several
+    times faster than ``copy.deepcopy`` of their instance state; anything
+    else goes through ``copy.deepcopy`` with the same memo.
+    """
+    memo: dict[int, Any] = {}
+    return {table: {key: _copy_object(obj, memo) for key, obj in rows.items()} for table, rows in tables.items()}
+
+
+def _copy_object(obj: Any, memo: dict[int, Any]) -> Any:
+    copied = memo.get(id(obj))
+    if copied is not None:
+        return copied
+    state = obj.__dict__.get("_sa_instance_state") if hasattr(obj, "__dict__") else None
+    if state is None:
+        return copy.deepcopy(obj, memo)
+    manager = state.manager
+    copied = manager.new_instance()
+    memo[id(obj)] = copied
+    relationships = manager.mapper.relationships
+    values = copied.__dict__
+    for key, value in obj.__dict__.items():
+        if key == "_sa_instance_state":
+            continue
+        if type(value) in _ATOMIC:
+            values[key] = value
+        elif key in relationships:
+            if relationships[key].uselist:
+                members = [_copy_object(member, memo) for member in value]
+                set_committed_value(copied, key, type(value)(members) if isinstance(value, set) else members)
+            else:
+                values[key] = _copy_object(value, memo)
+        else:
+            values[key] = copy.deepcopy(value, memo)
+    return copied
+
+
 class InMemoryDatabase:
     """Committed state of a fake unit of work: tables of objects by primary key."""
 
@@ -61,10 +110,10 @@ class InMemoryDatabase:
         self.version = 0
 
     def snapshot(self) -> tuple[Tables, dict[type[Any], int]]:
-        return copy.deepcopy(self.tables), dict(self.sequences)
+        return _copy_tables(self.tables), dict(self.sequences)
 
     def store(self, tables: Tables, sequences: dict[type[Any], int]) -> None:
-        self.tables = copy.deepcopy(tables)
+        self.tables = _copy_tables(tables)
         self.sequences = {
             table: max(sequences.get(table, 0), self.sequences.get(table, 0)) for table in {*sequences, *self.sequences}
         }
@@ -328,6 +377,8 @@ class InMemorySession:
             if id(root) not in known:
                 found.setdefault(id(root), root)
             state = inspect(root)
+            if not state.mapper.relationships:  # nothing to cascade to
+                continue
             for related, *_ in state.mapper.cascade_iterator("save-update", state):
                 if id(related) not in known and id(related) not in self._deleted:
                     found.setdefault(id(related), related)
