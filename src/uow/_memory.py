@@ -72,6 +72,18 @@ def _copy_tables(tables: Tables) -> Tables:
     return {table: {key: _copy_object(obj, memo) for key, obj in rows.items()} for table, rows in tables.items()}
 
 
+def _copy_columns(obj: Any) -> Any:
+    """A new instance of *obj*'s class with a copy of its column attributes only, as a row loaded back."""
+    manager = inspect(obj).manager
+    copied = manager.new_instance()
+    values, given = copied.__dict__, obj.__dict__
+    for prop in manager.mapper.column_attrs:
+        if prop.key in given:
+            value = given[prop.key]
+            values[prop.key] = value if type(value) in _ATOMIC else copy.deepcopy(value)
+    return copied
+
+
 def _copy_object(obj: Any, memo: dict[int, Any]) -> Any:
     copied = memo.get(id(obj))
     if copied is not None:
@@ -319,10 +331,9 @@ class InMemorySession:
         self.flush()
         pending, self._pending = self._pending, {}
         try:
-            for obj in copy.deepcopy(objs):
-                for relationship in inspect(type(obj)).relationships:  # a bulk INSERT writes one table
-                    obj.__dict__.pop(relationship.key, None)
-                self._pending[id(obj)] = obj
+            for obj in objs:
+                row = _copy_columns(obj)  # a bulk INSERT writes the object's columns, nothing it refers to
+                self._pending[id(row)] = row
             self.flush()
         finally:
             self._pending = pending

@@ -12,6 +12,11 @@ from sqlalchemy.orm import Mapper
 
 from .errors import ConfigurationError, ModelTypeError, UnknownFieldError
 
+#: How a bulk INSERT treats a column attribute: always sent (unset means None); left out when None
+#: or unset, for the column's default or generated key; left out when unset, where None is a value.
+_REQUIRED, _NONE_IS_DEFAULT, _UNSET_IS_NULL = 0, 1, 2
+_UNSET = object()
+
 #: Key types that are a whole single-column key as they are; checked first, since most keys are one.
 _SCALAR_KEYS = frozenset({int, str, bytes, uuid.UUID})
 
@@ -29,7 +34,7 @@ class ModelInfo:
     #: For a bulk insert: the statement, and per column attribute the parameter name and whether
     #: an unset (None) value is left out so that the database's default or generated key applies.
     bulk_statement: Any
-    bulk_columns: tuple[tuple[str, str, bool], ...]
+    bulk_columns: tuple[tuple[str, str, int], ...]
 
     def key_of(self, obj: object) -> Any:
         """The identity of *obj* as ``Session.get()`` takes it."""
@@ -65,21 +70,26 @@ class ModelInfo:
     def bulk_batches(self, objs: list[Any]) -> Iterator[list[dict[str, Any]]]:
         """The INSERT parameters of *objs*, in their order, batched by the columns each one sets.
 
-        An attribute that is None or unset is left out where the column has a
-        default or a generated key, so the database fills it in as at a flush.
+        As at a flush, an attribute that is None or unset is left out where
+        the column has a default or a generated key, so that the database
+        fills it in, and an unset attribute is left out where None means a
+        value of its own (JSON ``null``), so that the column stays NULL.
         """
-        required = [(attribute, parameter) for attribute, parameter, optional in self.bulk_columns if not optional]
-        optional = [(attribute, parameter) for attribute, parameter, optional in self.bulk_columns if optional]
+        required = [(attribute, parameter) for attribute, parameter, kind in self.bulk_columns if kind == _REQUIRED]
+        optional = [
+            (attribute, parameter, kind) for attribute, parameter, kind in self.bulk_columns if kind != _REQUIRED
+        ]
         rows: list[dict[str, Any]] = []
         shape: tuple[str, ...] = ()
         for obj in objs:
             values = obj.__dict__
             row = {parameter: values.get(attribute) for attribute, parameter in required}
             if optional:
-                for attribute, parameter in optional:
-                    value = values.get(attribute)
-                    if value is not None:
-                        row[parameter] = value
+                for attribute, parameter, kind in optional:
+                    value = values.get(attribute, _UNSET)
+                    if value is _UNSET or (value is None and kind == _NONE_IS_DEFAULT):
+                        continue
+                    row[parameter] = value
                 present = tuple(row)
                 if rows and present != shape:
                     yield rows
@@ -147,8 +157,13 @@ def _read_model(model: type[Any]) -> ModelInfo:
         column = prop.columns[0]
         if not isinstance(column, Column) or (plain and column.table is not table):
             continue
-        optional = column.default is not None or column.server_default is not None or prop.key == generated_key
-        bulk_columns.append((prop.key, column.key if plain else prop.key, optional))
+        if column.default is not None or column.server_default is not None or prop.key == generated_key:
+            kind = _NONE_IS_DEFAULT
+        elif column.type.should_evaluate_none:
+            kind = _UNSET_IS_NULL
+        else:
+            kind = _REQUIRED
+        bulk_columns.append((prop.key, column.key if plain else prop.key, kind))
     return ModelInfo(
         model=model,
         mapper=mapper,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from ._model import ModelInfo
+from ._model import ModelInfo, model_info
 from ._repository import AsyncRepository, Repository
 from .errors import NotInRepositoryError
 
@@ -44,9 +45,24 @@ def _check_removable(session: Session, obj: object, model: type[Any]) -> bool:
     return bool(state.pending)
 
 
+def _bulk_statements(info: ModelInfo, objs: builtins.list[Any]) -> Iterator[tuple[Any, builtins.list[dict[str, Any]]]]:
+    """The INSERT statements and parameters for *objs*, in order; objects of a mapped subclass use its own."""
+    for cls, run in itertools.groupby(objs, type):
+        own = info if cls is info.model else model_info(cls)
+        for rows in own.bulk_batches(builtins.list(run)):
+            yield own.bulk_statement, rows
+
+
 def _pending_delete(session: Session, obj: object) -> bool:
-    """Whether *obj* is marked for deletion in *session* and not yet flushed (or restored by a rollback)."""
-    return obj in session.deleted
+    """Whether *obj* is marked for deletion in *session* and not yet flushed.
+
+    ``Session.get()`` returns such an object from the identity map until the
+    next flush; a repository's ``get()`` must not. The session's pending
+    deletions are looked at first (a private dict, kept by SQLAlchemy since
+    0.4) so that the common case, none, costs nothing.
+    """
+    pending = getattr(session, "_deleted", True)
+    return bool(pending) and obj in session.deleted
 
 
 class SqlAlchemyRepository(Repository[T]):
@@ -59,8 +75,6 @@ class SqlAlchemyRepository(Repository[T]):
     def __init__(self, session: Session, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
-        # Objects this repository removed: the session's get() returns them until the next flush.
-        self._removed: set[int] = set()
 
     @property
     def session(self) -> Session:
@@ -79,12 +93,12 @@ class SqlAlchemyRepository(Repository[T]):
     def _add_bulk(self, objs: builtins.list[T]) -> None:
         session = self._session
         session.flush()  # rows they refer to may be pending
-        for rows in self._info.bulk_batches(objs):
-            session.execute(self._info.bulk_statement, rows)
+        for statement, rows in _bulk_statements(self._info, objs):
+            session.execute(statement, rows)
 
     def _get(self, key: Any) -> T | None:
         found = self._session.get(self.model, key)
-        if found is not None and self._removed and _pending_delete(self._session, found):
+        if found is not None and _pending_delete(self._session, found):
             return None
         return found
 
@@ -100,7 +114,6 @@ class SqlAlchemyRepository(Repository[T]):
             session.expunge(obj)
         else:
             session.delete(obj)
-            self._removed.add(id(obj))
 
 
 class AsyncSqlAlchemyRepository(AsyncRepository[T]):
@@ -109,7 +122,6 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
     def __init__(self, session: AsyncSession, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
-        self._removed: set[int] = set()
 
     @property
     def session(self) -> AsyncSession:
@@ -126,12 +138,12 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
     async def _add_bulk(self, objs: builtins.list[T]) -> None:
         session = self._session
         await session.flush()
-        for rows in self._info.bulk_batches(objs):
-            await session.execute(self._info.bulk_statement, rows)
+        for statement, rows in _bulk_statements(self._info, objs):
+            await session.execute(statement, rows)
 
     async def _get(self, key: Any) -> T | None:
         found = await self._session.get(self.model, key)
-        if found is not None and self._removed and _pending_delete(self._session.sync_session, found):
+        if found is not None and _pending_delete(self._session.sync_session, found):
             return None
         return found
 
@@ -147,4 +159,3 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
             session.expunge(obj)
         else:
             await session.delete(obj)
-            self._removed.add(id(obj))

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
-from .errors import ConfigurationError
+from .errors import ConfigurationError, _shown
 
 try:
     from pytest_asyncio import fixture as _async_fixture
@@ -82,7 +82,7 @@ def uow_fake(uow_fake_factory: Callable[[], UnitOfWork]) -> UnitOfWork:
     unit = uow_fake_factory()
     if not isinstance(unit, UnitOfWork):
         msg = (
-            f"uow_fake_factory returned {unit!r}, not a uow.UnitOfWork: return a sync fake class there, "
+            f"uow_fake_factory returned {_shown(unit)}, not a uow.UnitOfWork: return a sync fake class there, "
             "and an async one from uow_async_fake_factory"
         )
         raise ConfigurationError(msg)
@@ -101,7 +101,7 @@ def uow_async_fake(uow_async_fake_factory: Callable[[], AsyncUnitOfWork]) -> Asy
     unit = uow_async_fake_factory()
     if not isinstance(unit, AsyncUnitOfWork):
         msg = (
-            f"uow_async_fake_factory returned {unit!r}, not a uow.AsyncUnitOfWork: return an async fake "
+            f"uow_async_fake_factory returned {_shown(unit)}, not a uow.AsyncUnitOfWork: return an async fake "
             "class there, and a sync one from uow_fake_factory"
         )
         raise ConfigurationError(msg)
@@ -121,7 +121,10 @@ def uow_engine() -> Engine:
 def uow_connection(uow_engine: Engine) -> Iterator[Connection]:
     """A connection of ``uow_engine`` in a transaction that is rolled back after the test."""
     if not isinstance(uow_engine, Engine):
-        msg = f"uow_engine returned {uow_engine!r}, not a sqlalchemy.Engine; an AsyncEngine goes in uow_async_engine"
+        msg = (
+            f"uow_engine returned {_shown(uow_engine)}, not a sqlalchemy.Engine; "
+            "an AsyncEngine goes in uow_async_engine"
+        )
         raise ConfigurationError(msg)
     with uow_engine.connect() as connection:
         transaction = connection.begin()
@@ -159,7 +162,7 @@ async def uow_async_connection(uow_async_engine: AsyncEngine) -> AsyncIterator[A
     """A connection of ``uow_async_engine`` in a transaction that is rolled back after the test."""
     if not isinstance(uow_async_engine, AsyncEngine):
         msg = (
-            f"uow_async_engine returned {uow_async_engine!r}, not a sqlalchemy AsyncEngine; "
+            f"uow_async_engine returned {_shown(uow_async_engine)}, not a sqlalchemy AsyncEngine; "
             "a sync Engine goes in uow_engine"
         )
         raise ConfigurationError(msg)
@@ -268,10 +271,10 @@ def capture_on_commit(
     comes after it.
     """
     if not isinstance(unit, (UnitOfWork, AsyncUnitOfWork)):
-        msg = f"capture_on_commit() takes a unit of work, not {unit!r}"
+        msg = f"capture_on_commit() takes a unit of work, not {_shown(unit)}"
         raise ConfigurationError(msg)
     if unit in _capturing:
-        msg = f"capture_on_commit() is already capturing the hooks of {unit!r}: use the list it gave"
+        msg = f"capture_on_commit() is already capturing the hooks of {_shown(unit)}: use the list it gave"
         raise ConfigurationError(msg)
     captured: list[Callable[[], object]] = []
     state = vars(unit)
