@@ -610,7 +610,7 @@ THREADS = (1, 2, 4, 8)
 def measure_threads(engine: Engine, plan: Plan) -> dict[int, dict[str, float]]:
     """Service calls per second with 1, 2, 4 and 8 threads, uow and raw, each thread on its own products."""
     variants = sync_variants(engine)
-    seconds = plan.batch_seconds * 4
+    seconds = plan.batch_seconds * 1.2  # many short, interleaved samples: the median resists a passing disturbance
 
     def run(call: Callable[[int], None], threads: int) -> float:
         barrier = threading.Barrier(threads + 1)
@@ -641,7 +641,7 @@ def measure_threads(engine: Engine, plan: Plan) -> dict[int, dict[str, float]]:
     names = ("raw SQLAlchemy", "uow (repository)", "uow (@transactional)")
     for threads in THREADS:
         samples: dict[str, list[float]] = {name: [] for name in names}
-        for round_ in range(max(3, plan.rounds // 3)):
+        for round_ in range(plan.rounds):
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                 call = variants[name]
                 if name == "uow (repository)":  # one unit of work per thread, as a worker holds its own
