@@ -305,6 +305,12 @@ def _ids() -> Iterator[int]:
         yield from range(1, PRODUCTS + 1)
 
 
+def interleaved(names: list[str], rounds: int) -> Iterator[str]:
+    """Each name once per round, each round starting one further along, so that no variant always runs first."""
+    for round_ in range(rounds):
+        yield from names[round_ % len(names) :] + names[: round_ % len(names)]
+
+
 def calibrate(call: Callable[[int], None], plan: Plan, ids: Iterator[int]) -> int:
     """Calls per batch, so that one batch of *call* takes about ``plan.batch_seconds``."""
     n, elapsed = 1, 0.0
@@ -326,14 +332,12 @@ def measure(variants: dict[str, Callable[[int], None]], plan: Plan, reference: s
     n = calibrate(variants[reference], plan, ids)
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(plan.rounds):
-        order = names[round_ % len(names) :] + names[: round_ % len(names)]
-        for name in order:
-            call = variants[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                call(next(ids))
-            samples[name].append((time.perf_counter() - start) / n * 1e6)
+    for name in interleaved(names, plan.rounds):
+        call = variants[name]
+        start = time.perf_counter()
+        for _ in range(n):
+            call(next(ids))
+        samples[name].append((time.perf_counter() - start) / n * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -354,14 +358,12 @@ async def measure_async(
     n = max(1, int(n * plan.batch_seconds / elapsed))
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(plan.rounds):
-        order = names[round_ % len(names) :] + names[: round_ % len(names)]
-        for name in order:
-            call = variants[name]
-            start = time.perf_counter()
-            for _ in range(n):
-                await call(next(ids))
-            samples[name].append((time.perf_counter() - start) / n * 1e6)
+    for name in interleaved(names, plan.rounds):
+        call = variants[name]
+        start = time.perf_counter()
+        for _ in range(n):
+            await call(next(ids))
+        samples[name].append((time.perf_counter() - start) / n * 1e6)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -592,15 +594,14 @@ def measure_bulk(engine: Engine, plan: Plan) -> dict[str, float]:
     samples: dict[str, list[float]] = {name: [] for name in names}
     for call, make in variants.values():
         call(make())
-    for round_ in range(max(3, plan.rounds // 3)):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            call, make = variants[name]
-            with engine.begin() as connection:
-                connection.execute(order_lines_table.delete())
-            given = make()
-            start = time.perf_counter()
-            call(given)
-            samples[name].append((time.perf_counter() - start) * 1e3)
+    for name in interleaved(names, max(3, plan.rounds // 3)):
+        call, make = variants[name]
+        with engine.begin() as connection:
+            connection.execute(order_lines_table.delete())
+        given = make()
+        start = time.perf_counter()
+        call(given)
+        samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -638,22 +639,21 @@ def measure_threads(engine: Engine, plan: Plan) -> dict[int, dict[str, float]]:
         return sum(done) / (time.perf_counter() - start)
 
     results: dict[int, dict[str, float]] = {}
-    names = ("raw SQLAlchemy", "uow (repository)", "uow (@transactional)")
+    names = ["raw SQLAlchemy", "uow (repository)", "uow (@transactional)"]
     for threads in THREADS:
         samples: dict[str, list[float]] = {name: [] for name in names}
-        for round_ in range(plan.rounds):
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                call = variants[name]
-                if name == "uow (repository)":  # one unit of work per thread, as a worker holds its own
-                    local = threading.local()
+        for name in interleaved(names, plan.rounds):
+            call = variants[name]
+            if name == "uow (repository)":  # one unit of work per thread, as a worker holds its own
+                local = threading.local()
 
-                    def call(pid: int, local: threading.local = local) -> None:
-                        unit = getattr(local, "unit", None)
-                        if unit is None:
-                            unit = local.unit = SqlAlchemyShopUnitOfWork(sessionmaker(engine, expire_on_commit=False))
-                        place_order(unit, pid)
+                def call(pid: int, local: threading.local = local) -> None:
+                    unit = getattr(local, "unit", None)
+                    if unit is None:
+                        unit = local.unit = SqlAlchemyShopUnitOfWork(sessionmaker(engine, expire_on_commit=False))
+                    place_order(unit, pid)
 
-                samples[name].append(run(call, threads))
+            samples[name].append(run(call, threads))
         results[threads] = {name: statistics.median(values) for name, values in samples.items()}
     return results
 

@@ -328,15 +328,11 @@ class InMemorySession:
 
     def insert_now(self, objs: builtins.list[Any]) -> None:
         """A bulk INSERT: flush, then write copies of *objs*, which stay unattached, as the database would."""
+        self.flush()  # leaves nothing pending but the copies below
+        for obj in objs:
+            row = _copy_columns(obj)  # a bulk INSERT writes the object's columns, nothing it refers to
+            self._pending[id(row)] = row
         self.flush()
-        pending, self._pending = self._pending, {}
-        try:
-            for obj in objs:
-                row = _copy_columns(obj)  # a bulk INSERT writes the object's columns, nothing it refers to
-                self._pending[id(row)] = row
-            self.flush()
-        finally:
-            self._pending = pending
 
     def delete(self, obj: object) -> None:
         if self._pending.pop(id(obj), None) is not None:

@@ -115,7 +115,7 @@ class Repository(_RepositoryBase[T], abc.ABC):
         self._use()
         self._info.check_instance(obj, "add")
         self._add(obj)
-        self._seen[id(obj)] = obj
+        self._remember(obj)
 
     def add_all(self, objs: Iterable[T], *, bulk: bool = False) -> None:
         """Add several new objects at once.
@@ -200,7 +200,7 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         self._use()
         self._info.check_instance(obj, "add")
         await self._add(obj)
-        self._seen[id(obj)] = obj
+        self._remember(obj)
 
     async def add_all(self, objs: Iterable[T], *, bulk: bool = False) -> None:
         """Add several new objects at once; ``bulk=True`` inserts them now, as in :meth:`Repository.add_all`."""

@@ -55,9 +55,12 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
         setattr(session, name, guarded)
 
 
-def _hold(session: Session) -> None:
-    """Mark *session* as held by a unit of work, so that no other one takes it."""
-    session.__dict__[_HELD] = True
+def _hold(session: Session, outer: _UnitOfWorkCore | None) -> None:
+    """Take *session* for a unit of work: check that it is fresh, and mark it held so that no other one takes it."""
+    attributes = session.__dict__
+    if outer is not None or _HELD in attributes or session.in_transaction():
+        _check_fresh(session, outer)  # the common case, a new session and nothing outside, needs no check
+    attributes[_HELD] = True
 
 
 def _unguard_session(session: Session) -> None:
@@ -344,10 +347,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         """The flush guard sees changed attributes by itself."""
 
     def _adopt(self, session: Session, outer: _UnitOfWorkCore | None) -> None:
-        attributes = session.__dict__
-        if outer is not None or _HELD in attributes or session.in_transaction():
-            _check_fresh(session, outer)
-        attributes[_HELD] = True
+        _hold(session, outer)
 
     def _guard_session(self, tx: _Transaction) -> None:
         _guard_session(tx.session, self, tx.session)
@@ -462,8 +462,7 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         """The flush guard sees changed attributes by itself."""
 
     def _adopt(self, session: AsyncSession, outer: _UnitOfWorkCore | None) -> None:
-        _check_fresh(session.sync_session, outer)
-        _hold(session.sync_session)
+        _hold(session.sync_session, outer)
 
     def _guard_session(self, tx: _Transaction) -> None:
         _guard_session(tx.session.sync_session, self, tx.session)

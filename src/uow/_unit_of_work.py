@@ -1127,8 +1127,6 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        if not hooks:
-            return
         started = self._start_hooks()
         try:
             while hooks:
@@ -1344,8 +1342,6 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _run_hooks(self, tx: _Transaction) -> None:
         hooks = tx.hooks
-        if not hooks:
-            return
         started = self._start_hooks()
         try:
             while hooks:

@@ -35,6 +35,7 @@ from tests.integration.test_starlette import (
     recording_commits,
     recording_order,
     refs,
+    send_mixed_requests,
 )
 from tests.support.databases import Database, Provisioner
 from tests.support.models import Item, Note
@@ -410,23 +411,7 @@ async def test_500_requests_with_errors_mixed_in_leave_no_connection_checked_out
 ) -> None:
     """500 concurrent requests, a third of them failing, commit exactly the successes and return every connection."""
     app = shop(async_engine, "on_success")
-
-    async def one(http: Any, n: int) -> int:
-        params, _ = MIXED_FASTAPI[n % len(MIXED_FASTAPI)]
-        response = await http.post("/items", params={"name": f"{n:03}"} | params)
-        return int(response.status_code)
-
-    async with client(app) as http:
-        statuses: list[int] = []
-        for start in range(0, 500, 20):
-            statuses += await asyncio.gather(*(one(http, n) for n in range(start, start + 20)))
-
-    assert [MIXED_FASTAPI[n % len(MIXED_FASTAPI)][1] for n in range(500)] == statuses
-    kept = [f"{n:03}" for n in range(500) if n % len(MIXED_FASTAPI) in (0, 4)]
-    later = ["later" for n in range(500) if n % len(MIXED_FASTAPI) == 4]
-    assert sorted(kept + later) == item_names(engine)
-    assert 0 == checked_out(async_engine)
-    assert [] == [unit for unit in seen(app).units if unit.active]
+    await send_mixed_requests(app, MIXED_FASTAPI, seen(app).units, async_engine, engine)
 
 
 @ON_DATABASES

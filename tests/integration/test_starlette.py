@@ -553,29 +553,41 @@ MIXED = [
 ]
 
 
+async def send_mixed_requests(
+    app: Any, mixed: list[tuple[dict[str, str], int]], units: list[Any], async_engine: AsyncEngine, engine: Engine
+) -> None:
+    """Send 500 requests, 20 at a time, request n doing what *mixed* says at n % len(mixed) under commit="on_success".
+
+    Each request gets the status *mixed* gives, exactly the successful requests' rows are committed (the first
+    and fifth kinds, the fifth adding a "later" row too), no connection stays checked out, and none of *units*
+    is still active.
+    """
+
+    async def one(http: httpx.AsyncClient, n: int) -> int:
+        params, _ = mixed[n % len(mixed)]
+        response = await http.post("/items", params={"name": f"{n:03}"} | params)
+        return response.status_code
+
+    async with client(app) as http:
+        statuses: list[int] = []
+        for start in range(0, 500, 20):
+            statuses += await asyncio.gather(*(one(http, n) for n in range(start, start + 20)))
+
+    assert [mixed[n % len(mixed)][1] for n in range(500)] == statuses
+    kept = [f"{n:03}" for n in range(500) if n % len(mixed) in (0, 4)]
+    later = ["later" for n in range(500) if n % len(mixed) == 4]
+    assert sorted(kept + later) == item_names(engine)
+    assert 0 == checked_out(async_engine)
+    assert [] == [unit for unit in units if unit.active]
+
+
 @ON_DATABASES
 async def test_500_requests_with_errors_mixed_in_leave_no_connection_checked_out(
     async_engine: AsyncEngine, engine: Engine
 ) -> None:
     """500 concurrent requests, a third of them failing, commit exactly the successes and return every connection."""
     shop = Shop(async_engine, "on_success")
-
-    async def one(http: httpx.AsyncClient, n: int) -> int:
-        params, _ = MIXED[n % len(MIXED)]
-        response = await http.post("/items", params={"name": f"{n:03}"} | params)
-        return response.status_code
-
-    async with client(shop.app) as http:
-        statuses: list[int] = []
-        for start in range(0, 500, 20):
-            statuses += await asyncio.gather(*(one(http, n) for n in range(start, start + 20)))
-
-    assert [MIXED[n % len(MIXED)][1] for n in range(500)] == statuses
-    kept = [f"{n:03}" for n in range(500) if n % len(MIXED) in (0, 4)]
-    later = ["later" for n in range(500) if n % len(MIXED) == 4]
-    assert sorted(kept + later) == item_names(engine)
-    assert 0 == checked_out(async_engine)
-    assert [] == [unit for unit in shop.units if unit.active]
+    await send_mixed_requests(shop.app, MIXED, shop.units, async_engine, engine)
 
 
 # -- misuse ----------------------------------------------------------------------------

@@ -25,6 +25,13 @@ from tests.support.databases import Provisioner
 
 Rows = Callable[..., list[tuple[Any, ...]]]
 
+#: Which batch each order line is allocated to, read with plain SQL.
+ALLOCATIONS = (
+    "SELECT b.reference, o.orderid, o.qty FROM allocations a "
+    "JOIN batches b ON b.id = a.batch_id JOIN order_lines o ON o.id = a.orderline_id "
+    "ORDER BY b.reference, o.orderid"
+)
+
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def database_url(request: pytest.FixtureRequest, provisioner: Provisioner) -> URL:

@@ -13,14 +13,10 @@ from allocation import messagebus, services
 from allocation.domain import BatchQuantityChanged, OrderLine, OutOfStock
 from allocation.unit_of_work import SqlAlchemyAllocationUnitOfWork
 
+from .conftest import ALLOCATIONS
+
 if TYPE_CHECKING:
     from .conftest import Rows
-
-ALLOCATIONS = (
-    "SELECT b.reference, o.orderid, o.qty FROM allocations a "
-    "JOIN batches b ON b.id = a.batch_id JOIN order_lines o ON o.id = a.orderline_id "
-    "ORDER BY b.reference, o.orderid"
-)
 
 
 @pytest.fixture

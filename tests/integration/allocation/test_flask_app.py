@@ -15,18 +15,12 @@ from werkzeug.test import TestResponse
 from allocation import orm
 from allocation.flask_app import create_app, ext
 
-from .conftest import checked_out, timeline_of
+from .conftest import ALLOCATIONS, checked_out, timeline_of
 
 if TYPE_CHECKING:
     from .conftest import Rows
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
-
-ALLOCATIONS = (
-    "SELECT b.reference, o.orderid, o.qty FROM allocations a "
-    "JOIN batches b ON b.id = a.batch_id JOIN order_lines o ON o.id = a.orderline_id "
-    "ORDER BY b.reference, o.orderid"
-)
 
 
 def app_engine(app: Flask) -> Engine:
