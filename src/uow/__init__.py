@@ -7,14 +7,22 @@ runs on a database, :class:`FakeUnitOfWork` in memory for unit tests.
 
 from __future__ import annotations
 
+import typing as _typing
+
 from . import errors
+from ._async_unit_of_work import AsyncUnitOfWork
+from ._declare import repository
 from ._fake import AsyncFakeUnitOfWork, FakeUnitOfWork
 from ._memory import AsyncInMemoryRepository, InMemoryRepository
+from ._ownership import current
 from ._repository import AsyncRepository, Repository
-from ._sqlalchemy import AsyncSqlAlchemyUnitOfWork, SqlAlchemyUnitOfWork
+from ._sqlalchemy import SqlAlchemyUnitOfWork
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
 from ._transactional import NEW_UOW, Retry, transactional
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, current, repository
+from ._unit_of_work import UnitOfWork
+
+if _typing.TYPE_CHECKING:
+    from ._sqlalchemy_async import AsyncSqlAlchemyUnitOfWork
 
 __all__ = [
     "AsyncFakeUnitOfWork",
@@ -36,3 +44,26 @@ __all__ = [
     "repository",
     "transactional",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # SQLAlchemy's asyncio extension needs greenlet, which SQLAlchemy 2.1 no longer installs: the async
+    # SQLAlchemy unit of work is imported when it is first asked for, so that sync code runs without it.
+    if name == "AsyncSqlAlchemyUnitOfWork":
+        try:
+            from ._sqlalchemy_async import AsyncSqlAlchemyUnitOfWork
+        except ImportError as error:
+            msg = (
+                "uow.AsyncSqlAlchemyUnitOfWork runs on SQLAlchemy's asyncio extension, which needs greenlet: "
+                "install uow[asyncio], or a driver extra that brings it (uow[asyncpg], uow[aiomysql], "
+                f"uow[aiosqlite]). ({error})"
+            )
+            raise ImportError(msg, name="greenlet") from error
+        globals()[name] = AsyncSqlAlchemyUnitOfWork
+        return AsyncSqlAlchemyUnitOfWork
+    msg = f"module 'uow' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from ._async_unit_of_work import AsyncUnitOfWork
+from ._machine import _UnitOfWorkCore
 from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession, _Savepoint
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
+from ._scope import _Transaction
+from ._unit_of_work import UnitOfWork
 
 __all__ = ["AsyncFakeUnitOfWork", "FakeUnitOfWork"]
 
@@ -11,8 +14,10 @@ __all__ = ["AsyncFakeUnitOfWork", "FakeUnitOfWork"]
 class _FakeCore(_UnitOfWorkCore):
     """What the sync and async fakes share: the database, and every step of a transaction."""
 
-    def __init__(self, *, autocommit: bool = False) -> None:
-        super().__init__(autocommit=autocommit)
+    def __init__(
+        self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
+    ) -> None:
+        super().__init__(autocommit=autocommit, read_only=read_only, isolation_level=isolation_level)
         #: The committed state, shared by every block of this unit of work.
         self.database = InMemoryDatabase()
 
@@ -29,7 +34,7 @@ class _FakeCore(_UnitOfWorkCore):
     def _read_only_scope(self, session: InMemorySession, *, starts: bool) -> None:
         session.watch_changes(starts=starts)
 
-    def _adopt(self, session: InMemorySession, outer: _UnitOfWorkCore | None) -> None:
+    def _adopt(self, session: InMemorySession, parent: _Transaction | None) -> None:
         """Every transaction of the fake has a session of its own: nothing to check."""
 
     def _open_store(self) -> InMemorySession:

@@ -1,25 +1,32 @@
-"""Units of work backed by SQLAlchemy sessions."""
+"""The sync unit of work backed by a SQLAlchemy session, and the session helpers both twins share.
+
+This module never imports ``sqlalchemy.ext.asyncio``: that needs greenlet,
+which a sync application may not have. ``_sqlalchemy_async.py`` holds the
+async twin.
+"""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import UnboundExecutionError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction, async_sessionmaker
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
-from ._unit_of_work import OWNER, AsyncUnitOfWork, UnitOfWork, _Transaction, _UnitOfWorkCore
+from ._machine import _UnitOfWorkCore
+from ._scope import _Transaction
+from ._sqlalchemy_repository import SqlAlchemyRepository
+from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, InactiveUnitOfWorkError, JoinedScopeError, _shown
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import UOWTransaction
 
-__all__ = ["AsyncSqlAlchemyUnitOfWork", "SqlAlchemyUnitOfWork"]
+__all__ = ["SqlAlchemyUnitOfWork"]
 
 
 def _inactive_session() -> InactiveUnitOfWorkError:
@@ -42,8 +49,7 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
         method = getattr(session, name)
 
         def guarded(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
-            scopes = unit._scopes
-            if scopes and (scopes[-1].kind != OWNER or scopes[-1].tx.session is not handle):
+            if not unit._owner_acts(handle):
                 msg = (
                     f"session.{_name}() in a joined scope: only the owner of the transaction may do that. "
                     "Call uow.commit() (which the owner makes durable), raise an exception to roll back, "
@@ -55,11 +61,11 @@ def _guard_session(session: Session, unit: _UnitOfWorkCore, handle: object) -> N
         setattr(session, name, guarded)
 
 
-def _hold(session: Session, outer: _UnitOfWorkCore | None) -> None:
+def _hold(session: Session, parent: _Transaction | None) -> None:
     """Take *session* for a unit of work: check that it is fresh, and mark it held so that no other one takes it."""
     attributes = session.__dict__
-    if outer is not None or _HELD in attributes or session.in_transaction():
-        _check_fresh(session, outer)  # the common case, a new session and nothing outside, needs no check
+    if parent is not None or _HELD in attributes or session.in_transaction():
+        _check_fresh(session, parent)  # the common case, a new session and nothing outside, needs no check
     attributes[_HELD] = True
 
 
@@ -198,31 +204,31 @@ def _has_changes(session: Session) -> bool:
     return bool(session.new or session.deleted) or any(session.is_modified(obj) for obj in session.dirty)
 
 
-def _check_fresh(session: Session, outer: _UnitOfWorkCore | None) -> None:
+def _check_fresh(session: Session, parent: _Transaction | None) -> None:
     """Refuse a new session that would share work with another one, before anything uses it.
 
-    *outer* is the unit of work active in this context, if any. A factory that
+    *parent* is the transaction active in this context, if any. A factory that
     hands out a session already in use (a ``scoped_session``) would make uow
     commit or close someone else's work, and a pool that gives a thread one
     connection (``SingletonThreadPool`` for SQLite in memory, ``StaticPool``)
     would make a nested transaction's commit commit the outer one.
     """
-    handle = outer._tx.session if outer is not None and outer._tx is not None else None
-    outer_session = handle.sync_session if isinstance(handle, AsyncSession) else handle
+    handle = parent.session if parent is not None else None
+    outer_session = getattr(handle, "sync_session", handle)  # an AsyncSession holds a Session
     if session is outer_session or _HELD in session.__dict__ or session.in_transaction():
         msg = (
             "the session factory returned a session that is already in use (a scoped_session?): uow must "
             "not commit or close a session it does not own. Give the unit of work a sessionmaker or an engine"
         )
         raise ConfigurationError(msg)
-    if outer is None or not isinstance(outer_session, Session):
+    if parent is None or not isinstance(outer_session, Session):
         return
     bind, outer_bind = _single_bind(session), _single_bind(outer_session)
     if not (isinstance(bind, Engine) and isinstance(outer_bind, Engine) and bind.pool is outer_bind.pool):
         return
     pool = bind.pool
     shared = isinstance(pool, StaticPool) or (
-        isinstance(pool, SingletonThreadPool) and outer._owner_thread == threading.get_ident()
+        isinstance(pool, SingletonThreadPool) and parent.thread == threading.get_ident()
     )
     if shared:
         msg = (
@@ -231,6 +237,12 @@ def _check_fresh(session: Session, outer: _UnitOfWorkCore | None) -> None:
             "would commit the outer work too. Use a file database or a server, or join the outer transaction"
         )
         raise ConfigurationError(msg)
+
+
+def _async_kinds() -> tuple[type[Any], ...]:
+    """SQLAlchemy's async engine and session factory, if its asyncio extension is loaded: else nothing is one."""
+    module = sys.modules.get("sqlalchemy.ext.asyncio")
+    return (module.AsyncEngine, module.async_sessionmaker) if module is not None else ()
 
 
 def _sqlite_needs_begin(driver_connection: Any) -> bool:
@@ -257,10 +269,15 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     _generic_repository = SqlAlchemyRepository
 
     def __init__(
-        self, session_factory: sessionmaker[Session] | Callable[[], Session] | Engine, *, autocommit: bool = False
+        self,
+        session_factory: sessionmaker[Session] | Callable[[], Session] | Engine,
+        *,
+        autocommit: bool = False,
+        read_only: bool = False,
+        isolation_level: str | None = None,
     ) -> None:
-        super().__init__(autocommit=autocommit)
-        if isinstance(session_factory, (AsyncEngine, async_sessionmaker)):
+        super().__init__(autocommit=autocommit, read_only=read_only, isolation_level=isolation_level)
+        if isinstance(session_factory, _async_kinds()):
             msg = (
                 f"{type(self).__name__} is synchronous but was given an async {type(session_factory).__name__}; "
                 "use AsyncSqlAlchemyUnitOfWork, or pass a sync Engine or sessionmaker"
@@ -276,10 +293,11 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     @property
     def session(self) -> Session:
         """The session of the active transaction."""
-        if self._tx is None:
+        if not self._scopes:
             raise _inactive_session()
-        self._touch()
-        session: Session = self._tx.session
+        scope = self._scope_for("uow.session")
+        scope.tx.used = True
+        session: Session = scope.tx.session
         return session
 
     def _open(self) -> Session:
@@ -346,123 +364,8 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     def _read_only_scope(self, session: Session, *, starts: bool) -> None:
         """The flush guard sees changed attributes by itself."""
 
-    def _adopt(self, session: Session, outer: _UnitOfWorkCore | None) -> None:
-        _hold(session, outer)
+    def _adopt(self, session: Session, parent: _Transaction | None) -> None:
+        _hold(session, parent)
 
     def _guard_session(self, tx: _Transaction) -> None:
         _guard_session(tx.session, self, tx.session)
-
-
-class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
-    """The async twin of :class:`SqlAlchemyUnitOfWork`, over an ``AsyncSession``.
-
-    *session_factory* is an ``async_sessionmaker`` (or any callable returning
-    an ``AsyncSession``) or an ``AsyncEngine``, for which uow builds an
-    ``async_sessionmaker`` with ``expire_on_commit=False``.
-    """
-
-    _repository_base = AsyncSqlAlchemyRepository
-    _generic_repository = AsyncSqlAlchemyRepository
-
-    def __init__(
-        self,
-        session_factory: async_sessionmaker[AsyncSession] | Callable[[], AsyncSession] | AsyncEngine,
-        *,
-        autocommit: bool = False,
-    ) -> None:
-        super().__init__(autocommit=autocommit)
-        if isinstance(session_factory, (Engine, sessionmaker)):
-            msg = (
-                f"{type(self).__name__} is asynchronous but was given a sync {type(session_factory).__name__}; "
-                "use SqlAlchemyUnitOfWork, or pass an AsyncEngine or async_sessionmaker"
-            )
-            raise ConfigurationError(msg)
-        if isinstance(session_factory, AsyncEngine):
-            session_factory = async_sessionmaker(session_factory, expire_on_commit=False)
-        elif not callable(session_factory):
-            msg = (
-                f"{type(self).__name__} takes an AsyncEngine or an async session factory, not {_shown(session_factory)}"
-            )
-            raise ConfigurationError(msg)
-        self.session_factory = session_factory
-
-    @property
-    def session(self) -> AsyncSession:
-        """The async session of the active transaction."""
-        if self._tx is None:
-            raise _inactive_session()
-        self._touch()
-        session: AsyncSession = self._tx.session
-        return session
-
-    async def _open(self) -> AsyncSession:
-        session = self.session_factory()
-        if not isinstance(session, AsyncSession):
-            msg = (
-                f"the session factory of {type(self).__name__} returned {_shown(session)}, "
-                "not a sqlalchemy.ext.asyncio.AsyncSession"
-            )
-            raise ConfigurationError(msg)
-        return session
-
-    def _prepare(self, tx: _Transaction) -> None:
-        if tx.isolation_level is not None or tx.read_only:
-            _prepare(tx.session.sync_session, tx, self._models())
-
-    def _guard_writes(self, tx: _Transaction) -> None:
-        _guard_writes(tx.session.sync_session, self)
-
-    async def _flush(self, session: AsyncSession) -> None:
-        await session.flush()
-
-    async def _commit(self, session: AsyncSession) -> None:
-        await session.commit()
-
-    async def _rollback(self, session: AsyncSession) -> None:
-        await session.rollback()
-
-    async def _close(self, session: AsyncSession, *, invalidate: bool) -> None:
-        try:
-            if invalidate:
-                await session.invalidate()
-                return
-            held = _held_connections(session.sync_session)
-            try:
-                await session.close()
-            except BaseException:
-                await session.run_sync(lambda _: _invalidate(held))
-                await session.invalidate()
-                raise
-        finally:
-            _unguard_session(session.sync_session)
-
-    async def _begin_savepoint(self, session: AsyncSession) -> AsyncSessionTransaction:
-        bind = _single_bind(session.sync_session)
-        if bind is not None and bind.dialect.name == "sqlite":
-            connection = await session.connection()
-            raw = await connection.get_raw_connection()
-            if _sqlite_needs_begin(raw.driver_connection):
-                await connection.exec_driver_sql("BEGIN")
-        return await session.begin_nested()
-
-    async def _end_savepoint(self, handle: AsyncSessionTransaction, *, release: bool) -> None:
-        if release:
-            try:
-                await handle.commit()  # flushes first, which may fail
-            except BaseException:
-                await handle.rollback()
-                raise
-        else:
-            await handle.rollback()
-
-    def _has_changes(self, session: AsyncSession) -> bool:
-        return _has_changes(session.sync_session)
-
-    def _read_only_scope(self, session: AsyncSession, *, starts: bool) -> None:
-        """The flush guard sees changed attributes by itself."""
-
-    def _adopt(self, session: AsyncSession, outer: _UnitOfWorkCore | None) -> None:
-        _hold(session.sync_session, outer)
-
-    def _guard_session(self, tx: _Transaction) -> None:
-        _guard_session(tx.session.sync_session, self, tx.session)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import builtins
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, func, inspect, select
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from ._model import ModelInfo, model_info
 from ._repository import AsyncRepository, Repository
 from .errors import NotInRepositoryError
+
+if TYPE_CHECKING:  # importing sqlalchemy.ext.asyncio needs greenlet, which sync applications may not have
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 __all__ = ["AsyncSqlAlchemyRepository", "SqlAlchemyRepository"]
 

@@ -8,25 +8,18 @@ import inspect
 import logging
 import random
 import time
+import types
+import typing
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, Union, overload
 
 import attrs
 
-from ._unit_of_work import (
-    AsyncBlock,
-    AsyncUnitOfWork,
-    Block,
-    Propagation,
-    UnitOfWork,
-    _active_here,
-    _BlockBase,
-    _check_options,
-    _current,
-    _current_task,
-    _thread_and_task,
-    _UnitOfWorkCore,
-)
+from ._async_unit_of_work import AsyncBlock, AsyncUnitOfWork
+from ._machine import _BlockOptions, _UnitOfWorkCore
+from ._ownership import _current, active_here
+from ._scope import Propagation, check_options
+from ._unit_of_work import Block, UnitOfWork
 from .errors import ConfigurationError, InactiveUnitOfWorkError, _shown, is_retryable
 
 __all__ = ["NEW_UOW", "Retry", "Transactional", "transactional"]
@@ -92,20 +85,20 @@ class Retry:
         cap = min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 1, 64))
         return random.uniform(cap / 2, cap)
 
-    def _next(
-        self, error: Exception, attempt: int, unit: _UnitOfWorkCore, block: _BlockBase, name: str, commits: int
-    ) -> float:
+    def _next(self, error: Exception, attempt: int, block: _BlockOptions, name: str) -> float:
         """The pause before retry number *attempt* after *error*; re-raises *error* if it is not retried.
 
-        Only the owner of the transaction retries; an attempt that committed
-        (*commits* was the count before it), or whose commit may have reached
-        the database, is never run again; and *retry_if* has the last word.
+        Only the owner of the transaction retries. An attempt that committed
+        work for real (itself, or through a transaction started inside it, in
+        any task or thread that inherited its context), or whose commit may
+        have reached the database, is never run again; and *retry_if* has the
+        last word.
         """
         if (
             not block.owner
             or attempt > self.retries
-            or unit.commits + unit._nested_commits != commits
-            or unit._commit_outcome_unknown
+            or block._durable
+            or block._outcome_unknown
             or not self.retry_if(error)
         ):
             raise error
@@ -161,6 +154,19 @@ class Transactional:
     @overload
     def __call__(
         self,
+        func: Callable[P, R],
+        /,
+        *,
+        factory: Callable[[], UnitOfWork | AsyncUnitOfWork] | None = ...,
+        propagation: Propagation = ...,
+        read_only: bool | None = ...,
+        isolation_level: str | None = ...,
+        retries: int | Retry = ...,
+    ) -> Callable[P, R]: ...
+
+    @overload
+    def __call__(
+        self,
         func: None = None,
         /,
         *,
@@ -182,24 +188,29 @@ class Transactional:
         isolation_level: Any = _NOT_SET,
         retries: Any = _NOT_SET,
     ) -> Any:
-        if func is None:
-            changes = {
-                "factory": factory,
-                "propagation": propagation,
-                "read_only": read_only,
-                "isolation_level": isolation_level,
-            }
-            options = {name: value for name, value in changes.items() if value is not _NOT_SET}
-            if retries is not _NOT_SET:
-                options["retry"] = _as_retry(retries)
-            configured = attrs.evolve(self, **options)
-            # Entering a scope validates these too; checking now reports the mistake at import.
-            _check_options(configured.propagation, configured.isolation_level)
-            if configured.factory is not None and not callable(configured.factory):
-                msg = f"factory must be a callable that returns a unit of work, not {_shown(configured.factory)}"
-                raise ConfigurationError(msg)
-            return configured
-        return self._decorate(func)
+        changes = {
+            "factory": factory,
+            "propagation": propagation,
+            "read_only": read_only,
+            "isolation_level": isolation_level,
+        }
+        options = {name: value for name, value in changes.items() if value is not _NOT_SET}
+        if retries is not _NOT_SET:
+            options["retry"] = _as_retry(retries)
+        configured = self._with(options) if options else self
+        return configured if func is None else configured._decorate(func)
+
+    def _with(self, options: dict[str, Any]) -> Transactional:
+        configured = attrs.evolve(self, **options)
+        # Entering a scope validates these too; checking now reports the mistake at import.
+        check_options(configured.propagation, configured.isolation_level)
+        if configured.factory is not None and not callable(configured.factory):
+            msg = f"factory must be a callable that returns a unit of work, not {_shown(configured.factory)}"
+            raise ConfigurationError(msg)
+        if configured.read_only is not None and not isinstance(configured.read_only, bool):
+            msg = f"read_only takes True, False or None, not {configured.read_only!r}"
+            raise ConfigurationError(msg)
+        return configured
 
     def _decorate(self, func: Any) -> Any:
         if isinstance(func, (classmethod, staticmethod)):
@@ -226,29 +237,30 @@ class Transactional:
         if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             index = list(inspect.signature(func).parameters).index("uow")
         if inspect.iscoroutinefunction(func):
-            return _async_wrapper(self, func, index, name)
-        return _sync_wrapper(self, func, index, name)
+            return _async_wrapper(self, func, index, name, _Route(self, func, parameter, AsyncUnitOfWork, name))
+        return _sync_wrapper(self, func, index, name, _Route(self, func, parameter, UnitOfWork, name))
 
     def _bind(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None, kind: type[Any], name: str
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None, route: _Route
     ) -> tuple[Any, tuple[Any, ...]]:
         """The unit of work of a call, and the call's positional arguments with it in place."""
         positional = index is not None and len(args) > index
         given = args[index] if index is not None and positional else kwargs.get("uow")
-        unit = self._resolve(given, kind, name)
+        unit = self._resolve(given, route)
         if unit is not given:
             args, _ = _placed(args, kwargs, index, positional, unit)
         return unit, args
 
-    def _resolve(self, given: Any, kind: type[Any], name: str) -> Any:
-        """The unit of work a call runs in: the one given, the active one here, or a new one."""
+    def _resolve(self, given: Any, route: _Route) -> Any:
+        """The unit of work a call runs in: the one given, the active one here of its kind, or a new one."""
+        base, name = route.base, route.name
         if given is not None and given is not NEW_UOW:
-            if not isinstance(given, kind):
-                msg = f"{name} was given uow={_shown(given)}, which is not a {kind.__name__}"
+            if not isinstance(given, base):
+                msg = f"{name} was given uow={_shown(given)}, which is not a {base.__name__}"
                 raise ConfigurationError(msg)
             return given
-        active = _active_here()
-        if isinstance(active, kind) and not (self.propagation == "requires_new" and self.factory is not None):
+        active = active_here()
+        if isinstance(active, route.kind()) and not (self.propagation == "requires_new" and self.factory is not None):
             return active
         if self.propagation == "mandatory":
             msg = (
@@ -258,16 +270,101 @@ class Transactional:
             raise InactiveUnitOfWorkError(msg)
         if self.factory is None:
             msg = (
-                f"{name} was called without a unit of work, none is active in this thread or task, and the "
-                "decorator has no factory: pass uow=..., call it inside `with uow:`, or decorate it with "
-                "`transactional(factory=...)`"
+                f"{name} was called without a unit of work, none of its kind ({route.shown()}) is active in this "
+                "thread or task, and the decorator has no factory: pass uow=..., call it inside `with uow:`, or "
+                "decorate it with `transactional(factory=...)`"
             )
             raise InactiveUnitOfWorkError(msg)
         unit = self.factory()
-        if not isinstance(unit, kind):
-            msg = f"the factory of @transactional on {name} returned {_shown(unit)}, not a {kind.__name__}"
+        if not isinstance(unit, base):
+            msg = f"the factory of @transactional on {name} returned {_shown(unit)}, not a {base.__name__}"
             raise ConfigurationError(msg)
         return unit
+
+
+class _Route:
+    """Which active units of work a decorated function joins: those of the kind its decorator would create.
+
+    That kind is the factory's class (or the class its return annotation
+    names), else the class that the ``uow`` parameter is annotated with. A
+    service decorated with ``transactional(factory=AuditUnitOfWork)`` called
+    inside a block of another unit of work does not join that block: it
+    runs in an audit unit of work of its own. The kind is worked out on the
+    first call, when the annotations can be resolved.
+    """
+
+    __slots__ = ("_factory", "_func", "_kind", "_parameter", "base", "name")
+
+    def __init__(
+        self, options: Transactional, func: Callable[..., Any], parameter: inspect.Parameter, base: type[Any], name: str
+    ) -> None:
+        self._factory = options.factory
+        self._func = func
+        self._parameter = parameter
+        self._kind: type[Any] | tuple[type[Any], ...] | None = None
+        #: The unit of work type that a call of this kind of function (sync or async) takes.
+        self.base = base
+        self.name = name
+
+    def kind(self) -> type[Any] | tuple[type[Any], ...]:
+        kind = self._kind
+        if kind is None:
+            kind = self._kind = self._work_out()
+        return kind
+
+    def shown(self) -> str:
+        kind = self.kind()
+        return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+    def _work_out(self) -> type[Any] | tuple[type[Any], ...]:
+        if self._factory is not None:
+            made = _made_by(self._factory)
+            if made is not None:
+                return made
+        annotation = self._parameter.annotation
+        if annotation is inspect.Parameter.empty:
+            return self.base
+        if isinstance(annotation, str):
+            func = inspect.unwrap(self._func)
+            try:
+                annotation = eval(annotation, getattr(func, "__globals__", {}))  # the function's own annotation
+            except Exception as error:
+                msg = (
+                    f"@transactional on {self.name} joins only an active unit of work of the kind the function takes, "
+                    f"and could not resolve the annotation of its `uow` parameter ({type(error).__name__}: {error}). "
+                    "Import that class at run time, not only under TYPE_CHECKING, or give "
+                    "transactional(factory=...) a unit of work class"
+                )
+                raise ConfigurationError(msg) from error
+        return _unit_classes(annotation) or self.base
+
+
+def _made_by(factory: Callable[..., Any]) -> type[Any] | tuple[type[Any], ...] | None:
+    """The unit of work class that *factory* builds, if it says: a class, a partial of one, or a return annotation."""
+    if isinstance(factory, functools.partial):
+        return _made_by(factory.func)
+    if isinstance(factory, type):
+        return factory if issubclass(factory, _UnitOfWorkCore) else None
+    try:
+        returned = typing.get_type_hints(factory).get("return")
+    except Exception:
+        return None
+    return _unit_classes(returned)
+
+
+def _unit_classes(annotation: Any) -> type[Any] | tuple[type[Any], ...] | None:
+    """The unit of work classes an annotation names: one class, or the members of a union; None if it names none."""
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, _UnitOfWorkCore) else None
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        classes = tuple(
+            member
+            for member in typing.get_args(annotation)
+            if isinstance(member, type) and issubclass(member, _UnitOfWorkCore)
+        )
+        if classes:
+            return classes[0] if len(classes) == 1 else classes
+    return None
 
 
 def _placed(
@@ -281,7 +378,7 @@ def _placed(
     return args, kwargs
 
 
-def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int | None, name: str) -> Any:
+def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int | None, name: str, route: _Route) -> Any:
     propagation, read_only, isolation_level, retry = (
         options.propagation,
         options.read_only,
@@ -294,48 +391,47 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if plain:
-            # The common case, kept to a few attribute reads: join a healthy unit
-            # of work that this thread entered. Anything else takes the full path.
+            # The common case, kept to a few attribute reads: join a healthy unit of work of the
+            # function's kind that this thread entered. Anything else takes the full path.
             positional = index is not None and len(args) > index
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
-            unit = _current.get() if given is None or given is NEW_UOW else given
-            if (
-                isinstance(unit, _UnitOfWorkCore)
-                and unit._sync
-                and not unit._alarm
-                and unit._owner == _thread_and_task()
-            ):
-                if unit is not given:
-                    args, kwargs = _placed(args, kwargs, index, positional, unit)
-                scopes = unit._scopes
-                top = scopes[-1]
-                if not top.tx.session_guarded:
-                    unit._nest(top.tx)
-                scopes.append(top.tx.joined(top.read_only))
-                try:
-                    result = func(*args, **kwargs)
-                except BaseException as error:
-                    unit._leave_joined(error)
-                    raise
-                scopes.pop()
-                return result
-        unit, args = options._bind(args, kwargs, index, UnitOfWork, name)
+            if given is None or given is NEW_UOW:
+                tx = _current.get()
+                unit = tx.unit if tx is not None and isinstance(tx.unit, route.kind()) else None
+            else:
+                unit = given
+            if isinstance(unit, UnitOfWork):
+                scope = unit._join_here()
+                if scope is not None:
+                    if unit is not given:
+                        args, kwargs = _placed(args, kwargs, index, positional, unit)
+                    try:
+                        result = func(*args, **kwargs)
+                    except BaseException as error:
+                        if not unit._leave_joined(scope, error):
+                            unit._exit_scope(scope, error)
+                        raise
+                    if not unit._leave_joined(scope, None):
+                        unit._exit_scope(scope, None)
+                    return result
+        unit, args = options._bind(args, kwargs, index, route)
         attempt = 0
         while True:
-            commits = unit.commits + unit._nested_commits
             block = Block(unit, propagation, read_only, isolation_level, commit_on_exit=True)
             try:
                 with block:
                     return func(*args, **kwargs)
             except Exception as error:
                 attempt += 1
-                delay = retry._next(error, attempt, unit, block, name, commits)
+                delay = retry._next(error, attempt, block, name)
             sleep(delay)
 
     return wrapper
 
 
-def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], index: int | None, name: str) -> Any:
+def _async_wrapper(
+    options: Transactional, func: Callable[..., Awaitable[Any]], index: int | None, name: str, route: _Route
+) -> Any:
     propagation, read_only, isolation_level, retry = (
         options.propagation,
         options.read_only,
@@ -348,41 +444,38 @@ def _async_wrapper(options: Transactional, func: Callable[..., Awaitable[Any]], 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         if plain:
-            # As in the sync wrapper: join a healthy unit of work that this task entered.
+            # As in the sync wrapper: join a healthy unit of work of the function's kind that this task entered.
             positional = index is not None and len(args) > index
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
-            unit = _current.get() if given is None or given is NEW_UOW else given
-            if (
-                isinstance(unit, _UnitOfWorkCore)
-                and unit._sync is False
-                and not unit._alarm
-                and unit._owner == _current_task()
-            ):
-                if unit is not given:
-                    args, kwargs = _placed(args, kwargs, index, positional, unit)
-                scopes = unit._scopes
-                top = scopes[-1]
-                if not top.tx.session_guarded:
-                    unit._nest(top.tx)
-                scopes.append(top.tx.joined(top.read_only))
-                try:
-                    result = await func(*args, **kwargs)
-                except BaseException as error:
-                    unit._leave_joined(error)
-                    raise
-                scopes.pop()
-                return result
-        unit, args = options._bind(args, kwargs, index, AsyncUnitOfWork, name)
+            if given is None or given is NEW_UOW:
+                tx = _current.get()
+                unit = tx.unit if tx is not None and isinstance(tx.unit, route.kind()) else None
+            else:
+                unit = given
+            if isinstance(unit, AsyncUnitOfWork):
+                scope = unit._join_here()
+                if scope is not None:
+                    if unit is not given:
+                        args, kwargs = _placed(args, kwargs, index, positional, unit)
+                    try:
+                        result = await func(*args, **kwargs)
+                    except BaseException as error:
+                        if not unit._leave_joined(scope, error):
+                            await unit._exit_scope(scope, error)
+                        raise
+                    if not unit._leave_joined(scope, None):
+                        await unit._exit_scope(scope, None)
+                    return result
+        unit, args = options._bind(args, kwargs, index, route)
         attempt = 0
         while True:
-            commits = unit.commits + unit._nested_commits
             block = AsyncBlock(unit, propagation, read_only, isolation_level, commit_on_exit=True)
             try:
                 async with block:
                     return await func(*args, **kwargs)
             except Exception as error:
                 attempt += 1
-                delay = retry._next(error, attempt, unit, block, name, commits)
+                delay = retry._next(error, attempt, block, name)
             paused = sleep(delay)
             if inspect.isawaitable(paused):
                 await paused
@@ -397,12 +490,16 @@ The function must take a parameter named ``uow``. A unit of work passed in
 (by position or keyword) is used: an active one is joined and never
 committed or closed by the decorator; an idle one is entered for the call
 and committed on normal return. ``None`` or :data:`NEW_UOW` means "not
-given": the decorator joins the unit of work active in this thread or task,
-or else creates one with *factory*, owns it, and commits on normal return.
+given": the decorator joins the unit of work active in this thread or task
+if it is of the kind the decorator would create (the factory's class, else
+the ``uow`` parameter's annotation), or else creates one with *factory*,
+owns it, and commits on normal return.
 
 Options: ``factory``, ``propagation``, ``read_only``, ``isolation_level``, and
 ``retries`` (an ``int`` or a :class:`Retry`), which only the owner of the
-transaction uses. ``transactional(factory=...)`` returns a configured
-decorator to share across an application; calling that with more options
-returns another one.
+transaction uses. ``read_only`` and ``isolation_level`` left unset take the
+unit of work's own settings. ``transactional(factory=...)`` returns a
+configured decorator to share across an application; calling that with more
+options returns another one, and ``transactional(func, factory=...)``
+decorates *func* with them.
 """

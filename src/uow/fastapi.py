@@ -20,7 +20,8 @@ from typing import Any, get_type_hints
 
 from fastapi import params
 
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
+from ._async_unit_of_work import AsyncUnitOfWork
+from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, _shown
 from .starlette import CommitPolicy, _check_policy, _check_unit, _RequestUnit
 

@@ -32,7 +32,8 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from ._unit_of_work import AsyncUnitOfWork, UnitOfWork
+from ._async_unit_of_work import AsyncUnitOfWork
+from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, _shown
 
 try:

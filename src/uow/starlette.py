@@ -19,7 +19,8 @@ from typing import Literal, get_args
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._unit_of_work import AsyncBlock, AsyncUnitOfWork, UnitOfWork
+from ._async_unit_of_work import AsyncBlock, AsyncUnitOfWork
+from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, OwnershipError, _shown
 
 __all__ = ["CommitPolicy", "UnitOfWorkMiddleware"]

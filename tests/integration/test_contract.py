@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from tests.support.contract import Contract
 from tests.support.databases import Database
 from tests.support.harness import Shop, sql_reader
+from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
 from tests.support.uows import AsyncSqlAlchemyShopUnitOfWork, SqlAlchemyShopUnitOfWork
 
@@ -25,6 +26,21 @@ async def _shop(request: pytest.FixtureRequest, database: Database, engine: Engi
     async_engine = create_async_engine(database.async_url)
     try:
         yield Shop(name, lambda **kw: AsyncSqlAlchemyShopUnitOfWork(async_engine, **kw), sql_reader(engine), True)
+        assert 0 == async_engine.pool.checkedout()
+    finally:
+        await async_engine.dispose()
+
+
+@pytest.fixture(name="async_shop")
+async def _async_shop(database: Database, engine: Engine) -> AsyncIterator[Shop]:
+    async_engine = create_async_engine(database.async_url)
+    try:
+        yield Shop(
+            f"{database.backend}-async",
+            lambda **kw: AsyncSqlAlchemyShopUnitOfWork(async_engine, **kw),
+            sql_reader(engine),
+            is_async=True,
+        )
         assert 0 == async_engine.pool.checkedout()
     finally:
         await async_engine.dispose()
@@ -52,3 +68,11 @@ def test_engine_gets_a_factory_that_keeps_objects_readable(engine: Engine) -> No
 
 class TestDatabaseTransactions(TransactionContract):
     """SQLAlchemy units of work follow the transaction rules on every backend."""
+
+
+class TestDatabaseScopes(ScopeContract):
+    """SQLAlchemy units of work leave their own blocks' scopes, and one thread or task at a time enters them."""
+
+
+class TestAsyncDatabaseScopes(AsyncScopeContract):
+    """Timeouts work around the commit, rollback and blocks of async SQLAlchemy units of work."""

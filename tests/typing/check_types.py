@@ -91,7 +91,7 @@ async def async_service(unit: AsyncAllocationUnitOfWork) -> None:
 
 
 def declarations() -> None:
-    assert_type(AllocationUnitOfWork.batches, uow._unit_of_work.ModelRepository[Batch])
+    assert_type(AllocationUnitOfWork.batches, uow._declare.ModelRepository[Batch])
     error: errors.UowError = errors.InactiveUnitOfWorkError("x")
     assert isinstance(error, RuntimeError)
 

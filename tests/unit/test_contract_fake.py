@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.contract import Contract
 from tests.support.harness import Shop, fake_shop
+from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
 from tests.support.uows import AsyncFakeShopUnitOfWork, FakeShopUnitOfWork
 
@@ -23,3 +24,16 @@ class TestFake(Contract):
 
 class TestFakeTransactions(TransactionContract):
     """The fakes follow the transaction rules."""
+
+
+@pytest.fixture(name="async_shop")
+def _async_shop() -> Shop:
+    return fake_shop(AsyncFakeShopUnitOfWork, is_async=True)
+
+
+class TestFakeScopes(ScopeContract):
+    """The fakes' blocks leave their own scopes, and one thread or task at a time enters them."""
+
+
+class TestAsyncFakeScopes(AsyncScopeContract):
+    """Timeouts work around the async fake's commit, rollback and blocks."""

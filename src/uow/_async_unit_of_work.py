@@ -1,0 +1,343 @@
+"""The async unit of work and its blocks: ``_unit_of_work.py`` with ``await``.
+
+The same steps as the sync twin, in the same order; a test compares their
+method lists. What differs: the protected hooks are coroutines, cleanup
+(rollback, close, ending a savepoint) runs to completion even when the task
+is cancelled meanwhile, and hooks may be coroutine functions.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import _hooks
+from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
+from ._ownership import current_task, is_generator_frame
+from ._repository import AsyncRepository
+from ._scope import Kind, Plan, Propagation, State, _Scope, _Transaction
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["AsyncBlock", "AsyncUnitOfWork"]
+
+log = logging.getLogger("uow")
+
+_OWNER, _JOINED, _SAVEPOINT = Kind.OWNER, Kind.JOINED, Kind.SAVEPOINT
+
+AU = TypeVar("AU", bound="AsyncUnitOfWork")
+
+
+class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
+    """The async twin of :class:`UnitOfWork`, used with ``async with uow:``."""
+
+    _interface = AsyncRepository
+    _sync = False
+    _here = staticmethod(current_task)
+
+    @abc.abstractmethod
+    async def _open(self) -> Any:
+        """Create and return the session of a new transaction."""
+
+    @abc.abstractmethod
+    async def _flush(self, session: Any) -> None:
+        """Send the pending changes to the database."""
+
+    @abc.abstractmethod
+    async def _commit(self, session: Any) -> None:
+        """Commit the session's transaction."""
+
+    @abc.abstractmethod
+    async def _rollback(self, session: Any) -> None:
+        """Roll the session's transaction back."""
+
+    @abc.abstractmethod
+    async def _close(self, session: Any, *, invalidate: bool) -> None:
+        """Release the session; *invalidate* means its connection is broken and must not be reused."""
+
+    @abc.abstractmethod
+    async def _begin_savepoint(self, session: Any) -> Any:
+        """Begin a savepoint and return its handle."""
+
+    @abc.abstractmethod
+    async def _end_savepoint(self, handle: Any, *, release: bool) -> None:
+        """Release the savepoint, or roll back to it; a failed release rolls back and raises."""
+
+    # -- blocks --------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._enter_scope(self._plan("required", None, None, frame=sys._getframe(1)))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        scope = self._exiting(sys._getframe(1))
+        if scope is not None:
+            await self._exit_scope(scope, exc)
+
+    if not TYPE_CHECKING:  # for mypy, an async unit of work has no sync protocol at all
+
+        def __enter__(self):
+            raise wrong_protocol(self)
+
+        def __exit__(self, exc_type, exc, tb):
+            return None
+
+    def transaction(
+        self,
+        *,
+        propagation: Propagation = "required",
+        read_only: bool | None = None,
+        isolation_level: str | None = None,
+    ) -> AsyncBlock[Self]:
+        """A block with options, for ``async with uow.transaction(...):``; see :meth:`UnitOfWork.transaction`."""
+        return AsyncBlock(self, propagation, read_only, isolation_level)
+
+    def savepoint(self) -> AsyncBlock[Self]:
+        """A savepoint inside the active block, for ``async with uow.savepoint():``.
+
+        See :meth:`UnitOfWork.savepoint`.
+        """
+        return AsyncBlock(self, "nested", None, None, savepoint=True)
+
+    async def _enter_scope(self, scope: _Scope) -> None:
+        tx = scope.tx
+        if scope.kind is _OWNER:
+            try:
+                session = await self._open()
+                self._adopt(session, tx.parent)
+                tx.session = session
+                if tx.isolation_level is not None or tx.read_only:
+                    try:
+                        self._prepare(tx)
+                    except BaseException:
+                        try:
+                            await _run_to_completion(self._close(session, invalidate=False))
+                        except Exception:
+                            log.exception("uow: closing the session after a failed start failed")
+                        raise
+            except BaseException:
+                self._abandon()
+                raise
+        elif scope.kind is _SAVEPOINT:
+            scope.handle = await self._begin_savepoint(tx.session)
+        elif scope.narrows:
+            await self._flush(tx.session)  # the writes pending so far are the outer scope's
+            self._read_only_scope(tx.session, starts=True)
+        self._push(scope)
+
+    async def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
+        if scope.state is State.CLOSED or scope.state is State.CLOSED_EARLY:
+            return
+        failure = None
+        if self._scopes[-1] is not scope:
+            above, overlap = self._misnesting(scope)
+            if overlap and scope.kind is _JOINED:
+                self._leave_overlapped(scope, exc)
+                return
+            for held in above:
+                await self._close_early(held)
+            if overlap:
+                failure = self._overlap_error(scope, above)
+                failure.__context__ = exc
+                exc = failure
+        if scope.kind is _JOINED:
+            await self._exit_joined(scope, exc)
+        elif scope.kind is _SAVEPOINT:
+            await self._exit_savepoint(scope, exc)
+        else:
+            await self._exit_owner(scope, exc)
+        if failure is not None:
+            self._poison_acting(failure)
+            raise failure
+
+    async def _exit_joined(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
+        if isinstance(exc, GeneratorExit):
+            exc = None  # a generator closed before its end: not a failure
+        try:
+            if exc is None and scope.narrows and scope.boundary.poison is None:
+                await self._flush(scope.tx.session)  # a write left pending here is refused now, not at the commit
+        except BaseException as error:
+            self._pop(scope, state)
+            self._poison(scope, error)
+            raise
+        finally:
+            if scope.narrows:
+                self._read_only_scope(scope.tx.session, starts=False)
+        self._pop(scope, state)
+        if exc is not None:
+            self._poison(scope, exc)
+
+    async def _exit_savepoint(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
+        release = scope.releases(exc)
+        try:
+            await _run_to_completion(self._end_savepoint(scope.handle, release=release))
+        except BaseException as error:
+            failure = self._savepoint_ended(scope, exc, release, error, state)
+        else:
+            failure = self._savepoint_ended(scope, exc, release, None, state)
+        if failure is not None:
+            raise failure
+
+    async def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
+        tx = scope.tx
+        try:
+            if exc is None and tx.read_only and not tx.refused and scope.poison is None:
+                await self._flush(tx.session)  # a write left pending is refused, not silently dropped
+            plan = self._owner_exit_plan(scope, exc)
+            if plan is Plan.COMMIT:
+                await self._commit_scope(scope)
+            elif plan is not Plan.NOTHING:
+                self._rolled_back(tx)
+            if plan is Plan.POISONED:
+                raise self._rollback_only_error(scope) from scope.poison
+        except BaseException:
+            await self._release(scope, quiet=True, state=state)
+            raise
+        await self._release(scope, quiet=exc is not None, state=state)
+
+    async def _close_early(self, held: _Scope) -> None:
+        """End *held*, still open above an exiting scope, as if its generator had been closed there."""
+        self._closing_early(held)
+        try:
+            if held.kind is _JOINED:
+                await self._exit_joined(held, None, State.CLOSED_EARLY)
+            elif held.kind is _SAVEPOINT:
+                await self._exit_savepoint(held, GeneratorExit(), State.CLOSED_EARLY)
+            else:
+                await self._exit_owner(held, GeneratorExit(), State.CLOSED_EARLY)
+        except Exception as error:
+            log.exception("uow: closing a scope left open inside an exiting block failed")
+            self._poison_acting(error)
+
+    async def _release(self, scope: _Scope, *, quiet: bool, state: State) -> None:
+        # Closing must finish even if this task is cancelled meanwhile, or the
+        # connection would stay checked out; the cancellation is re-raised after.
+        try:
+            await _run_to_completion(self._close(scope.tx.session, invalidate=scope.tx.broken))
+        except Exception:
+            if not quiet:
+                raise
+            log.exception("uow: closing the session after an error failed")
+        finally:
+            self._pop(scope, state)
+
+    # -- the transaction -----------------------------------------------------
+
+    async def commit(self) -> None:
+        """Commit the work done so far; see :meth:`UnitOfWork.commit`."""
+        scope = self._scope_for("commit()")
+        if scope.kind is not _OWNER or scope.rollback_only or scope.tx.read_only:
+            self._check_may_commit(scope)
+            if scope.kind is not _OWNER:
+                await self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
+                return
+        await self._commit_scope(scope)
+
+    async def _commit_scope(self, scope: _Scope) -> None:
+        tx = scope.tx
+        try:
+            await self._flush(tx.session)
+            try:
+                await self._commit(tx.session)
+            except BaseException as error:
+                tx.outcome_unknown = outcome_unknown(error)
+                raise
+        except BaseException:
+            await _run_to_completion(self._discard(tx))
+            raise
+        self._committed(scope)
+        if tx.hooks:
+            await self._run_hooks(scope)
+
+    async def rollback(self) -> None:
+        """Discard the uncommitted work of the owner's block now; see :meth:`UnitOfWork.rollback`."""
+        scope = self._owner_scope("rollback()")
+        await self._rollback(scope.tx.session)
+        self._rolled_back_by_owner(scope)
+
+    async def _discard(self, tx: _Transaction) -> None:
+        """Roll back after an error; log, never raise, if the rollback fails too."""
+        try:
+            await self._rollback(tx.session)
+        except Exception:
+            tx.broken = True
+            log.exception("uow: rollback after an error failed; the connection will be invalidated")
+        self._rolled_back(tx)
+
+    def on_commit(self, callback: Callable[[], object], *, robust: bool = False) -> None:
+        """Run *callback* after the outermost real commit; see :meth:`UnitOfWork.on_commit`.
+
+        The callback may be a coroutine function: what it returns is awaited.
+        """
+        self._add_hook(callback, robust)
+
+    async def _run_hooks(self, scope: _Scope) -> None:
+        started = self._start_hooks(scope)
+        try:
+            await _hooks.run_hooks_async(scope.tx.hooks)
+        finally:
+            self._end_hooks(started)
+
+
+class AsyncBlock(_BlockOptions, Generic[AU]):
+    """A block of an async unit of work, from :meth:`AsyncUnitOfWork.transaction`; use it with ``async with``.
+
+    It holds the scope it entered, and its exit leaves that scope.
+    """
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, unit: AU, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unit = unit
+
+    async def __aenter__(self) -> AU:
+        frame = sys._getframe(1)
+        scope = self._plan(self._unit, frame if is_generator_frame(frame) else None)
+        await self._unit._enter_scope(scope)
+        self._entered(scope)
+        return self._unit
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        scope = self._scope
+        if scope is not None:
+            await self._unit._exit_scope(scope, exc)
+
+    if not TYPE_CHECKING:
+
+        def __enter__(self):
+            raise wrong_protocol(self._unit)
+
+        def __exit__(self, exc_type, exc, tb):
+            return None
+
+
+T = TypeVar("T")
+
+
+async def _run_to_completion(coro: Coroutine[Any, Any, T]) -> T:
+    """Run *coro* to its end even if this task is cancelled meanwhile, then re-raise the cancellation."""
+    task = asyncio.ensure_future(coro)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as error:
+            if task.done():
+                raise
+            cancelled = error
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result

@@ -1,0 +1,759 @@
+"""The transaction rules of a unit of work, as one state machine that does no I/O.
+
+``_UnitOfWorkCore`` keeps the open scopes of a unit of work, outermost
+first, and decides every step: what entering a scope means, which scope the
+running code acts in, whether a use is allowed, what a leaving owner does,
+which scopes an exit must close first. The sync and async twins
+(``_unit_of_work.py``, ``_async_unit_of_work.py``) ask it, do the I/O it
+calls for through the protected hooks an implementation fills, await where
+they must, and report back. Nothing else changes its state.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextvars import Token
+from types import FrameType
+from typing import Any
+
+from . import _hooks
+from ._declare import _Declarations
+from ._ownership import _current, context_transaction, describe, in_generator, waits_for, where
+from ._scope import (
+    ISOLATION_LEVELS,
+    PROPAGATIONS,
+    Kind,
+    Plan,
+    State,
+    _Scope,
+    _Transaction,
+    check_isolation_level,
+    check_options,
+)
+from .errors import (
+    ActiveUnitOfWorkError,
+    ConfigurationError,
+    InactiveUnitOfWorkError,
+    JoinedScopeError,
+    OwnershipError,
+    ReadOnlyError,
+    RollbackOnlyError,
+    is_retryable,
+)
+
+log = logging.getLogger("uow")
+
+_OWNER, _JOINED, _SAVEPOINT = Kind.OWNER, Kind.JOINED, Kind.SAVEPOINT
+_OPEN = State.OPEN
+
+_Started = tuple[Token[_Transaction | None], _Scope, State]
+
+
+class _UnitOfWorkCore(_Declarations):
+    """The state machine shared by the sync and async units of work; does no I/O."""
+
+    def __init__(
+        self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
+    ) -> None:
+        if not isinstance(read_only, bool):
+            msg = f"read_only takes True or False, not {read_only!r}"
+            raise ConfigurationError(msg)
+        check_isolation_level(isolation_level)
+        #: Commit on a clean exit from the owner's block instead of rolling back.
+        self.autocommit = autocommit
+        #: The defaults of the transactions this unit of work starts, unless a block asks otherwise.
+        self.read_only = read_only
+        self.isolation_level = isolation_level
+        #: Whether the current or latest block committed.
+        self.committed = False
+        #: Whether the latest block ended by rolling back uncommitted work.
+        self.rolled_back = False
+        #: Real commits over the life of this object.
+        self.commits = 0
+        #: Rollbacks of uncommitted work over the life of this object.
+        self.rollbacks = 0
+        # The open scopes, outermost first.
+        self._scopes: list[_Scope] = []
+        # Where the outermost scope was entered: thread and task (sync) or task (async). Taken by the
+        # thread or task that holds the claim, and only while it holds it.
+        self._owner: object = None
+        self._claim = threading.Lock()
+        # Frames whose blocks were closed early by an outer block's exit: their own exits do nothing.
+        self._closed_early: list[FrameType] = []
+        self._events: deque[object] = deque()
+
+    # -- protected hooks for implementations ---------------------------------
+
+    @abc.abstractmethod
+    def _adopt(self, session: Any, parent: _Transaction | None) -> None:
+        """Take charge of a new *session*; raise ConfigurationError if it would share work with *parent*.
+
+        *parent* is the transaction active in this context, if any: in this thread or task, or in the
+        task or thread whose context this one copied.
+        """
+
+    @abc.abstractmethod
+    def _has_changes(self, session: Any) -> bool:
+        """Whether *session* holds changes not yet committed, such as an attribute set on a loaded object."""
+
+    @abc.abstractmethod
+    def _read_only_scope(self, session: Any, *, starts: bool) -> None:
+        """A read-only scope inside a read-write one starts or ends: writes made inside it must be found."""
+
+    @abc.abstractmethod
+    def _prepare(self, tx: _Transaction) -> None:
+        """Make the transaction's connections use its isolation level and read-only mode; no I/O."""
+
+    @abc.abstractmethod
+    def _guard_writes(self, tx: _Transaction) -> None:
+        """Make flushes of *tx*'s session raise ReadOnlyError while :meth:`_writes_forbidden`."""
+
+    def _guard_session(self, tx: _Transaction) -> None:
+        """Make *tx*'s session refuse ``commit()``, ``rollback()`` and ``close()`` from scopes above its owner.
+
+        Called once per transaction, when the first scope is entered on top of
+        its owner's: until then only the owner can reach the session.
+        """
+
+    @staticmethod
+    def _here() -> object:
+        """Where the code runs: a thread id on a sync, a task on an async unit of work."""
+        raise NotImplementedError  # pragma: no cover - each twin sets its own
+
+    # -- entering --------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether a block of this unit of work is running."""
+        return bool(self._scopes)
+
+    def _plan(
+        self,
+        propagation: str,
+        read_only: bool | None,
+        isolation_level: str | None,
+        *,
+        commit_on_exit: bool = False,
+        savepoint: bool = False,
+        frame: FrameType | None = None,
+    ) -> _Scope:
+        """Decide what entering a scope means now; an owner on an idle unit of work claims it. No I/O."""
+        if propagation not in PROPAGATIONS or (isolation_level is not None and isolation_level not in ISOLATION_LEVELS):
+            check_options(propagation, isolation_level)
+        if not self._scopes:
+            if savepoint:
+                raise _inactive("savepoint()")
+            if propagation == "mandatory":
+                msg = (
+                    f"propagation='mandatory' needs an active {type(self).__name__} to join, and none is "
+                    "active: call this code inside `with uow:`"
+                )
+                raise InactiveUnitOfWorkError(msg)
+            self._claim_idle()
+            scope = self._new_owner(read_only, isolation_level, commit_on_exit)
+        else:
+            scope = self._plan_inside(propagation, read_only, isolation_level, commit_on_exit)
+        if frame is not None:
+            scope.frame = frame
+            scope.in_generator = in_generator(frame)
+        return scope
+
+    def _plan_inside(
+        self, propagation: str, read_only: bool | None, isolation_level: str | None, commit_on_exit: bool
+    ) -> _Scope:
+        self._check_owner()  # first: another thread's block may end meanwhile, and the unit must not look idle
+        acting = self._check_use("entering a scope")
+        if propagation == "never":
+            msg = f"propagation='never' found {type(self).__name__} active: call this code outside any block"
+            raise ActiveUnitOfWorkError(msg)
+        if propagation == "requires_new" or acting.state is State.SEALED:
+            # A sealed scope's transaction has ended (its hooks run) or its request has answered.
+            return self._new_owner(read_only, isolation_level, commit_on_exit)
+        tx = acting.tx
+        if isolation_level is not None and isolation_level != tx.isolation_level:
+            shown = tx.isolation_level or "the default level"
+            msg = (
+                f"a joined scope asked for isolation_level={isolation_level!r}, but the transaction it joins "
+                f"runs at {shown}: only the owner sets the isolation level. Set it where the transaction "
+                "starts, or use propagation='requires_new'"
+            )
+            raise JoinedScopeError(msg)
+        if read_only is False and acting.read_only:
+            msg = (
+                "a read-write scope cannot join a read-only transaction: make the outer scope read-write, "
+                "or use propagation='requires_new'"
+            )
+            raise JoinedScopeError(msg)
+        scope_read_only = acting.read_only if read_only is None else read_only
+        if propagation == "nested":
+            return _Scope(_SAVEPOINT, tx, scope_read_only, False)
+        scope = _Scope(_JOINED, tx, scope_read_only, False, acting.boundary)
+        scope.narrows = scope_read_only and not acting.read_only
+        return scope
+
+    def _new_owner(self, read_only: bool | None, isolation_level: str | None, commit_on_exit: bool) -> _Scope:
+        """The owner scope of a new transaction; the unit of work's own options fill what the block leaves open."""
+        scope_read_only = self.read_only if read_only is None else read_only
+        tx = _Transaction(self, scope_read_only, self.isolation_level if isolation_level is None else isolation_level)
+        tx.parent = context_transaction()
+        tx.thread = threading.get_ident()
+        return _Scope(_OWNER, tx, scope_read_only, commit_on_exit)
+
+    def _claim_idle(self) -> None:
+        """Take the idle unit of work for the running thread or task, in one atomic step."""
+        here = self._here()
+        if not self._claim.acquire(blocking=False):
+            holder = describe(self._owner) if self._owner is not None else "another thread or task"
+            msg = (
+                f"{type(self).__name__} is in use by {holder}, and {describe(here)} tried to enter it at the same "
+                "time: sessions are not thread- or task-safe. Give each thread and task its own unit of work"
+            )
+            raise OwnershipError(msg)
+        self._owner = here
+
+    def _abandon(self) -> None:
+        """Entering an owner failed before its scope was pushed: give the claim back if nothing else holds it."""
+        if not self._scopes:
+            self._owner = None
+            self._claim.release()
+
+    def _push(self, scope: _Scope) -> None:
+        """Make *scope* the innermost; for an owner, after its session is open."""
+        scopes = self._scopes
+        if scopes and not scopes[-1].tx.session_guarded:
+            self._nest(scopes[-1].tx)
+        tx = scope.tx
+        if scope.kind is _OWNER:
+            if not scopes:
+                self.committed = False
+                self.rolled_back = False
+            scope.token = _current.set(tx)
+        elif scope.kind is _SAVEPOINT:
+            scope.hook_mark = len(tx.hooks)
+            scope.event_marks = _hooks.event_marks(tx)
+        if scope.read_only and not tx.write_guarded:
+            tx.write_guarded = True
+            self._guard_writes(tx)
+        scopes.append(scope)
+
+    def _nest(self, tx: _Transaction) -> None:
+        """A scope is entered on top of *tx*'s innermost one."""
+        tx.session_guarded = True
+        self._guard_session(tx)
+
+    def _join_here(self) -> _Scope | None:
+        """For the decorator's fast path: join the healthy transaction this thread or task runs, or None."""
+        scopes = self._scopes
+        if not scopes:
+            return None
+        top = scopes[-1]
+        if top.state is not _OPEN or top.in_generator or top.boundary.poison is not None:
+            return None
+        if self._owner != self._here():
+            return None
+        tx = top.tx
+        if not tx.session_guarded:
+            self._nest(tx)
+        scope = _Scope(_JOINED, tx, top.read_only, False, top.boundary)
+        scopes.append(scope)
+        return scope
+
+    def _leave_joined(self, scope: _Scope, error: BaseException | None) -> bool:
+        """Leave a joined scope of the decorator's fast path; False if it is not innermost (take the full exit)."""
+        scopes = self._scopes
+        if not scopes or scopes[-1] is not scope:
+            return False
+        scopes.pop()
+        scope.state = State.CLOSED
+        if error is not None:
+            self._poison(scope, error)
+        return True
+
+    # -- leaving ---------------------------------------------------------------
+
+    def _pop(self, scope: _Scope, state: State = State.CLOSED) -> None:
+        """Remove *scope*, the innermost, and close what it owned."""
+        popped = self._scopes.pop()
+        assert popped is scope, "a scope is popped only when it is the innermost"
+        if state is State.CLOSED_EARLY and scope.frame is not None:
+            self._closed_early.append(scope.frame)
+        scope.state = state
+        scope.frame = None
+        if scope.kind is _OWNER:
+            tx = scope.tx
+            tx.open = False
+            for repo in tx.repositories.values():
+                repo._close()
+            tx.repositories.clear()
+            if scope.token is not None:
+                try:
+                    _current.reset(scope.token)
+                except ValueError:  # exited in another context than entered; leave it
+                    log.warning("uow: %r was exited in another context than it was entered in", self)
+        if not self._scopes:
+            self._owner = None
+            self._claim.release()
+
+    def _exiting(self, frame: FrameType) -> _Scope | None:
+        """The scope that ``__exit__`` called from *frame* leaves; None if an outer block closed it already.
+
+        A ``with`` statement enters and leaves in the same frame, so the
+        innermost scope entered in *frame* is the one. A block entered and
+        left by hand, from different frames, leaves the innermost scope that
+        the running code acts in.
+        """
+        closed = self._closed_early
+        if closed and frame in closed:  # in one frame, an inner `with` leaves before an outer one
+            closed.remove(frame)
+            return None
+        for scope in reversed(self._scopes):
+            if scope.frame is frame:
+                return scope
+        if not self._scopes:
+            msg = (
+                f"{type(self).__name__}.__exit__() was called, but no block of it is open: call __enter__() "
+                "first, or use `with uow:`"
+            )
+            raise InactiveUnitOfWorkError(msg)
+        return self._acting(strict=False)
+
+    def _misnesting(self, scope: _Scope) -> tuple[list[_Scope], bool]:
+        """The scopes still open above *scope*, innermost first, and whether any of them is running.
+
+        They can only be scopes that a generator suspended inside its block
+        holds open, or blocks that overlap *scope* (entered after it and not
+        left yet, while code inside them leaves *scope*).
+        """
+        scopes = self._scopes
+        above = scopes[scopes.index(scope) + 1 :]
+        above.reverse()
+        return above, any(not held.suspended for held in above)
+
+    def _leave_overlapped(self, scope: _Scope, exc: BaseException | None) -> None:
+        """Leave joined *scope* from under the blocks entered after it: it has nothing of its own to end."""
+        self._scopes.remove(scope)
+        scope.state = State.CLOSED
+        scope.frame = None
+        if exc is not None and not isinstance(exc, GeneratorExit):
+            self._poison(scope, exc)
+
+    def _overlap_error(self, scope: _Scope, above: list[_Scope]) -> OwnershipError:
+        running = [held for held in above if not held.suspended]
+        shown = ", ".join(f"a {held.kind.value} scope entered by {where(held.frame)}" for held in running)
+        msg = (
+            f"a {scope.kind.value} scope of {type(self).__name__} was left while blocks entered after it were "
+            f"still running ({shown}): blocks must nest. They were closed, and the transaction they ran in was "
+            "rolled back. Leave a block before leaving the block it was entered in, for example by exhausting a "
+            "generator before the block that started it ends"
+        )
+        return OwnershipError(msg)
+
+    def _closing_early(self, held: _Scope) -> None:
+        log.warning(
+            "uow: a block of %s ended while a %s scope entered inside it by %s was still open; uow closed that "
+            "scope first, as if its generator had been closed",
+            type(self).__name__,
+            held.kind.value,
+            where(held.frame),
+        )
+
+    def _poison_acting(self, error: BaseException) -> None:
+        """Make the transaction the running code acts in rollback-only, with *error* as the cause."""
+        if self._scopes:
+            self._poison(self._acting(strict=False), error)
+
+    # -- which scope the running code acts in ----------------------------------
+
+    def _acting(self, *, strict: bool) -> _Scope:
+        """The innermost scope that is not held by a suspended generator: the running code is in that one.
+
+        A generator that entered a block and yielded leaves its scope open
+        while the code around it goes on. That code acts in the scope below:
+        its ``commit()`` is the owner's real one. The outermost scope always
+        counts as entered around the running code (a pytest fixture that
+        yields inside ``with uow:`` is the usual case). With *strict*, a
+        savepoint or transaction of its own that a suspended generator holds
+        above that scope refuses the use: the session's state is the
+        generator's now.
+        """
+        scopes = self._scopes
+        top = scopes[-1]
+        if not top.in_generator:
+            return top
+        index = len(scopes) - 1
+        while index > 0 and scopes[index].suspended:
+            index -= 1
+        if strict:
+            for held in scopes[index + 1 :]:
+                if held.kind is not _JOINED:
+                    raise self._held_error(held)
+        return scopes[index]
+
+    def _held_error(self, held: _Scope) -> OwnershipError:
+        what = "a savepoint" if held.kind is _SAVEPOINT else "a transaction of its own"
+        msg = (
+            f"{where(held.frame)} is a generator suspended inside a block that holds {what} of "
+            f"{type(self).__name__} open, so the code around it cannot use the unit of work: its work would "
+            "land in the generator's block. Exhaust the generator, or close() it, before going on"
+        )
+        return OwnershipError(msg)
+
+    def _check_owner(self) -> None:
+        here = self._here()
+        owner = self._owner
+        if owner != here and not waits_for(owner, here):
+            shown = describe(owner) if owner is not None else "another thread or task, which has left it since"
+            msg = (
+                f"{type(self).__name__} was entered by {shown} and used from {describe(here)}: sessions are not "
+                "thread- or task-safe. Give each thread and task its own unit of work"
+            )
+            raise OwnershipError(msg)
+
+    def _check_use(self, what: str) -> _Scope:
+        """The scope the running code acts in, after checking that *what* may use it now."""
+        if not self._scopes:
+            raise _inactive(what)
+        self._check_owner()
+        scope = self._acting(strict=True)
+        poison = scope.boundary.poison
+        if poison is not None:
+            msg = (
+                f"the transaction is rollback-only: a joined scope raised {type(poison).__name__}: {poison}. "
+                "Let the exception reach the owner of the transaction, or run the inner code in "
+                "`uow.savepoint()` to recover from it"
+            )
+            raise RollbackOnlyError(msg) from poison
+        return scope
+
+    def _scope_for(self, what: str) -> _Scope:
+        """The scope the running code acts in, for *what*; the common case takes a few attribute reads."""
+        scopes = self._scopes
+        if scopes:
+            top = scopes[-1]
+            if (
+                top.state is _OPEN
+                and not top.in_generator
+                and top.boundary.poison is None
+                and self._owner == self._here()
+            ):
+                return top
+        return self._check_use(what)
+
+    def _touch(self) -> None:
+        """Called on every use of a repository or the session."""
+        self._scope_for("the unit of work").tx.used = True
+
+    def _owner_acts(self, session: object) -> bool:
+        """Whether the running code acts in the owner's scope of the transaction holding *session*, or none is open."""
+        if not self._scopes:
+            return True
+        scope = self._acting(strict=False)
+        return scope.kind is _OWNER and scope.tx.session is session
+
+    def _owner_scope(self, what: str) -> _Scope:
+        """The owner's scope, for *what*, which only the owner may do; allowed in a rollback-only transaction."""
+        if not self._scopes:
+            raise _inactive(what)
+        self._check_owner()
+        scope = self._acting(strict=True)
+        if scope.kind is not _OWNER:
+            raise _joined_error(what)
+        return scope
+
+    def _repository(self, name: str) -> Any:
+        # Use from another thread or task is refused when the repository is used.
+        scopes = self._scopes
+        if scopes and scopes[-1].state is _OPEN and scopes[-1].boundary.poison is None:
+            tx = scopes[-1].tx
+        else:
+            tx = self._check_use(f"{type(self).__name__}.{name}").tx
+        repo = tx.repositories.get(name)
+        if repo is None:
+            slot = self._slots[name]
+            repo = self._implementations[name](tx.session, slot.model)
+            repo._unit = self
+            tx.repositories[name] = repo
+        return repo
+
+    # -- the transaction -------------------------------------------------------
+
+    def _poison(self, scope: _Scope, error: BaseException) -> None:
+        """A joined scope raised: the transaction (or savepoint) it ran in can only roll back now."""
+        boundary = scope.boundary
+        if boundary.poison is None:
+            boundary.poison = error
+
+    def _check_may_commit(self, scope: _Scope) -> None:
+        # Rollback-only anywhere from the transaction's owner in to this scope refuses the commit:
+        # a savepoint's work cannot be kept by a transaction that will roll back.
+        for outer in self._scopes:
+            if outer.tx is scope.tx and outer.rollback_only:
+                msg = "commit() after set_rollback_only(): this transaction can only be rolled back"
+                raise RollbackOnlyError(msg)
+            if outer is scope:
+                break
+        if scope.kind is _OWNER and scope.tx.read_only:
+            msg = "commit() in a read-only unit of work: it never commits; leave the block to end it"
+            raise ReadOnlyError(msg)
+
+    def _check_write(self, pending: str) -> None:
+        """Called before a flush that writes *pending*: raise ReadOnlyError if the acting scope is read-only.
+
+        Inside a read-write transaction the refused objects stay pending, so
+        the transaction becomes rollback-only: the owner must not commit them.
+        """
+        if not self._scopes:
+            return
+        scope = self._acting(strict=False)
+        if not scope.read_only:
+            return
+        msg = (
+            f"a read-only unit of work was asked to write: {pending} pending. "
+            "Drop read_only=True, or do not change objects in this scope"
+        )
+        error = ReadOnlyError(msg)
+        tx = scope.tx
+        tx.refused = True
+        if not tx.read_only:
+            self._poison(scope, error)
+        raise error
+
+    def _writes_forbidden(self) -> bool:
+        """Whether the scope the running code acts in is read-only."""
+        return bool(self._scopes) and self._acting(strict=False).read_only
+
+    def _owner_exit_plan(self, scope: _Scope, exc: BaseException | None) -> Plan:
+        """What a leaving owner does."""
+        tx = scope.tx
+        if exc is None and scope.poison is not None:
+            return Plan.POISONED
+        wants_commit = (scope.commit_on_exit or self.autocommit) and not scope.rollback_only and not tx.read_only
+        if exc is None and wants_commit and (tx.used or self._has_changes(tx.session)):
+            return Plan.COMMIT
+        return Plan.ROLLBACK if tx.used else Plan.NOTHING
+
+    def _committed(self, scope: _Scope) -> None:
+        tx = scope.tx
+        tx.used = False
+        tx.commits += 1
+        self.commits += 1
+        parent = tx.parent
+        while parent is not None:  # durable work that the retries of the transactions around must not repeat
+            parent.nested_commits += 1
+            parent = parent.parent
+        if self._scopes[0].tx is tx:  # not a requires_new transaction inside the block
+            self.committed = True
+        _hooks.collect_events(tx, self._events)
+
+    def _rolled_back(self, tx: _Transaction) -> None:
+        tx.used = False
+        tx.hooks.clear()
+        self.rollbacks += 1
+        if self._scopes[0].tx is tx:
+            self.rolled_back = True
+        _hooks.clear_events(tx)
+
+    def _rolled_back_by_owner(self, scope: _Scope) -> None:
+        """After the owner's explicit rollback: the transaction is healthy again."""
+        scope.poison = None
+        scope.rollback_only = False
+        self._rolled_back(scope.tx)
+
+    def _savepoint_ended(
+        self,
+        scope: _Scope,
+        exc: BaseException | None,
+        release: bool,
+        error: BaseException | None,
+        state: State = State.CLOSED,
+    ) -> BaseException | None:
+        """Book-keeping once a savepoint was released or rolled back; returns what to raise, if anything.
+
+        *error* is what ending the savepoint raised. A failed release has
+        rolled back to the savepoint, so the transaction is healthy; a failed
+        rollback leaves it unusable, and only the owner can end it.
+        """
+        tx = scope.tx
+        if error is not None or not release:
+            del tx.hooks[scope.hook_mark :]
+            _hooks.drop_events_since(tx, scope.event_marks)
+        self._pop(scope, state)
+        if error is not None:
+            if not release and not _is_cancellation(error):
+                tx.broken = True
+                self._poison_acting(error)
+                if exc is not None:
+                    return None
+            return error
+        if exc is None and scope.poison is not None:
+            failure = self._rollback_only_error(scope)
+            failure.__cause__ = scope.poison
+            return failure
+        return None
+
+    def _rollback_only_error(self, scope: _Scope) -> RollbackOnlyError:
+        poison = scope.poison
+        assert poison is not None
+        msg = (
+            f"the transaction was rolled back, not committed: a joined scope raised {type(poison).__name__}: "
+            f"{poison}, and the exception was caught before it reached the owner. Let it propagate, or run "
+            "the inner code in `uow.savepoint()`"
+        )
+        return RollbackOnlyError(msg)
+
+    def set_rollback_only(self) -> None:
+        """Make the transaction (or the innermost savepoint) roll back when it ends.
+
+        The owner then rolls back on a clean exit without raising, and a
+        ``commit()`` afterwards raises :class:`~uow.errors.RollbackOnlyError`.
+        """
+        self._check_use("set_rollback_only()").boundary.rollback_only = True
+
+    # -- hooks and events ------------------------------------------------------
+
+    def _start_hooks(self, scope: _Scope) -> _Started:
+        """Hooks run after the transaction, not in it: nothing joins the scope whose transaction committed."""
+        state, scope.state = scope.state, State.SEALED
+        return _current.set(None), scope, state
+
+    def _end_hooks(self, started: _Started) -> None:
+        token, scope, state = started
+        _current.reset(token)
+        if scope.state is State.SEALED:
+            scope.state = state
+
+    def _seal(self) -> None:
+        """Let nothing join the current transaction any more: entering this unit of work starts a new one.
+
+        For an integration whose request has answered while its unit of work
+        is still open (a response sent by another task): a background task
+        then gets a transaction of its own, as it would after the block ended.
+        """
+        if self._scopes:
+            scope = self._acting(strict=False)
+            if scope.state is _OPEN:
+                scope.state = State.SEALED
+
+    def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
+        _hooks.check_hook(callback, sync=bool(self._sync))
+        scope = self._scope_for("on_commit()")
+        scope.tx.hooks.append((callback, robust))
+        scope.tx.used = True
+
+    def collect_new_events(self) -> Iterator[object]:
+        """Yield the domain events of committed work, each once, oldest first.
+
+        After every successful commit, the ``events`` lists of the aggregates
+        that any repository returned or was given are moved into a queue that
+        this generator drains. Events raised by work that was rolled back are
+        dropped. It does not need an active block.
+        """
+        events = self._events
+        while events:
+            yield events.popleft()
+
+    def __repr__(self) -> str:
+        state = "active" if self._scopes else "idle"
+        return f"<{type(self).__name__} {state}, commits={self.commits}, rollbacks={self.rollbacks}>"
+
+
+def _inactive(what: str) -> InactiveUnitOfWorkError:
+    msg = (
+        f"{what} was used outside a block: call it inside `with uow:` "
+        "(or `async with uow:`), where the unit of work has a session"
+    )
+    return InactiveUnitOfWorkError(msg)
+
+
+def _joined_error(what: str) -> JoinedScopeError:
+    msg = (
+        f"{what} in a joined scope: only the owner of the transaction may do that. Raise an exception "
+        "to roll the whole transaction back, or use `uow.savepoint()` to undo only this part"
+    )
+    return JoinedScopeError(msg)
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    return isinstance(error, asyncio.CancelledError)
+
+
+def outcome_unknown(error: BaseException) -> bool:
+    """Whether a commit that raised *error* may still have been applied by the database."""
+    return not is_retryable(error)
+
+
+def wrong_protocol(unit: _UnitOfWorkCore) -> ConfigurationError:
+    """The error for ``async with`` on a sync unit of work, or ``with`` on an async one."""
+    name = type(unit).__name__
+    if unit._sync:
+        msg = (
+            f"{name} is a sync unit of work: enter it with `with uow:`, not `async with uow:`. For async code, "
+            "declare the unit of work on uow.AsyncUnitOfWork and use AsyncSqlAlchemyUnitOfWork or AsyncFakeUnitOfWork"
+        )
+    else:
+        msg = (
+            f"{name} is an async unit of work: enter it with `async with uow:`, not `with uow:`, and await its "
+            "commit() and repositories"
+        )
+    return ConfigurationError(msg)
+
+
+class _BlockOptions:
+    """The options of a block, and the step before entering it that does no I/O; the twins' blocks add the rest."""
+
+    __slots__ = ("_commit_on_exit", "_isolation_level", "_propagation", "_read_only", "_savepoint", "_scope", "owner")
+
+    def __init__(
+        self,
+        propagation: str,
+        read_only: bool | None,
+        isolation_level: str | None,
+        *,
+        commit_on_exit: bool = False,
+        savepoint: bool = False,
+    ) -> None:
+        self._propagation = propagation
+        self._read_only = read_only
+        self._isolation_level = isolation_level
+        self._commit_on_exit = commit_on_exit
+        self._savepoint = savepoint
+        #: The scope this block entered: its exit leaves that one.
+        self._scope: _Scope | None = None
+        #: Whether entering started a transaction of its own.
+        self.owner = False
+
+    def _plan(self, unit: _UnitOfWorkCore, frame: FrameType | None) -> _Scope:
+        entered = self._scope
+        if entered is not None and entered.state in (State.OPEN, State.SEALED):
+            msg = "this block is entered already: call uow.transaction() or uow.savepoint() again for another block"
+            raise ConfigurationError(msg)
+        scope = unit._plan(
+            self._propagation,
+            self._read_only,
+            self._isolation_level,
+            commit_on_exit=self._commit_on_exit,
+            savepoint=self._savepoint,
+            frame=frame,
+        )
+        self.owner = scope.kind is _OWNER
+        return scope
+
+    def _entered(self, scope: _Scope) -> None:
+        self._scope = scope
+
+    @property
+    def _durable(self) -> bool:
+        """Whether the transaction this block owned committed work, itself or through one started inside it."""
+        scope = self._scope
+        return scope is not None and scope.tx.durable
+
+    @property
+    def _outcome_unknown(self) -> bool:
+        """Whether the last commit of this block's transaction failed in a way that may have reached the database."""
+        scope = self._scope
+        return scope is not None and scope.tx.outcome_unknown

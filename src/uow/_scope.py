@@ -1,0 +1,213 @@
+"""The records the state machine keeps: transactions, scopes, and the names of their states.
+
+A *transaction* is one physical database transaction: a session, its
+repositories and hooks. A *scope* is one block of a unit of work (a ``with``
+statement, a ``@transactional`` call): the owner of a transaction, a scope
+joined to it, or a savepoint in it. Neither does anything: the machine in
+``_machine.py`` changes them, and the twins drive the machine.
+"""
+
+from __future__ import annotations
+
+import enum
+from contextvars import Token
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._machine import _UnitOfWorkCore
+    from ._repository import _RepositoryBase
+
+__all__ = ["ISOLATION_LEVELS", "Kind", "Plan", "Propagation", "State", "check_options"]
+
+
+class Kind(enum.Enum):
+    """What a scope is to its transaction."""
+
+    #: It started the transaction: only it commits, rolls back for real and closes the session.
+    OWNER = "owner"
+    #: It runs inside another scope's transaction and has nothing of its own to end.
+    JOINED = "joined"
+    #: It runs in a savepoint of the transaction, which it releases or rolls back.
+    SAVEPOINT = "savepoint"
+
+
+class State(enum.Enum):
+    """Where a scope is in its life."""
+
+    #: Open, and joinable.
+    OPEN = "open"
+    #: Open, but its transaction has ended (its ``on_commit`` hooks run) or its request has answered:
+    #: entering the unit of work starts a new transaction instead of joining this one.
+    SEALED = "sealed"
+    #: Its block has left it.
+    CLOSED = "closed"
+    #: An outer block ended while this one was still open (a generator suspended inside it), and
+    #: closed it first; its own exit, when it comes, does nothing.
+    CLOSED_EARLY = "closed early"
+
+
+class Plan(enum.Enum):
+    """What an owner does when its block is left."""
+
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    #: Roll back, then raise RollbackOnlyError: a joined scope failed and its error was swallowed.
+    POISONED = "poisoned"
+    #: Nothing was done since the last commit or rollback: only close.
+    NOTHING = "nothing"
+
+
+Propagation = Literal["required", "requires_new", "nested", "mandatory", "never"]
+_PROPAGATION_NAMES: tuple[str, ...] = get_args(Propagation)
+PROPAGATIONS = frozenset(_PROPAGATION_NAMES)
+
+#: The isolation levels a unit of work may ask for; the database must support the one chosen.
+ISOLATION_LEVELS = frozenset({"READ UNCOMMITTED", "READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"})
+
+
+def check_options(propagation: str, isolation_level: str | None) -> None:
+    """Raise ConfigurationError for an unknown propagation mode or isolation level."""
+    if propagation not in PROPAGATIONS:
+        msg = f"propagation must be one of {', '.join(map(repr, _PROPAGATION_NAMES))}, not {propagation!r}"
+        raise ConfigurationError(msg)
+    check_isolation_level(isolation_level)
+
+
+def check_isolation_level(isolation_level: str | None) -> None:
+    if isolation_level is not None and isolation_level not in ISOLATION_LEVELS:
+        msg = (
+            f"isolation_level must be one of {', '.join(map(repr, sorted(ISOLATION_LEVELS)))}, not {isolation_level!r}"
+        )
+        raise ConfigurationError(msg)
+
+
+_Hook = tuple[Any, bool]
+
+
+class _Transaction:
+    """One physical transaction: a session, its repositories and its hooks."""
+
+    __slots__ = (
+        "broken",
+        "commits",
+        "hooks",
+        "isolation_level",
+        "nested_commits",
+        "open",
+        "outcome_unknown",
+        "parent",
+        "read_only",
+        "refused",
+        "repositories",
+        "session",
+        "session_guarded",
+        "thread",
+        "unit",
+        "used",
+        "write_guarded",
+    )
+
+    def __init__(self, unit: _UnitOfWorkCore, read_only: bool, isolation_level: str | None) -> None:
+        self.unit = unit
+        self.read_only = read_only
+        self.isolation_level = isolation_level
+        self.session: Any = None
+        self.repositories: dict[str, _RepositoryBase[Any]] = {}
+        self.hooks: list[_Hook] = []
+        #: Whether a repository or the session was used since the last commit or rollback.
+        self.used = False
+        #: Whether a rollback failed, so the connection must be invalidated.
+        self.broken = False
+        #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
+        self.write_guarded = False
+        self.refused = False
+        #: Whether the session refuses commit, rollback and close from scopes above the owner's.
+        self.session_guarded = False
+        #: The transaction current in this context when this one started: in this unit of work (under
+        #: ``requires_new``), in another one, or in the task or thread that started this one.
+        self.parent: _Transaction | None = None
+        #: The thread that started it.
+        self.thread = 0
+        #: Real commits of this transaction, and of transactions started inside it, in any task or
+        #: thread that inherited its context: durable work that a retry must not repeat.
+        self.commits = 0
+        self.nested_commits = 0
+        #: Whether its last failed commit may still have reached the database.
+        self.outcome_unknown = False
+        #: False once its owner's scope has closed.
+        self.open = True
+
+    @property
+    def durable(self) -> bool:
+        """Whether work of this transaction, or of one started inside it, was committed for real."""
+        return bool(self.commits or self.nested_commits)
+
+
+class _Scope:
+    """One block of a unit of work: the owner of a transaction, a scope joined to it, or a savepoint."""
+
+    __slots__ = (
+        "boundary",
+        "commit_on_exit",
+        "event_marks",
+        "frame",
+        "handle",
+        "hook_mark",
+        "in_generator",
+        "kind",
+        "narrows",
+        "poison",
+        "read_only",
+        "rollback_only",
+        "state",
+        "token",
+        "tx",
+    )
+
+    def __init__(
+        self,
+        kind: Kind,
+        tx: _Transaction,
+        read_only: bool,
+        commit_on_exit: bool,
+        boundary: _Scope | None = None,
+    ) -> None:
+        self.kind = kind
+        self.tx = tx
+        self.read_only = read_only
+        self.commit_on_exit = commit_on_exit
+        #: The innermost scope that can roll back on its own, where an error in this one lands:
+        #: itself for an owner or a savepoint, the scope it joined into otherwise.
+        self.boundary: _Scope = self if boundary is None else boundary
+        self.state = State.OPEN
+        #: The frame whose ``with`` statement entered it, and whether that is a generator's frame
+        #: (not driven by ``contextlib``), which can be suspended with the scope open.
+        self.frame: FrameType | None = None
+        self.in_generator = False
+        #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
+        self.narrows = False
+        self.handle: Any = None
+        self.hook_mark = 0
+        #: For a savepoint: how many events each seen object had when it began.
+        self.event_marks: dict[int, int] = {}
+        #: On a boundary: the error of a joined scope that failed inside it, which makes it rollback-only.
+        self.poison: BaseException | None = None
+        #: On a boundary: set_rollback_only() was called.
+        self.rollback_only = False
+        self.token: Token[_Transaction | None] | None = None
+
+    @property
+    def suspended(self) -> bool:
+        """Whether a generator entered this scope and is suspended now, so that the running code is outside it."""
+        frame = self.frame
+        return self.in_generator and frame is not None and frame.f_back is None
+
+    def releases(self, exc: BaseException | None) -> bool:
+        """Whether a savepoint ending with *exc* keeps its work."""
+        return exc is None and self.poison is None and not self.rollback_only
+
+    def __repr__(self) -> str:
+        return f"<{self.kind.value} scope, {self.state.value}>"
