@@ -374,6 +374,28 @@ async def test_async_owner_sets_the_isolation_level(async_engine: AsyncEngine, d
         assert SHOWN[backend, level] == shown
 
 
+def test_constructor_options_reach_the_server(small_engine: Engine, engine: Engine, database: Database) -> None:
+    """isolation_level= and read_only= given to the constructor apply to every owner block, and to the decorator's."""
+    backend = database.backend
+    level = OTHER_LEVEL[backend]
+    unit = SqlAlchemyShopUnitOfWork(small_engine, isolation_level=level)
+    with unit:
+        assert SHOWN[backend, level] == current_level(unit, backend)
+    with unit.transaction(isolation_level=DEFAULT_LEVEL[backend]):  # the block's own option wins
+        assert SHOWN[backend, DEFAULT_LEVEL[backend]] == current_level(unit, backend)
+
+    @uow.transactional(factory=lambda: SqlAlchemyShopUnitOfWork(small_engine, read_only=True))
+    def add_sku(code: str, uow: SqlAlchemyShopUnitOfWork = uow.NEW_UOW) -> None:
+        uow.skus.add(Sku(code))
+
+    with pytest.raises(errors.ReadOnlyError):
+        add_sku("refused")
+    uow.transactional(factory=lambda: SqlAlchemyShopUnitOfWork(small_engine, read_only=True), read_only=False)(
+        add_sku.__wrapped__  # type: ignore[attr-defined]
+    )("allowed")
+    assert ["allowed"] == skus(engine)
+
+
 # -- the decorator on a database ----------------------------------------------------------
 
 

@@ -37,3 +37,29 @@ class AsyncSqlAlchemyShopUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncShopUnit
 
 class AsyncFakeShopUnitOfWork(uow.AsyncFakeUnitOfWork, AsyncShopUnitOfWork):
     pass
+
+
+class AuditUnitOfWork(uow.UnitOfWork):
+    """A second kind of unit of work, for an audit trail that may live in another database."""
+
+    notes = uow.repository(Note)
+
+
+class SqlAlchemyAuditUnitOfWork(uow.SqlAlchemyUnitOfWork, AuditUnitOfWork):
+    pass
+
+
+class FakeAuditUnitOfWork(uow.FakeUnitOfWork, AuditUnitOfWork):
+    pass
+
+
+class AsyncAuditUnitOfWork(uow.AsyncUnitOfWork):
+    notes = uow.repository(Note)
+
+
+class AsyncSqlAlchemyAuditUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncAuditUnitOfWork):
+    pass
+
+
+class AsyncFakeAuditUnitOfWork(uow.AsyncFakeUnitOfWork, AsyncAuditUnitOfWork):
+    pass
