@@ -78,7 +78,16 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        scope = self._exiting(sys._getframe(1))
+        frame = sys._getframe(1)
+        scopes = self._scopes
+        if scopes and scopes[-1].frame is frame and not self._closed_early:
+            top = scopes[-1]  # the common case of :meth:`_exiting`
+            if top.kind is _OWNER:  # and of :meth:`_exit_scope`: the innermost scope, an owner
+                await self._exit_owner(top, exc)
+            else:
+                await self._exit_scope(top, exc)
+            return
+        scope = self._exiting(frame)
         if scope is not None:
             await self._exit_scope(scope, exc)
 

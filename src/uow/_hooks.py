@@ -70,7 +70,10 @@ async def run_hooks_async(hooks: list[tuple[Callable[[], object], bool]]) -> Non
 
 
 def collect_events(tx: _Transaction, queue: deque[object]) -> None:
-    """After *tx* committed: move the events of the objects its repositories saw into *queue*."""
+    """After *tx* committed: move the events of the objects its repositories saw into *queue*.
+
+    ``_UnitOfWorkCore._committed`` runs a copy of this loop, written out on the path of every commit.
+    """
     for repo in tx.repositories.values():
         for obj in repo._seen.values():
             events = getattr(obj, "events", None)

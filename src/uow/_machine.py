@@ -23,7 +23,7 @@ from typing import Any
 
 from . import _hooks
 from ._declare import _Declarations
-from ._ownership import _current, context_transaction, describe, in_generator, waits_for, where
+from ._ownership import _GENERATOR_FLAGS, _current, describe, in_generator, waits_for, where
 from ._scope import (
     ISOLATION_LEVELS,
     PROPAGATIONS,
@@ -154,13 +154,24 @@ class _UnitOfWorkCore(_Declarations):
                     "active: call this code inside `with uow:`"
                 )
                 raise InactiveUnitOfWorkError(msg)
-            self._claim_idle()
-            scope = self._new_owner(read_only, isolation_level, commit_on_exit)
+            # Claim the idle unit of work for this thread or task in one atomic step, then build the owner
+            # scope of a new transaction; written out here, as entering an idle unit of work is the common case.
+            here = self._here()
+            if not self._claim.acquire(blocking=False):
+                raise self._claimed(here)
+            self._owner = here
+            scope_read_only = self.read_only if read_only is None else read_only
+            tx = _Transaction(self, scope_read_only, isolation_level or self.isolation_level)
+            parent = _current.get()
+            tx.parent = parent if parent is not None and parent.open else None
+            tx.thread = threading.get_ident()
+            scope = _Scope(_OWNER, tx, scope_read_only, commit_on_exit)
         else:
             scope = self._plan_inside(propagation, read_only, isolation_level, commit_on_exit)
         if frame is not None:
             scope.frame = frame
-            scope.in_generator = in_generator(frame)
+            if frame.f_code.co_flags & _GENERATOR_FLAGS:
+                scope.in_generator = in_generator(frame)
         return scope
 
     def _plan_inside(
@@ -200,21 +211,19 @@ class _UnitOfWorkCore(_Declarations):
         """The owner scope of a new transaction; the unit of work's own options fill what the block leaves open."""
         scope_read_only = self.read_only if read_only is None else read_only
         tx = _Transaction(self, scope_read_only, self.isolation_level if isolation_level is None else isolation_level)
-        tx.parent = context_transaction()
+        parent = _current.get()
+        tx.parent = parent if parent is not None and parent.open else None
         tx.thread = threading.get_ident()
         return _Scope(_OWNER, tx, scope_read_only, commit_on_exit)
 
-    def _claim_idle(self) -> None:
-        """Take the idle unit of work for the running thread or task, in one atomic step."""
-        here = self._here()
-        if not self._claim.acquire(blocking=False):
-            holder = describe(self._owner) if self._owner is not None else "another thread or task"
-            msg = (
-                f"{type(self).__name__} is in use by {holder}, and {describe(here)} tried to enter it at the same "
-                "time: sessions are not thread- or task-safe. Give each thread and task its own unit of work"
-            )
-            raise OwnershipError(msg)
-        self._owner = here
+    def _claimed(self, here: object) -> OwnershipError:
+        """The error for entering a unit of work that another thread or task claimed at the same time."""
+        holder = describe(self._owner) if self._owner is not None else "another thread or task"
+        msg = (
+            f"{type(self).__name__} is in use by {holder}, and {describe(here)} tried to enter it at the same "
+            "time: sessions are not thread- or task-safe. Give each thread and task its own unit of work"
+        )
+        return OwnershipError(msg)
 
     def _abandon(self) -> None:
         """Entering an owner failed before its scope was pushed: give the claim back if nothing else holds it."""
@@ -445,8 +454,19 @@ class _UnitOfWorkCore(_Declarations):
         return self._check_use(what)
 
     def _touch(self) -> None:
-        """Called on every use of a repository or the session."""
-        self._scope_for("the unit of work").tx.used = True
+        """Called on every use of a repository or the session; the common case is :meth:`_scope_for`'s, inlined."""
+        scopes = self._scopes
+        if scopes:
+            top = scopes[-1]
+            if (
+                top.state is _OPEN
+                and not top.in_generator
+                and top.boundary.poison is None
+                and self._owner == self._here()
+            ):
+                top.tx.used = True
+                return
+        self._check_use("the unit of work").tx.used = True
 
     def _owner_acts(self, session: object) -> bool:
         """Whether the running code acts in the owner's scope of the transaction holding *session*, or none is open."""
@@ -548,7 +568,12 @@ class _UnitOfWorkCore(_Declarations):
             parent = parent.parent
         if self._scopes[0].tx is tx:  # not a requires_new transaction inside the block
             self.committed = True
-        _hooks.collect_events(tx, self._events)
+        for repo in tx.repositories.values():  # _hooks.collect_events(), written out: every commit runs it
+            for obj in repo._seen.values():
+                events = getattr(obj, "events", None)
+                if events:
+                    self._events.extend(events)
+                    events.clear()
 
     def _rolled_back(self, tx: _Transaction) -> None:
         tx.used = False

@@ -96,7 +96,16 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        scope = self._exiting(sys._getframe(1))
+        frame = sys._getframe(1)
+        scopes = self._scopes
+        if scopes and scopes[-1].frame is frame and not self._closed_early:
+            top = scopes[-1]  # the common case of :meth:`_exiting`
+            if top.kind is _OWNER:  # and of :meth:`_exit_scope`: the innermost scope, an owner
+                self._exit_owner(top, exc)
+            else:
+                self._exit_scope(top, exc)
+            return
+        scope = self._exiting(frame)
         if scope is not None:
             self._exit_scope(scope, exc)
 
