@@ -13,6 +13,9 @@ echo "== ruff"
 echo "== mypy --strict"
 .venv/bin/mypy --strict src
 .venv/bin/mypy --strict tests/typing examples/allocation
+echo "== bare install"
+# uow with no extras, in a virtualenv of its own: no greenlet, the README's quickstart and pytest's plugin.
+bash scripts/bare-install.sh
 echo "== pytest"
 # Coverage starts before pytest: pytest loads uow's own plugin (and with it uow) before a plugin
 # such as pytest-cov could start measuring.

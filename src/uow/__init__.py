@@ -50,15 +50,13 @@ def __getattr__(name: str) -> _typing.Any:
     # SQLAlchemy's asyncio extension needs greenlet, which SQLAlchemy 2.1 no longer installs: the async
     # SQLAlchemy unit of work is imported when it is first asked for, so that sync code runs without it.
     if name == "AsyncSqlAlchemyUnitOfWork":
-        try:
-            from ._sqlalchemy_async import AsyncSqlAlchemyUnitOfWork
-        except ImportError as error:
-            msg = (
-                "uow.AsyncSqlAlchemyUnitOfWork runs on SQLAlchemy's asyncio extension, which needs greenlet: "
-                "install uow[asyncio], or a driver extra that brings it (uow[asyncpg], uow[aiomysql], "
-                f"uow[aiosqlite]). ({error})"
-            )
-            raise ImportError(msg, name="greenlet") from error
+        from ._sqlalchemy import greenlet_missing
+
+        missing = greenlet_missing("uow.AsyncSqlAlchemyUnitOfWork")
+        if missing is not None:
+            raise missing
+        from ._sqlalchemy_async import AsyncSqlAlchemyUnitOfWork
+
         globals()[name] = AsyncSqlAlchemyUnitOfWork
         return AsyncSqlAlchemyUnitOfWork
     msg = f"module 'uow' has no attribute {name!r}"

@@ -7,6 +7,7 @@ async twin.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -237,6 +238,26 @@ def _check_fresh(session: Session, parent: _Transaction | None) -> None:
             "would commit the outer work too. Use a file database or a server, or join the outer transaction"
         )
         raise ConfigurationError(msg)
+
+
+def greenlet_missing(what: str) -> ImportError | None:
+    """Why *what*, which runs on SQLAlchemy's asyncio extension, cannot run here: greenlet is missing; else None.
+
+    The check imports greenlet itself rather than ``sqlalchemy.ext.asyncio``:
+    SQLAlchemy raises ImportError only on the first import of its extension
+    without greenlet, and a second one succeeds.
+    """
+    try:
+        importlib.import_module("greenlet")
+    except ImportError as error:
+        msg = (
+            f"{what} runs on SQLAlchemy's asyncio extension, which needs greenlet: install uow[asyncio], or a "
+            f"driver extra that brings it (uow[asyncpg], uow[aiomysql], uow[aiosqlite]). ({error})"
+        )
+        missing = ImportError(msg, name="greenlet")
+        missing.__cause__ = error
+        return missing
+    return None
 
 
 def _async_kinds() -> tuple[type[Any], ...]:

@@ -17,6 +17,11 @@ runs exactly as it would without it.
 * :func:`capture_on_commit`, also given by the ``uow_capture_on_commit``
   fixture: record the ``on_commit`` hooks of a unit of work, and run them
   or not.
+
+The async database fixtures run on SQLAlchemy's asyncio extension, which
+needs greenlet (``uow[asyncio]``, or an async driver extra): the plugin
+imports it only when a test requests one of them, so that pytest runs
+without greenlet, fakes and sync fixtures included.
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ import inspect
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import pytest
 from sqlalchemy import Connection, Engine, event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from ._async_unit_of_work import AsyncUnitOfWork
+from ._sqlalchemy import greenlet_missing
 from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, _shown
 
@@ -40,6 +45,9 @@ try:
     from pytest_asyncio import fixture as _async_fixture
 except ImportError:  # pragma: no cover - the async fixtures then need another async plugin
     _async_fixture = pytest.fixture  # type: ignore[assignment]
+
+if TYPE_CHECKING:  # importing sqlalchemy.ext.asyncio needs greenlet: the async fixtures import it when used
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 __all__ = [
     "CaptureOnCommit",
@@ -66,6 +74,13 @@ def _override(name: str, what: str, example: str) -> ConfigurationError:
         f"conftest.py, for example:\n\n@pytest.fixture\ndef {name}():\n    {example}\n"
     )
     return ConfigurationError(msg)
+
+
+def _need_greenlet(fixture: str) -> None:
+    """Raise a ConfigurationError that says what to install if SQLAlchemy's asyncio extension cannot run."""
+    missing = greenlet_missing(f"the {fixture} fixture")
+    if missing is not None:
+        raise ConfigurationError(str(missing)) from missing.__cause__
 
 
 # -- fakes --------------------------------------------------------------------
@@ -155,12 +170,16 @@ def uow_session_factory(uow_connection: Connection) -> sessionmaker[Session]:
 @pytest.fixture
 def uow_async_engine() -> AsyncEngine:
     """The engine that :func:`uow_async_connection` connects to: override it to return yours."""
+    _need_greenlet("uow_async_engine")
     raise _override("uow_async_engine", "your database", "return async_engine  # a sqlalchemy AsyncEngine")
 
 
 @_async_fixture
 async def uow_async_connection(uow_async_engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection of ``uow_async_engine`` in a transaction that is rolled back after the test."""
+    _need_greenlet("uow_async_connection")
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     if not isinstance(uow_async_engine, AsyncEngine):
         msg = (
             f"uow_async_engine returned {_shown(uow_async_engine)}, not a sqlalchemy AsyncEngine; "
@@ -187,6 +206,9 @@ def uow_async_session_factory(uow_async_connection: AsyncConnection) -> async_se
     The async twin of :func:`uow_session_factory`, for your
     ``AsyncSqlAlchemyUnitOfWork``.
     """
+    _need_greenlet("uow_async_session_factory")
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
     session_class: type[Session] = type("Session", (Session,), {})  # the listeners below are for these sessions only
     factory = async_sessionmaker(
         bind=uow_async_connection,
