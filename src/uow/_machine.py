@@ -23,7 +23,7 @@ from typing import Any
 
 from . import _hooks
 from ._declare import _Declarations
-from ._ownership import _GENERATOR_FLAGS, _current, describe, in_generator, waits_for, where
+from ._ownership import _current, describe, holder_of, may_be_held, on_this_stack, waits_for, where
 from ._scope import (
     ISOLATION_LEVELS,
     PROPAGATIONS,
@@ -60,9 +60,10 @@ class _UnitOfWorkCore(_Declarations):
     def __init__(
         self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
     ) -> None:
-        if not isinstance(read_only, bool):
-            msg = f"read_only takes True or False, not {read_only!r}"
-            raise ConfigurationError(msg)
+        for name, flag in (("autocommit", autocommit), ("read_only", read_only)):
+            if not isinstance(flag, bool):
+                msg = f"{name} takes True or False, not {flag!r}"
+                raise ConfigurationError(msg)
         check_isolation_level(isolation_level)
         #: Commit on a clean exit from the owner's block instead of rolling back.
         self.autocommit = autocommit
@@ -83,8 +84,11 @@ class _UnitOfWorkCore(_Declarations):
         # thread or task that holds the claim, and only while it holds it.
         self._owner: object = None
         self._claim = threading.Lock()
-        # Frames whose blocks were closed early by an outer block's exit: their own exits do nothing.
-        self._closed_early: list[FrameType] = []
+        # Scopes that an outer block's exit closed early, while a paused generator still held them: their
+        # own exits do nothing, and their generators, if they resume, may not use the unit of work.
+        self._closed_early: list[_Scope] = []
+        # How many scopes were entered so far: the order of scopes entered in the same frame.
+        self._serial = 0
         self._events: deque[object] = deque()
 
     # -- protected hooks for implementations ---------------------------------
@@ -141,8 +145,13 @@ class _UnitOfWorkCore(_Declarations):
         commit_on_exit: bool = False,
         savepoint: bool = False,
         frame: FrameType | None = None,
+        bare: bool = True,
     ) -> _Scope:
-        """Decide what entering a scope means now; an owner on an idle unit of work claims it. No I/O."""
+        """Decide what entering a scope means now; an owner on an idle unit of work claims it. No I/O.
+
+        *frame* is the frame that enters the scope; a ``with uow:`` statement
+        (*bare*) leaves it from there too.
+        """
         if propagation not in PROPAGATIONS or (isolation_level is not None and isolation_level not in ISOLATION_LEVELS):
             check_options(propagation, isolation_level)
         if not self._scopes:
@@ -154,24 +163,19 @@ class _UnitOfWorkCore(_Declarations):
                     "active: call this code inside `with uow:`"
                 )
                 raise InactiveUnitOfWorkError(msg)
-            # Claim the idle unit of work for this thread or task in one atomic step, then build the owner
-            # scope of a new transaction; written out here, as entering an idle unit of work is the common case.
+            # Claim the idle unit of work for this thread or task in one atomic step, before any I/O.
             here = self._here()
             if not self._claim.acquire(blocking=False):
                 raise self._claimed(here)
             self._owner = here
-            scope_read_only = self.read_only if read_only is None else read_only
-            tx = _Transaction(self, scope_read_only, isolation_level or self.isolation_level)
-            parent = _current.get()
-            tx.parent = parent if parent is not None and parent.open else None
-            tx.thread = threading.get_ident()
-            scope = _Scope(_OWNER, tx, scope_read_only, commit_on_exit)
+            scope = self._new_owner(read_only, isolation_level, commit_on_exit)
         else:
             scope = self._plan_inside(propagation, read_only, isolation_level, commit_on_exit)
         if frame is not None:
-            scope.frame = frame
-            if frame.f_code.co_flags & _GENERATOR_FLAGS:
-                scope.in_generator = in_generator(frame)
+            if bare:
+                scope.frame = frame
+            if may_be_held(frame):
+                scope.holder = holder_of(frame)
         return scope
 
     def _plan_inside(
@@ -210,7 +214,7 @@ class _UnitOfWorkCore(_Declarations):
     def _new_owner(self, read_only: bool | None, isolation_level: str | None, commit_on_exit: bool) -> _Scope:
         """The owner scope of a new transaction; the unit of work's own options fill what the block leaves open."""
         scope_read_only = self.read_only if read_only is None else read_only
-        tx = _Transaction(self, scope_read_only, self.isolation_level if isolation_level is None else isolation_level)
+        tx = _Transaction(self, scope_read_only, isolation_level or self.isolation_level)
         parent = _current.get()
         tx.parent = parent if parent is not None and parent.open else None
         tx.thread = threading.get_ident()
@@ -248,6 +252,8 @@ class _UnitOfWorkCore(_Declarations):
         if scope.read_only and not tx.write_guarded:
             tx.write_guarded = True
             self._guard_writes(tx)
+        self._serial += 1
+        scope.serial = self._serial
         scopes.append(scope)
 
     def _nest(self, tx: _Transaction) -> None:
@@ -261,9 +267,9 @@ class _UnitOfWorkCore(_Declarations):
         if not scopes:
             return None
         top = scopes[-1]
-        if top.state is not _OPEN or top.in_generator or top.boundary.poison is not None:
+        if top.state is not _OPEN or top.holder is not None or top.boundary.poison is not None:
             return None
-        if self._owner != self._here():
+        if self._closed_early or self._owner != self._here():
             return None
         tx = top.tx
         if not tx.session_guarded:
@@ -289,10 +295,11 @@ class _UnitOfWorkCore(_Declarations):
         """Remove *scope*, the innermost, and close what it owned."""
         popped = self._scopes.pop()
         assert popped is scope, "a scope is popped only when it is the innermost"
-        if state is State.CLOSED_EARLY and scope.frame is not None:
-            self._closed_early.append(scope.frame)
         scope.state = state
-        scope.frame = None
+        if state is State.CLOSED_EARLY and (scope.frame is not None or scope.holder is not None):
+            self._closed_early.append(scope)  # its frames stay until its own exit comes
+        else:
+            scope.frame = scope.holder = None
         if scope.kind is _OWNER:
             tx = scope.tx
             tx.open = False
@@ -312,17 +319,25 @@ class _UnitOfWorkCore(_Declarations):
         """The scope that ``__exit__`` called from *frame* leaves; None if an outer block closed it already.
 
         A ``with`` statement enters and leaves in the same frame, so the
-        innermost scope entered in *frame* is the one. A block entered and
-        left by hand, from different frames, leaves the innermost scope that
-        the running code acts in.
+        scope is the innermost one entered from *frame*, open or closed early,
+        by the order they were entered in. A block entered and left by hand,
+        from different frames, leaves the innermost scope that the running
+        code acts in.
         """
-        closed = self._closed_early
-        if closed and frame in closed:  # in one frame, an inner `with` leaves before an outer one
-            closed.remove(frame)
+        found = next((scope for scope in reversed(self._scopes) if scope.frame is frame), None)
+        closed = next((scope for scope in reversed(self._closed_early) if scope.frame is frame), None)
+        if found is None and closed is None and self._closed_early:
+            # Left from another frame than it was entered in (an ExitStack): the generator that holds it runs.
+            holders = [scope.holder for scope in (*self._scopes, *self._closed_early) if scope.holder is not None]
+            running = on_this_stack(holders)
+            if running is not None:
+                found = next((scope for scope in reversed(self._scopes) if scope.holder is running), None)
+                closed = next((scope for scope in reversed(self._closed_early) if scope.holder is running), None)
+        if closed is not None and (found is None or closed.serial > found.serial):
+            self._forget(closed)
             return None
-        for scope in reversed(self._scopes):
-            if scope.frame is frame:
-                return scope
+        if found is not None:
+            return found
         if not self._scopes:
             msg = (
                 f"{type(self).__name__}.__exit__() was called, but no block of it is open: call __enter__() "
@@ -330,6 +345,12 @@ class _UnitOfWorkCore(_Declarations):
             )
             raise InactiveUnitOfWorkError(msg)
         return self._acting(strict=False)
+
+    def _forget(self, scope: _Scope) -> None:
+        """The exit of *scope*, closed early, has come: it holds nothing any more."""
+        if scope in self._closed_early:
+            self._closed_early.remove(scope)
+        scope.frame = scope.holder = None
 
     def _misnesting(self, scope: _Scope) -> tuple[list[_Scope], bool]:
         """The scopes still open above *scope*, innermost first, and whether any of them is running.
@@ -347,13 +368,17 @@ class _UnitOfWorkCore(_Declarations):
         """Leave joined *scope* from under the blocks entered after it: it has nothing of its own to end."""
         self._scopes.remove(scope)
         scope.state = State.CLOSED
-        scope.frame = None
+        scope.frame = scope.holder = None
+        if scope.narrows:
+            self._read_only_scope(scope.tx.session, starts=False)
         if exc is not None and not isinstance(exc, GeneratorExit):
             self._poison(scope, exc)
 
     def _overlap_error(self, scope: _Scope, above: list[_Scope]) -> OwnershipError:
         running = [held for held in above if not held.suspended]
-        shown = ", ".join(f"a {held.kind.value} scope entered by {where(held.frame)}" for held in running)
+        shown = ", ".join(
+            f"a {held.kind.value} scope entered by {where(held.holder or held.frame)}" for held in running
+        )
         msg = (
             f"a {scope.kind.value} scope of {type(self).__name__} was left while blocks entered after it were "
             f"still running ({shown}): blocks must nest. They were closed, and the transaction they ran in was "
@@ -368,7 +393,7 @@ class _UnitOfWorkCore(_Declarations):
             "scope first, as if its generator had been closed",
             type(self).__name__,
             held.kind.value,
-            where(held.frame),
+            where(held.holder or held.frame),
         )
 
     def _poison_acting(self, error: BaseException) -> None:
@@ -379,24 +404,32 @@ class _UnitOfWorkCore(_Declarations):
     # -- which scope the running code acts in ----------------------------------
 
     def _acting(self, *, strict: bool) -> _Scope:
-        """The innermost scope that is not held by a suspended generator: the running code is in that one.
+        """The innermost scope that is not held by a paused generator: the running code is in that one.
 
         A generator that entered a block and yielded leaves its scope open
         while the code around it goes on. That code acts in the scope below:
-        its ``commit()`` is the owner's real one. The outermost scope always
-        counts as entered around the running code (a pytest fixture that
-        yields inside ``with uow:`` is the usual case). With *strict*, a
-        savepoint or transaction of its own that a suspended generator holds
-        above that scope refuses the use: the session's state is the
-        generator's now.
+        its ``commit()`` is the owner's real one. With *strict*, a use that
+        cannot act safely raises OwnershipError: a paused generator holds a
+        savepoint or a transaction above the scope (the session's state is
+        the generator's now), or every open scope is a paused generator's (the
+        running code is outside all of them), or the code runs in a task that
+        ``asyncio.wait_for()`` started, which cannot tell where it stands.
         """
         scopes = self._scopes
         top = scopes[-1]
-        if not top.in_generator:
+        if top.holder is None:
+            return top
+        if self._owner != self._here():  # a task working for the owner: see waits_for()
+            if strict:
+                raise self._delegate_error()
             return top
         index = len(scopes) - 1
-        while index > 0 and scopes[index].suspended:
+        while index >= 0 and scopes[index].suspended:
             index -= 1
+        if index < 0:
+            if strict:
+                raise self._held_error(scopes[0])
+            return scopes[0]
         if strict:
             for held in scopes[index + 1 :]:
                 if held.kind is not _JOINED:
@@ -404,11 +437,33 @@ class _UnitOfWorkCore(_Declarations):
         return scopes[index]
 
     def _held_error(self, held: _Scope) -> OwnershipError:
-        what = "a savepoint" if held.kind is _SAVEPOINT else "a transaction of its own"
+        what = {
+            _SAVEPOINT: "holds a savepoint",
+            _JOINED: "joined",
+            _OWNER: "owns a transaction",
+        }[held.kind]
         msg = (
-            f"{where(held.frame)} is a generator suspended inside a block that holds {what} of "
-            f"{type(self).__name__} open, so the code around it cannot use the unit of work: its work would "
-            "land in the generator's block. Exhaust the generator, or close() it, before going on"
+            f"{where(held.holder)} is a generator paused inside a block of {type(self).__name__} that {what}, "
+            "and the code around it is outside that block: it cannot use the unit of work until the generator "
+            "finishes or is closed, as its work would land in the generator's block. Exhaust the generator, or "
+            "close() it, first; or give it a unit of work of its own"
+        )
+        return OwnershipError(msg)
+
+    def _delegate_error(self) -> OwnershipError:
+        msg = (
+            f"{type(self).__name__} was used from a task that asyncio.wait_for() started for the task that owns "
+            "it (Python 3.11 and older run the awaited code in a new task), while a paused generator holds one "
+            "of its blocks: uow cannot tell which block that code belongs to. Use `async with asyncio.timeout(...)`"
+            " around the call instead of asyncio.wait_for()"
+        )
+        return OwnershipError(msg)
+
+    def _resumed_error(self, holder: FrameType) -> OwnershipError:
+        msg = (
+            f"{where(holder)} is a generator that was paused inside a block of {type(self).__name__} when an "
+            "outer block ended and closed it; resumed now, it may not use the unit of work, as its block is "
+            "gone. Exhaust or close the generator before the block that started it ends"
         )
         return OwnershipError(msg)
 
@@ -428,6 +483,7 @@ class _UnitOfWorkCore(_Declarations):
         if not self._scopes:
             raise _inactive(what)
         self._check_owner()
+        self._check_not_resumed()
         scope = self._acting(strict=True)
         poison = scope.boundary.poison
         if poison is not None:
@@ -439,6 +495,14 @@ class _UnitOfWorkCore(_Declarations):
             raise RollbackOnlyError(msg) from poison
         return scope
 
+    def _check_not_resumed(self) -> None:
+        """Refuse a use from a generator whose block an outer block closed early."""
+        holders = [scope.holder for scope in self._closed_early if scope.holder is not None]
+        if holders:
+            resumed = on_this_stack(holders)
+            if resumed is not None:
+                raise self._resumed_error(resumed)
+
     def _scope_for(self, what: str) -> _Scope:
         """The scope the running code acts in, for *what*; the common case takes a few attribute reads."""
         scopes = self._scopes
@@ -446,8 +510,9 @@ class _UnitOfWorkCore(_Declarations):
             top = scopes[-1]
             if (
                 top.state is _OPEN
-                and not top.in_generator
+                and top.holder is None
                 and top.boundary.poison is None
+                and not self._closed_early
                 and self._owner == self._here()
             ):
                 return top
@@ -460,8 +525,9 @@ class _UnitOfWorkCore(_Declarations):
             top = scopes[-1]
             if (
                 top.state is _OPEN
-                and not top.in_generator
+                and top.holder is None
                 and top.boundary.poison is None
+                and not self._closed_early
                 and self._owner == self._here()
             ):
                 top.tx.used = True
@@ -472,6 +538,9 @@ class _UnitOfWorkCore(_Declarations):
         """Whether the running code acts in the owner's scope of the transaction holding *session*, or none is open."""
         if not self._scopes:
             return True
+        top = self._scopes[-1]
+        if top.kind is _OWNER and top.tx.session is session:
+            return True  # the innermost scope is the owner's: uow's own exit, or the owner's code
         scope = self._acting(strict=False)
         return scope.kind is _OWNER and scope.tx.session is session
 
@@ -752,7 +821,7 @@ class _BlockOptions:
         #: Whether entering started a transaction of its own.
         self.owner = False
 
-    def _plan(self, unit: _UnitOfWorkCore, frame: FrameType | None) -> _Scope:
+    def _plan(self, unit: _UnitOfWorkCore, frame: FrameType) -> _Scope:
         entered = self._scope
         if entered is not None and entered.state in (State.OPEN, State.SEALED):
             msg = "this block is entered already: call uow.transaction() or uow.savepoint() again for another block"
@@ -764,6 +833,7 @@ class _BlockOptions:
             commit_on_exit=self._commit_on_exit,
             savepoint=self._savepoint,
             frame=frame,
+            bare=False,  # the block holds its scope: its exit needs no frame to find it
         )
         self.owner = scope.kind is _OWNER
         return scope

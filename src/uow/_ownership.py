@@ -37,31 +37,61 @@ _current: ContextVar[_Transaction | None] = ContextVar("uow_current", default=No
 
 _GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
 
-#: The frames that run a generator as a context manager: its body is inside the generator's block
-#: while the generator is suspended, as in ``@contextlib.contextmanager``.
-_CONTEXT_MANAGER_CODES = frozenset(
-    {
-        contextlib._GeneratorContextManager.__enter__.__code__,
-        contextlib._AsyncGeneratorContextManager.__aenter__.__code__,
-    }
-)
+#: The code between a ``with`` statement and the unit of work it enters: contextlib's context managers and
+#: exit stacks, and the ``__enter__`` methods of context managers that enter a unit of work in turn (or of
+#: a unit of work class that overrides it).
+_CONTEXTLIB = contextlib.__dict__
+_ENTER_NAMES = frozenset({"__enter__", "__aenter__"})
+
+#: The modules whose code runs a generator as a context manager, so that its caller is inside the block
+#: the generator has open while it is paused: contextlib's decorators, and pytest's fixtures.
+_CONTEXT_RUNNERS = frozenset({"contextlib", "_pytest.fixtures", "pytest_asyncio.plugin"})
 
 
-def in_generator(frame: FrameType) -> bool:
-    """Whether *frame* is a generator's that can be suspended with a block open, its caller outside it.
+def may_be_held(frame: FrameType) -> bool:
+    """Whether a block entered from *frame* may be held by a generator: the cheap test before :func:`holder_of`."""
+    return (
+        bool(frame.f_code.co_flags & _GENERATOR_FLAGS)
+        or frame.f_globals is _CONTEXTLIB
+        or (frame.f_code.co_name in _ENTER_NAMES)
+    )
 
-    A generator that ``contextlib.contextmanager`` runs is not one: the body
-    of its ``with`` statement is inside the generator's block.
+
+def holder_of(frame: FrameType) -> FrameType | None:
+    """The generator that holds a block entered from *frame*, if it can pause with its caller outside the block.
+
+    From *frame* outwards, it skips the code between the ``with`` statement
+    and the unit of work (contextlib, ``__enter__`` methods),
+    and generators run as context managers (by contextlib or pytest), whose
+    callers are inside their blocks. The first frame left is the one whose
+    code the block belongs to: a generator's, or None for plain code, which
+    cannot pause with the block open.
     """
-    if not frame.f_code.co_flags & _GENERATOR_FLAGS:
-        return False
-    driver = frame.f_back
-    return driver is None or driver.f_code not in _CONTEXT_MANAGER_CODES
+    current: FrameType | None = frame
+    while current is not None:
+        code = current.f_code
+        if current.f_globals is _CONTEXTLIB or code.co_name in _ENTER_NAMES:
+            current = current.f_back
+            continue
+        if code.co_flags & _GENERATOR_FLAGS:
+            driver = current.f_back
+            if driver is not None and driver.f_globals.get("__name__") in _CONTEXT_RUNNERS:
+                current = driver
+                continue
+            return current
+        return None
+    return None
 
 
-def is_generator_frame(frame: FrameType) -> bool:
-    """Whether *frame* runs a generator or an async generator."""
-    return bool(frame.f_code.co_flags & _GENERATOR_FLAGS)
+def on_this_stack(frames: list[FrameType]) -> FrameType | None:
+    """The first of *frames* that the code running now was called from, if any."""
+    current: FrameType | None = sys._getframe(2)
+    while current is not None:
+        for frame in frames:
+            if frame is current:
+                return frame
+        current = current.f_back
+    return None
 
 
 def where(frame: FrameType | None) -> str:
@@ -128,21 +158,20 @@ def waits_for(owner: object, here: object) -> bool:
     return False
 
 
-def context_transaction() -> _Transaction | None:
-    """The open transaction active in this context, even one that a parent task or thread started."""
-    tx = _current.get()
-    return tx if tx is not None and tx.open else None
+def active_here(kind: Any = None) -> _UnitOfWorkCore | None:
+    """The innermost unit of work active in this thread or task (of *kind*, if given), if any.
 
-
-def active_here() -> _UnitOfWorkCore | None:
-    """The unit of work active in this thread or task, if any."""
+    Blocks of several units of work can be open at once (an audit block inside
+    an orders block): the transactions started in this context form a chain,
+    innermost first.
+    """
     tx = _current.get()
-    if tx is None:
-        return None
-    unit = tx.unit
-    if not unit._scopes or unit._owner != unit._here():
-        return None
-    return unit
+    while tx is not None:
+        unit = tx.unit
+        if tx.open and unit._scopes and unit._owner == unit._here() and (kind is None or isinstance(unit, kind)):
+            return unit
+        tx = tx.parent
+    return None
 
 
 Any_U = TypeVar("Any_U")
@@ -162,19 +191,20 @@ def current(kind: Any = None) -> Any:
     """The unit of work active in this thread or task.
 
     For code that cannot take the unit of work as a parameter. *kind*
-    narrows the type: ``current(AllocationUnitOfWork)``. Raises
-    :class:`~uow.errors.InactiveUnitOfWorkError` when none is active here, or
-    when the active one is not a *kind*. A unit of work entered by another
+    narrows the type: ``current(AllocationUnitOfWork)``, the innermost active
+    one of that kind. Raises :class:`~uow.errors.InactiveUnitOfWorkError`
+    when none is active here, or none of the active ones is a *kind*. A unit of work entered by another
     thread or task (whose context this one copied) is not returned.
     """
-    unit = active_here()
-    if unit is None:
+    unit = active_here(kind)
+    if unit is not None:
+        return unit
+    innermost = active_here()
+    if innermost is None:
         msg = (
             "no unit of work is active in this thread or task: call this code inside `with uow:` "
             "(or a @transactional function), or pass the unit of work to it"
         )
         raise InactiveUnitOfWorkError(msg)
-    if kind is not None and not isinstance(unit, kind):
-        msg = f"the active unit of work is a {type(unit).__name__}, not a {kind.__name__}"
-        raise InactiveUnitOfWorkError(msg)
-    return unit
+    msg = f"the active unit of work is a {type(innermost).__name__}, not a {kind.__name__}, and no other active one is"
+    raise InactiveUnitOfWorkError(msg)

@@ -155,13 +155,14 @@ class _Scope:
         "event_marks",
         "frame",
         "handle",
+        "holder",
         "hook_mark",
-        "in_generator",
         "kind",
         "narrows",
         "poison",
         "read_only",
         "rollback_only",
+        "serial",
         "state",
         "token",
         "tx",
@@ -183,10 +184,14 @@ class _Scope:
         #: itself for an owner or a savepoint, the scope it joined into otherwise.
         self.boundary: _Scope = self if boundary is None else boundary
         self.state = State.OPEN
-        #: The frame whose ``with`` statement entered it, and whether that is a generator's frame
-        #: (not driven by ``contextlib``), which can be suspended with the scope open.
+        #: The frame whose ``with uow:`` statement entered it, which its ``__exit__`` comes from.
         self.frame: FrameType | None = None
-        self.in_generator = False
+        #: The generator whose code entered it, if that generator can pause with it open while its
+        #: caller goes on outside it; None when plain code, or a generator run as a context manager,
+        #: entered it.
+        self.holder: FrameType | None = None
+        #: When it was entered, in the order of its unit of work's scopes.
+        self.serial = 0
         #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
         self.narrows = False
         self.handle: Any = None
@@ -201,9 +206,13 @@ class _Scope:
 
     @property
     def suspended(self) -> bool:
-        """Whether a generator entered this scope and is suspended now, so that the running code is outside it."""
-        frame = self.frame
-        return self.in_generator and frame is not None and frame.f_back is None
+        """Whether the generator that holds this scope is paused, so that the code running now is outside it.
+
+        A generator's frame has a caller (``f_back``) only while it runs; seen
+        from its own thread or task, a paused one is paused at a ``yield``.
+        """
+        holder = self.holder
+        return holder is not None and holder.f_back is None
 
     def releases(self, exc: BaseException | None) -> bool:
         """Whether a savepoint ending with *exc* keeps its work."""

@@ -11,7 +11,7 @@ import time
 import types
 import typing
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar, Union, overload
+from typing import Annotated, Any, ParamSpec, TypeVar, Union, overload
 
 import attrs
 
@@ -84,6 +84,15 @@ class Retry:
         """The pause before retry number *attempt* (1 for the first retry), with jitter."""
         cap = min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 1, 64))
         return random.uniform(cap / 2, cap)
+
+    def _again(self, error: Exception, block: _BlockOptions) -> None:
+        """After the pause: re-raise *error* if work of the failed attempt was committed meanwhile.
+
+        A child task or thread of the attempt that was not waited for may
+        commit during the pause; its work is as durable as any other.
+        """
+        if block._durable:
+            raise error
 
     def _next(self, error: Exception, attempt: int, block: _BlockOptions, name: str) -> float:
         """The pause before retry number *attempt* after *error*; re-raises *error* if it is not retried.
@@ -259,8 +268,8 @@ class Transactional:
                 msg = f"{name} was given uow={_shown(given)}, which is not a {base.__name__}"
                 raise ConfigurationError(msg)
             return given
-        active = active_here()
-        if isinstance(active, route.kind()) and not (self.propagation == "requires_new" and self.factory is not None):
+        active = active_here(route.kind())
+        if active is not None and not (self.propagation == "requires_new" and self.factory is not None):
             return active
         if self.propagation == "mandatory":
             msg = (
@@ -336,7 +345,20 @@ class _Route:
                     "transactional(factory=...) a unit of work class"
                 )
                 raise ConfigurationError(msg) from error
-        return _unit_classes(annotation) or self.base
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        if annotation in (Any, object):
+            return self.base  # the function says it takes any unit of work
+        classes = _unit_classes(annotation)
+        if classes is None:
+            msg = (
+                f"@transactional on {self.name} joins only an active unit of work of the kind the function takes, "
+                f"and the annotation of its `uow` parameter, {annotation!r}, names no unit of work class. Annotate "
+                "it with one (or a union of them, or Any for any kind), or give transactional(factory=...) a "
+                "unit of work class"
+            )
+            raise ConfigurationError(msg)
+        return classes
 
 
 def _made_by(factory: Callable[..., Any]) -> type[Any] | tuple[type[Any], ...] | None:
@@ -424,7 +446,9 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
             except Exception as error:
                 attempt += 1
                 delay = retry._next(error, attempt, block, name)
+                failure = error
             sleep(delay)
+            retry._again(failure, block)
 
     return wrapper
 
@@ -476,9 +500,11 @@ def _async_wrapper(
             except Exception as error:
                 attempt += 1
                 delay = retry._next(error, attempt, block, name)
+                failure = error
             paused = sleep(delay)
             if inspect.isawaitable(paused):
                 await paused
+            retry._again(failure, block)
 
     return wrapper
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _hooks
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
-from ._ownership import is_generator_frame, thread_and_task
+from ._ownership import thread_and_task
 from ._repository import Repository
 from ._scope import Kind, Plan, Propagation, State, _Scope, _Transaction
 
@@ -175,18 +175,20 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
         if scope.state is State.CLOSED or scope.state is State.CLOSED_EARLY:
             return
-        failure = None
+        failure = interrupted = None
         if self._scopes[-1] is not scope:
             above, overlap = self._misnesting(scope)
             if overlap and scope.kind is _JOINED:
                 self._leave_overlapped(scope, exc)
                 return
             for held in above:
-                self._close_early(held)
+                interrupted = self._close_early(held) or interrupted
             if overlap:
                 failure = self._overlap_error(scope, above)
                 failure.__context__ = exc
                 exc = failure
+            elif exc is None:
+                exc = interrupted  # cancelled while closing them: this scope does not keep its work either
         if scope.kind is _JOINED:
             self._exit_joined(scope, exc)
         elif scope.kind is _SAVEPOINT:
@@ -196,6 +198,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if failure is not None:
             self._poison_acting(failure)
             raise failure
+        if interrupted is not None:
+            raise interrupted
 
     def _exit_joined(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
         if isinstance(exc, GeneratorExit):
@@ -242,8 +246,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             raise
         self._release(scope, quiet=exc is not None, state=state)
 
-    def _close_early(self, held: _Scope) -> None:
-        """End *held*, still open above an exiting scope, as if its generator had been closed there."""
+    def _close_early(self, held: _Scope) -> BaseException | None:
+        """End *held*, still open above an exiting scope, as if its generator had been closed there.
+
+        Returns a cancellation (or another BaseException) that interrupted it,
+        for the exiting scope to raise once it has ended too.
+        """
         self._closing_early(held)
         try:
             if held.kind is _JOINED:
@@ -255,6 +263,9 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         except Exception as error:
             log.exception("uow: closing a scope left open inside an exiting block failed")
             self._poison_acting(error)
+        except BaseException as error:  # handed to the exiting scope, which ends first
+            return error
+        return None
 
     def _release(self, scope: _Scope, *, quiet: bool, state: State) -> None:
         try:
@@ -353,8 +364,7 @@ class Block(_BlockOptions, Generic[U]):
         self._unit = unit
 
     def __enter__(self) -> U:
-        frame = sys._getframe(1)
-        scope = self._plan(self._unit, frame if is_generator_frame(frame) else None)
+        scope = self._plan(self._unit, sys._getframe(1))
         self._unit._enter_scope(scope)
         self._entered(scope)
         return self._unit
@@ -363,8 +373,12 @@ class Block(_BlockOptions, Generic[U]):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         scope = self._scope
-        if scope is not None:
-            self._unit._exit_scope(scope, exc)
+        if scope is None:
+            return
+        if scope.state is State.CLOSED_EARLY:  # an outer block's exit closed it while its generator was paused
+            self._unit._forget(scope)
+            return
+        self._unit._exit_scope(scope, exc)
 
     if not TYPE_CHECKING:
 

@@ -60,6 +60,25 @@ async def async_in_savepoint(uow: Any, code: str) -> AsyncIterator[str]:
         yield code
 
 
+class Entering:
+    """A context manager that enters a unit of work in its own ``__enter__``, as wrappers and overrides do."""
+
+    def __init__(self, unit: Any) -> None:
+        self.unit = unit
+
+    def __enter__(self) -> Any:
+        return self.unit.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.unit.__exit__(*exc_info)
+
+    async def __aenter__(self) -> Any:
+        return await self.unit.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.unit.__aexit__(*exc_info)
+
+
 class ScopeContract:
     """Blocks leave their own scopes, on every implementation."""
 
@@ -338,6 +357,181 @@ class ScopeContract:
         assert not uow.active
         assert ["a", "b"] == codes(shop)
 
+    @pytest.mark.parametrize("entry", ["contextmanager", "exit stack", "overridden __enter__"])
+    async def test_owner_commit_is_real_when_the_generator_enters_through_other_code(
+        self, shop: Shop, entry: str
+    ) -> None:
+        """A generator that joins through a context manager, an exit stack or an __enter__ override still pauses."""
+        await seed(shop, "a", "b")
+        uow = shop.new()
+        if shop.is_async:
+
+            @contextlib.asynccontextmanager
+            async def joined(unit: Any) -> AsyncIterator[Any]:
+                async with unit:
+                    yield unit
+
+            async def stream() -> AsyncIterator[str]:
+                async with contextlib.AsyncExitStack() as stack:
+                    if entry == "contextmanager":
+                        await stack.enter_async_context(joined(uow))
+                    elif entry == "exit stack":
+                        await stack.enter_async_context(uow)
+                    else:
+                        await stack.enter_async_context(Entering(uow))
+                    for sku in await uow.skus.list():
+                        yield sku.code
+
+            async with uow:
+                await uow.skus.add(Sku("new"))
+                names = stream()
+                await anext(names)
+                await uow.commit()
+                assert 1 == uow.commits
+            await names.aclose()
+        else:
+
+            @contextlib.contextmanager
+            def joined_sync(unit: Any) -> Iterator[Any]:
+                with unit:
+                    yield unit
+
+            def stream_sync() -> Iterator[str]:
+                with contextlib.ExitStack() as stack:
+                    if entry == "contextmanager":
+                        stack.enter_context(joined_sync(uow))
+                    elif entry == "exit stack":
+                        stack.enter_context(uow)
+                    else:
+                        stack.enter_context(Entering(uow))
+                    for sku in uow.skus.list():
+                        yield sku.code
+
+            with uow:
+                uow.skus.add(Sku("new"))
+                names_sync = stream_sync()
+                next(names_sync)
+                uow.commit()
+                assert 1 == uow.commits
+            names_sync.close()
+        assert not uow.active
+        assert ["a", "b", "new"] == codes(shop)
+
+    async def test_a_generator_that_owns_the_block_keeps_the_code_around_it_out(self, shop: Shop) -> None:
+        """Code outside a paused generator that owns the block gets OwnershipError, instead of joining it blindly."""
+        await seed(shop, "a", "b")
+        uow = shop.new()
+        if shop.is_async:
+
+            async def export() -> AsyncIterator[str]:
+                async with uow:
+                    for sku in await uow.skus.list():
+                        yield sku.code
+
+            stream = export()
+            await anext(stream)
+            with pytest.raises(errors.OwnershipError, match="export"):
+                async with uow:
+                    await uow.skus.add(Sku("lost?"))
+                    await uow.commit()
+            await stream.aclose()
+        else:
+
+            def export_sync() -> Iterator[str]:
+                with uow:
+                    for sku in uow.skus.list():
+                        yield sku.code
+
+            stream_sync = export_sync()
+            next(stream_sync)
+            with pytest.raises(errors.OwnershipError, match="export_sync"), uow:
+                uow.skus.add(Sku("lost?"))
+                uow.commit()
+            stream_sync.close()
+        assert not uow.active
+        assert ["a", "b"] == codes(shop)
+
+    async def test_a_generator_closed_early_enters_again_without_breaking_the_unit_of_work(self, shop: Shop) -> None:
+        """A generator whose block was closed early can open a new one later, and later blocks still commit."""
+        uow = shop.new()
+        if shop.is_async:
+
+            async def twice() -> AsyncIterator[int]:
+                async with uow.transaction():
+                    yield 1
+                async with uow:
+                    await uow.skus.add(Sku("from the generator"))
+                    await uow.commit()
+                yield 2
+
+            async with uow:
+                stream = twice()
+                await anext(stream)
+            await anext(stream)
+            async with uow:
+                await uow.skus.add(Sku("after"))
+                await uow.commit()
+            await stream.aclose()
+        else:
+
+            def twice_sync() -> Iterator[int]:
+                with uow.transaction():
+                    yield 1
+                with uow:
+                    uow.skus.add(Sku("from the generator"))
+                    uow.commit()
+                yield 2
+
+            with uow:
+                stream_sync = twice_sync()
+                next(stream_sync)
+            next(stream_sync)
+            with uow:
+                uow.skus.add(Sku("after"))
+                uow.commit()
+            stream_sync.close()
+        assert not uow.active
+        assert not uow._closed_early
+        assert ["after", "from the generator"] == codes(shop)
+
+    async def test_a_generator_resumed_after_its_block_was_closed_may_not_use_it(self, shop: Shop) -> None:
+        """A generator resumed inside a later block, after its own was closed early, gets OwnershipError."""
+        uow = shop.new()
+        if shop.is_async:
+
+            async def late() -> AsyncIterator[int]:
+                async with uow:
+                    yield 1
+                    await uow.skus.add(Sku("half"))
+                    yield 2
+
+            async with uow:
+                stream = late()
+                await anext(stream)
+            async with uow:
+                with pytest.raises(errors.OwnershipError, match="late"):
+                    await anext(stream)
+                await uow.skus.add(Sku("later block"))
+                await uow.commit()
+        else:
+
+            def late_sync() -> Iterator[int]:
+                with uow:
+                    yield 1
+                    uow.skus.add(Sku("half"))
+                    yield 2
+
+            with uow:
+                stream_sync = late_sync()
+                next(stream_sync)
+            with uow:
+                with pytest.raises(errors.OwnershipError, match="late_sync"):
+                    next(stream_sync)
+                uow.skus.add(Sku("later block"))
+                uow.commit()
+        assert not uow._closed_early
+        assert ["later block"] == codes(shop)
+
     async def test_exit_of_an_idle_unit_of_work_raises(self, shop: Shop) -> None:
         """Leaving a block that was never entered raises InactiveUnitOfWorkError instead of ending another one."""
         uow = shop.new()
@@ -588,6 +782,50 @@ class AsyncScopeContract:
                 await uow.commit()
         assert not uow.active
         assert [] == codes(async_shop)
+
+    async def test_wait_for_inside_a_generators_block_cannot_commit_the_owner(self, async_shop: Shop) -> None:
+        """A joined commit() under wait_for() in a generator's block raises, instead of committing the owner's work."""
+        uow = async_shop.new()
+
+        async def stream() -> AsyncIterator[int]:
+            async with uow:
+                await uow.skus.add(Sku("from the generator"))
+                await asyncio.wait_for(uow.commit(), 5)
+                yield 1
+
+        with pytest.raises(errors.OwnershipError, match="asyncio.timeout"):
+            async with uow:
+                await uow.skus.add(Sku("owner"))
+                async for _ in stream():
+                    pass
+                await uow.commit()
+        assert not uow.active
+        assert [] == codes(async_shop)
+
+    async def test_cancelled_while_closing_a_paused_generators_savepoint(self, async_shop: Shop) -> None:
+        """A task cancelled while its block closes a paused generator's savepoint still ends its block."""
+        uow = async_shop.new()
+        started = asyncio.Event()
+
+        async def request() -> None:
+            async with uow:
+                await uow.skus.add(Sku("a"))
+                await uow.skus.count()
+                stream = async_in_savepoint(uow, "inner")
+                await anext(stream)
+                started.set()
+                await asyncio.sleep(5)
+
+        task = asyncio.create_task(request())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not uow.active
+        async with uow:  # the claim was given back
+            await uow.skus.add(Sku("next"))
+            await uow.commit()
+        assert ["next"] == codes(async_shop)
 
     async def test_other_tasks_still_refused(self, async_shop: Shop) -> None:
         """A task that the owner does not wait for through wait_for() gets OwnershipError, as before."""

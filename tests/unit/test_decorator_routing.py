@@ -10,7 +10,7 @@ import asyncio
 import contextvars
 import functools
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import pytest
 from sqlalchemy import exc as sa_exc
@@ -26,7 +26,7 @@ from tests.support.uows import (
     FakeShopUnitOfWork,
     ShopUnitOfWork,
 )
-from uow import NEW_UOW, Retry, errors, transactional
+from uow import NEW_UOW, Retry, current, errors, transactional
 
 if TYPE_CHECKING:
     from tests.support.uows import AsyncShopUnitOfWork as OnlyForTypes
@@ -46,6 +46,12 @@ def serialization_failure() -> sa_exc.OperationalError:
 def notes(unit: FakeAuditUnitOfWork | AsyncFakeAuditUnitOfWork | FakeShopUnitOfWork) -> list[str]:
     """The texts of the notes committed to a fake's database."""
     return sorted(note.text for note in unit.database.tables.get(Note, {}).values())
+
+
+class HasNotes(Protocol):
+    """A structural type of units of work with notes: it names no unit of work class to route by."""
+
+    notes: Any
 
 
 class Made:
@@ -188,6 +194,49 @@ def test_an_annotation_that_cannot_be_resolved_is_a_configuration_error() -> Non
 
     with pytest.raises(errors.ConfigurationError, match="could not resolve the annotation of its `uow` parameter"):
         service()
+
+
+def test_service_joins_its_kind_when_another_kind_is_entered_inside_it() -> None:
+    """With an audit block inside a shop block, a shop service joins the shop block, not a new shop unit of work."""
+    shops = Made(FakeShopUnitOfWork)
+
+    def make_shop() -> ShopUnitOfWork:
+        return shops()
+
+    @transactional(factory=make_shop)
+    def add_sku(code: str, uow: ShopUnitOfWork = NEW_UOW) -> None:
+        uow.skus.add(Sku(code))
+
+    shop, audit = shops(), FakeAuditUnitOfWork()
+    with pytest.raises(RuntimeError), shop:
+        with audit:
+            add_sku("x")
+            assert shop is current(ShopUnitOfWork)
+            assert audit is current()
+        raise RuntimeError("the shop block fails")
+    assert ([], 1) == (sorted(sku.code for sku in shops.database.tables.get(Sku, {}).values()), len(shops.made))
+
+
+@pytest.mark.parametrize("annotation", ["Annotated", "Protocol"])
+def test_an_annotation_that_names_no_unit_of_work_class_is_unwrapped_or_refused(annotation: str) -> None:
+    """`Annotated[Kind, ...]` routes by Kind; a Protocol, which names no unit of work class, is refused."""
+    if annotation == "Annotated":
+
+        @transactional
+        def note(text: str, uow: Annotated[AuditUnitOfWork, "the audit trail"] = NEW_UOW) -> None:
+            uow.notes.add(Note(text=text))
+
+        shop = FakeShopUnitOfWork()
+        with shop, pytest.raises(errors.InactiveUnitOfWorkError, match="AuditUnitOfWork"):
+            note("not into the shop")
+        return
+
+    @transactional
+    def protocol_note(text: str, uow: HasNotes = NEW_UOW) -> None:
+        uow.notes.add(Note(text=text))
+
+    with FakeShopUnitOfWork(), pytest.raises(errors.ConfigurationError, match="names no unit of work class"):
+        protocol_note("refused")
 
 
 async def test_async_service_of_another_kind_runs_in_its_own_unit_of_work() -> None:
@@ -350,6 +399,36 @@ def test_retry_does_not_repeat_work_committed_in_a_thread_with_the_attempts_cont
     with pytest.raises(sa_exc.OperationalError):
         place_order()
     assert (1, ["mail"]) == (len(attempts), mails.committed)
+
+
+async def test_retry_does_not_repeat_work_a_child_task_commits_during_the_pause() -> None:
+    """A child task the attempt did not wait for, which commits during the retry's pause, stops the retry."""
+    mails = Made(AsyncFakeAuditUnitOfWork)
+    attempts: list[int] = []
+    children: list[asyncio.Task[None]] = []
+    entered = asyncio.Event()
+
+    async def send_mail() -> None:
+        unit = mails()
+        async with unit:
+            await unit.notes.add(Note(text=f"mail of attempt {len(attempts)}"))
+            entered.set()
+            await asyncio.sleep(0.01)
+            await unit.commit()
+
+    async def pause(delay: float) -> None:
+        await asyncio.gather(*children)  # the child commits while the retry waits
+
+    @transactional(factory=AsyncFakeShopUnitOfWork, retries=Retry(retries=3, sleep=pause))
+    async def place_order(uow: AsyncShopUnitOfWork = NEW_UOW) -> None:
+        attempts.append(1)
+        children.append(asyncio.create_task(send_mail()))
+        await entered.wait()
+        raise serialization_failure()
+
+    with pytest.raises(sa_exc.OperationalError):
+        await place_order()
+    assert (1, ["mail of attempt 1"]) == (len(attempts), mails.committed)
 
 
 async def test_retry_still_happens_when_the_child_task_committed_nothing() -> None:
