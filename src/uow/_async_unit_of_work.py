@@ -322,7 +322,7 @@ class AsyncBlock(_BlockOptions, Generic[AU]):
     async def __aenter__(self) -> AU:
         scope = self._plan(self._unit, sys._getframe(1))
         await self._unit._enter_scope(scope)
-        self._entered(scope)
+        self._scope = scope
         return self._unit
 
     async def __aexit__(

@@ -23,7 +23,17 @@ from typing import Any
 
 from . import _hooks
 from ._declare import _Declarations
-from ._ownership import _current, describe, holder_of, may_be_held, on_this_stack, waits_for, where
+from ._ownership import (
+    _CONTEXTLIB,
+    _ENTER_NAMES,
+    _GENERATOR_FLAGS,
+    _current,
+    describe,
+    holder_of,
+    on_this_stack,
+    waits_for,
+    where,
+)
 from ._scope import (
     ISOLATION_LEVELS,
     PROPAGATIONS,
@@ -64,7 +74,8 @@ class _UnitOfWorkCore(_Declarations):
             if not isinstance(flag, bool):
                 msg = f"{name} takes True or False, not {flag!r}"
                 raise ConfigurationError(msg)
-        check_isolation_level(isolation_level)
+        if isolation_level is not None:
+            check_isolation_level(isolation_level)
         #: Commit on a clean exit from the owner's block instead of rolling back.
         self.autocommit = autocommit
         #: The defaults of the transactions this unit of work starts, unless a block asks otherwise.
@@ -174,7 +185,8 @@ class _UnitOfWorkCore(_Declarations):
         if frame is not None:
             if bare:
                 scope.frame = frame
-            if may_be_held(frame):
+            code = frame.f_code  # the cheap test of whether a generator may hold it, written out
+            if code.co_flags & _GENERATOR_FLAGS or frame.f_globals is _CONTEXTLIB or code.co_name in _ENTER_NAMES:
                 scope.holder = holder_of(frame)
         return scope
 
@@ -837,9 +849,6 @@ class _BlockOptions:
         )
         self.owner = scope.kind is _OWNER
         return scope
-
-    def _entered(self, scope: _Scope) -> None:
-        self._scope = scope
 
     @property
     def _durable(self) -> bool:

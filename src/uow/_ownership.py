@@ -48,17 +48,11 @@ _ENTER_NAMES = frozenset({"__enter__", "__aenter__"})
 _CONTEXT_RUNNERS = frozenset({"contextlib", "_pytest.fixtures", "pytest_asyncio.plugin"})
 
 
-def may_be_held(frame: FrameType) -> bool:
-    """Whether a block entered from *frame* may be held by a generator: the cheap test before :func:`holder_of`."""
-    return (
-        bool(frame.f_code.co_flags & _GENERATOR_FLAGS)
-        or frame.f_globals is _CONTEXTLIB
-        or (frame.f_code.co_name in _ENTER_NAMES)
-    )
-
-
 def holder_of(frame: FrameType) -> FrameType | None:
     """The generator that holds a block entered from *frame*, if it can pause with its caller outside the block.
+
+    Called when *frame* runs a generator, or is contextlib's or an
+    ``__enter__`` method (the test is written out where a scope is planned).
 
     From *frame* outwards, it skips the code between the ``with`` statement
     and the unit of work (contextlib, ``__enter__`` methods),

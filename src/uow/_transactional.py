@@ -419,7 +419,7 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
             if given is None or given is NEW_UOW:
                 tx = _current.get()
-                unit = tx.unit if tx is not None and isinstance(tx.unit, route.kind()) else None
+                unit = tx.unit if tx is not None and isinstance(tx.unit, route._kind or route.kind()) else None
             else:
                 unit = given
             if isinstance(unit, UnitOfWork):
@@ -473,7 +473,7 @@ def _async_wrapper(
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
             if given is None or given is NEW_UOW:
                 tx = _current.get()
-                unit = tx.unit if tx is not None and isinstance(tx.unit, route.kind()) else None
+                unit = tx.unit if tx is not None and isinstance(tx.unit, route._kind or route.kind()) else None
             else:
                 unit = given
             if isinstance(unit, AsyncUnitOfWork):

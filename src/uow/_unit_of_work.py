@@ -366,7 +366,7 @@ class Block(_BlockOptions, Generic[U]):
     def __enter__(self) -> U:
         scope = self._plan(self._unit, sys._getframe(1))
         self._unit._enter_scope(scope)
-        self._entered(scope)
+        self._scope = scope
         return self._unit
 
     def __exit__(
