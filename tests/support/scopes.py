@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from uow import errors
+from uow import NEW_UOW, errors, transactional
 
 from .harness import Shop
-from .models import Sku
+from .models import Note, Sku
 from .transactions import Boom, codes, seed
 
 
@@ -531,6 +531,140 @@ class ScopeContract:
                 uow.commit()
         assert not uow._closed_early
         assert ["later block"] == codes(shop)
+
+    async def test_owner_exit_rolls_back_a_paused_generators_transaction_of_its_own(
+        self, shop: Shop, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A requires_new transaction a paused generator holds is rolled back and closed by the owner's exit."""
+        await seed(shop, "a")
+        uow = shop.new()
+        if shop.is_async:
+
+            async def audit() -> AsyncIterator[int]:
+                async with uow.transaction(propagation="requires_new"):
+                    await uow.notes.add(Note(text="never committed"))
+                    async with uow:  # a joined block inside it guards its session
+                        await uow.notes.count()
+                    yield 1
+                    await uow.commit()
+
+            async with uow:
+                assert 1 == await uow.skus.count()
+                stream = audit()
+                await anext(stream)
+            await stream.aclose()
+        else:
+
+            def audit_sync() -> Iterator[int]:
+                with uow.transaction(propagation="requires_new"):
+                    uow.notes.add(Note(text="never committed"))
+                    with uow:  # a joined block inside it guards its session
+                        uow.notes.count()
+                    yield 1
+                    uow.commit()
+
+            with uow:
+                assert 1 == uow.skus.count()
+                stream_sync = audit_sync()
+                next(stream_sync)
+            stream_sync.close()
+        assert not uow.active
+        assert [] == shop.committed(Note, "text")
+        assert [] == [record.message for record in caplog.records if record.levelno >= logging.ERROR]
+
+    async def test_decorated_call_that_returns_while_its_generator_is_paused(self, shop: Shop) -> None:
+        """A decorated call that returns a paused joined generator leaves the owner's commit real."""
+        await seed(shop, "a", "b")
+        uow = shop.new()
+        if shop.is_async:
+
+            @transactional
+            async def start(uow: Any = NEW_UOW) -> AsyncIterator[str]:
+                stream = async_names(uow)
+                await anext(stream)
+                return stream
+
+            async with uow:
+                await uow.skus.add(Sku("c"))
+                stream = await start(uow=uow)
+                await uow.commit()
+                assert 1 == uow.commits
+            await stream.aclose()
+        else:
+
+            @transactional
+            def start_sync(uow: Any = NEW_UOW) -> Iterator[str]:
+                stream = sync_names(uow)
+                next(stream)
+                return stream
+
+            with uow:
+                uow.skus.add(Sku("c"))
+                stream_sync = start_sync(uow=uow)
+                uow.commit()
+                assert 1 == uow.commits
+            stream_sync.close()
+        assert not uow.active
+        assert ["a", "b", "c"] == codes(shop)
+
+    async def test_a_joined_generator_failing_under_a_later_block_makes_the_transaction_rollback_only(
+        self, shop: Shop
+    ) -> None:
+        """A joined generator that raises while a block entered after it runs still poisons its transaction."""
+        await seed(shop, "a", "b")
+        uow = shop.new()
+        with pytest.raises(errors.RollbackOnlyError):
+            if shop.is_async:
+
+                async def failing() -> AsyncIterator[str]:
+                    async with uow:
+                        yield "first"
+                        raise Boom("the stream broke")
+
+                async with uow:
+                    stream = failing()
+                    await anext(stream)
+                    with pytest.raises(Boom):
+                        async with uow.savepoint():
+                            await uow.skus.add(Sku("in the savepoint"))
+                            await anext(stream)
+                    await uow.commit()
+            else:
+
+                def failing_sync() -> Iterator[str]:
+                    with uow:
+                        yield "first"
+                        raise Boom("the stream broke")
+
+                with uow:
+                    stream_sync = failing_sync()
+                    next(stream_sync)
+                    with pytest.raises(Boom), uow.savepoint():
+                        uow.skus.add(Sku("in the savepoint"))
+                        next(stream_sync)
+                    uow.commit()
+        assert not uow.active
+        assert ["a", "b"] == codes(shop)
+
+    async def test_a_block_entered_twice_at_once_is_refused(self, shop: Shop) -> None:
+        """One uow.transaction() block cannot be entered again while it is open; a new call gives a new block."""
+        uow = shop.new()
+        if shop.is_async:
+            block = uow.transaction()
+            async with block:
+                with pytest.raises(errors.ConfigurationError, match="entered already"):
+                    await block.__aenter__()
+            async with block:  # once it has ended, it may be entered again
+                await uow.skus.add(Sku("again"))
+                await uow.commit()
+        else:
+            block_sync = uow.transaction()
+            with block_sync, pytest.raises(errors.ConfigurationError, match="entered already"):
+                block_sync.__enter__()
+            with block_sync:
+                uow.skus.add(Sku("again"))
+                uow.commit()
+        assert ["again"] == codes(shop)
 
     async def test_exit_of_an_idle_unit_of_work_raises(self, shop: Shop) -> None:
         """Leaving a block that was never entered raises InactiveUnitOfWorkError instead of ending another one."""
