@@ -17,6 +17,24 @@ connection, or from the fake's committed store) equal the model; whenever the
 unit of work is idle, no connection is checked out of its pool and
 ``uow.current()`` raises ``InactiveUnitOfWorkError``.
 
+Generators hold blocks open while they are suspended, as a streaming
+response does: the machine starts generators (async generators on an async
+unit of work) whose body enters ``with uow:`` (joined), ``uow.savepoint()``
+or a ``requires_new`` transaction, adds a Sku, counts and yields, directly or
+through a generator that delegates to it; it resumes them with ``next()``,
+runs them out, closes them, and breaks out of ``for`` loops over them, across
+its other steps. The model follows docs/transactions.md#generators: the code
+around a suspended generator acts in the innermost block that no suspended
+generator holds, and is refused with OwnershipError (naming the generator)
+while one holds a savepoint or a transaction above it; a block's exit first
+closes what suspended generators hold above it, as if they had been closed
+(logged as a warning, which the machine counts), and a generator resumed
+after that may not use the unit of work; closing a generator is no failure;
+blocks that overlap raise OwnershipError, but a joined one simply goes.
+After every step the open scopes of the unit of work are the model's. While
+the unit of work is idle, threads (or tasks) race to enter it: each one gets
+OwnershipError or has its row stored.
+
 It runs on the sync fake, on SQLite (a file), on PostgreSQL, and on the
 async twins: the async fake and asyncpg. The async ones run every step in a
 single task that the machine owns, on an event loop of the test's own, as a
@@ -39,14 +57,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 from sqlalchemy import Engine, create_engine, text
@@ -115,6 +136,19 @@ MISUSES = (
 
 OWNER, JOINED, SAVEPOINT = "owner", "joined", "savepoint"
 
+#: The blocks a generator enters: ``with uow:`` (joined), ``uow.savepoint()``, and a transaction of its own.
+REQUIRES_NEW = "requires_new"
+GENERATOR_BLOCKS = (JOINED, SAVEPOINT, REQUIRES_NEW)
+
+#: The most generators the machine keeps suspended at once.
+MAX_GENERATORS = 3
+
+#: What the ``uow`` logger says when a block ends while a scope that a generator entered after it is still open.
+CLOSED_EARLY = "as if its generator had been closed"
+
+#: What ``next()`` returns, in the machine, for a generator that has ended.
+DONE = "done"
+
 
 class Boom(Exception):
     """Raised into a block by the machine, to leave it with an exception."""
@@ -122,6 +156,19 @@ class Boom(Exception):
 
 class HookFailed(Exception):
     """Raised by an ``on_commit`` hook that the machine registered to fail."""
+
+
+class Raised(Exception):
+    """In the model of a generator's body: the unit of work raises *kind* here, its message naming *match* if given."""
+
+    def __init__(self, kind: type[BaseException], match: str | None = None) -> None:
+        super().__init__(kind.__name__)
+        self.kind = kind
+        self.match = match
+
+
+#: What made a boundary rollback-only: the exception itself, or only its type when it was raised in a generator.
+Poison = BaseException | type[BaseException] | None
 
 
 # -- the model ------------------------------------------------------------------
@@ -156,10 +203,34 @@ class Frame:
     block: Any
     tx: Tx
     #: The exception of a joined scope that made this boundary (owner or savepoint) rollback-only.
-    poison: BaseException | None = None
+    poison: Poison = None
     rollback_only: bool = False
     #: A savepoint's state when it began: added, removed, and how many hooks there were.
     mark: tuple[frozenset[str], frozenset[str], int] = (frozenset(), frozenset(), 0)
+    #: The generator whose body entered this block, and the name of its function; None for the machine's own.
+    gen: Gen | None = None
+    where: str = ""
+    #: Whether that generator runs now (while the machine resumes or closes it), rather than being suspended.
+    running: bool = False
+
+
+@attrs.define(eq=False)
+class Gen:
+    """The model of one generator that the machine started: it enters a block, adds a Sku and yields, per key."""
+
+    how: str
+    #: Whether it delegates to the generator that does the work, from a joined block of its own.
+    nested: bool
+    keys: list[str]
+    #: Whether it calls commit() in its block after its last key.
+    commit: bool
+    #: The generator the machine drives, and (async, nested) the inner one, which it closes after the outer one.
+    iterator: Any = None
+    inner: Any = None
+    #: How many keys it has yielded.
+    position: int = 0
+    #: The frames of the blocks its body entered, outermost first, whether still open or not.
+    entered: list[Frame] = attrs.Factory(list)
 
 
 async def settle(value: Any) -> Any:
@@ -178,6 +249,65 @@ def run_without_loop(operation: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return stop.value
     coroutine.close()
     raise AssertionError("an operation on a sync unit of work suspended")
+
+
+# -- generators that hold a block of the unit of work open while suspended ---------
+
+
+def generator_block_of(unit: Any, how: str) -> Any:
+    """What a generator's ``with`` statement enters: *unit* itself (joined), a savepoint, or a new transaction."""
+    if how == JOINED:
+        return unit
+    if how == SAVEPOINT:
+        return unit.savepoint()
+    return unit.transaction(propagation=REQUIRES_NEW)
+
+
+def generator_block(unit: Any, how: str, keys: list[str], commit: bool) -> Iterator[tuple[str, int]]:
+    """Enter a block of *unit*, then add a Sku and yield its key and count(), per key; commit() at the end if asked."""
+    with generator_block_of(unit, how):
+        for key in keys:
+            unit.skus.add(Sku(key, DESCRIPTION))
+            yield key, unit.skus.count()
+        if commit:
+            unit.commit()
+
+
+def delegating_generator(unit: Any, inner: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+    """Join the block of the code around, and yield what *inner* yields: closing this one closes *inner* first."""
+    with unit:
+        yield from inner
+
+
+async def async_generator_block(unit: Any, how: str, keys: list[str], commit: bool) -> AsyncIterator[tuple[str, int]]:
+    """The async twin of :func:`generator_block`."""
+    async with generator_block_of(unit, how):
+        for key in keys:
+            await unit.skus.add(Sku(key, DESCRIPTION))
+            yield key, await unit.skus.count()
+        if commit:
+            await unit.commit()
+
+
+async def async_delegating_generator(
+    unit: Any, inner: AsyncIterator[tuple[str, int]]
+) -> AsyncIterator[tuple[str, int]]:
+    """The async twin of :func:`delegating_generator`: closing this one leaves *inner* suspended in its block."""
+    async with unit:
+        async for value in inner:
+            yield value
+
+
+class EarlyCloses(logging.Handler):
+    """Counts the warnings of the ``uow`` logger about scopes closed early, as if their generator had been closed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if CLOSED_EARLY in record.getMessage():
+            self.count += 1
 
 
 # -- the backends ---------------------------------------------------------------
@@ -336,21 +466,43 @@ class MisuseMachine(RuleBasedStateMachine):
         self.hooks = 0
         self.booms = 0
         self.hook_problems: list[str] = []
+        #: The keys that threads or tasks racing for the idle unit of work tried to store.
+        self.raced: set[str] = set()
+        #: The generators started and not ended yet, oldest first.
+        self.generators: list[Gen] = []
+        #: How many scopes a block's exit closed early, and the warnings the ``uow`` logger gave for them.
+        self.closed_early = 0
+        self.early = EarlyCloses()
+        logging.getLogger("uow").addHandler(self.early)
 
     # -- running calls ----------------------------------------------------------
 
-    def outcome(self, expected: type[Exception] | None, operation: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        """Run *operation*; it must raise exactly *expected*, or succeed when *expected* is None."""
+    def outcome(
+        self,
+        expected: type[BaseException] | None,
+        operation: Callable[[], Coroutine[Any, Any, Any]],
+        *,
+        match: str | None = None,
+    ) -> Any:
+        """Run *operation*; it must raise exactly *expected* (its message naming *match*), or succeed when None."""
         try:
             result = self.backend.run(operation)
         except Exception as error:
             if expected is None or type(error) is not expected:
                 wanted = "success" if expected is None else expected.__name__
                 raise AssertionError(f"expected {wanted}, got {type(error).__name__}: {error}") from error
+            if match is not None and match not in str(error):
+                raise AssertionError(f"expected {expected.__name__} naming {match}, got: {error}") from error
             return error
         if expected is not None:
             raise AssertionError(f"expected {expected.__name__}, nothing was raised")
         return result
+
+    def use(self, operation: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[type[Exception] | None, Any]:
+        """Run *operation*, a use of the unit of work: it raises what :meth:`use_error` says, or works."""
+        error = self.use_error()
+        holder = self.holder() if error is OwnershipError else None
+        return error, self.outcome(error, operation, match=None if holder is None else holder.where)
 
     def enter(self, block: Any) -> Awaitable[Any]:
         return block.__aenter__() if self.backend.is_async else settle(block.__enter__())
@@ -405,17 +557,50 @@ class MisuseMachine(RuleBasedStateMachine):
 
     # -- the model ----------------------------------------------------------------
 
-    def boundary(self) -> Frame:
-        """The innermost block that can roll back on its own: the owner or a savepoint."""
-        return next(frame for frame in reversed(self.stack) if frame.kind != JOINED)
+    def suspended(self, frame: Frame) -> bool:
+        """Whether *frame* is held by a generator that is suspended now: the running code is outside it."""
+        return frame.gen is not None and not frame.running
+
+    def acting_index(self) -> int:
+        """Where the running code acts: the innermost block not held by a suspended generator.
+
+        The machine's outermost block is never a generator's: generators
+        start inside a block of the machine.
+        """
+        index = len(self.stack) - 1
+        while index > 0 and self.suspended(self.stack[index]):
+            index -= 1
+        return index
+
+    def acting(self) -> Frame:
+        """The block the running code acts in."""
+        return self.stack[self.acting_index()]
+
+    def holder(self) -> Frame | None:
+        """A savepoint or transaction that a suspended generator holds above the acting block: it refuses any use."""
+        return next((frame for frame in self.stack[self.acting_index() + 1 :] if frame.kind != JOINED), None)
+
+    def boundary(self, frame: Frame | None = None) -> Frame:
+        """The innermost block that can roll back on its own (owner or savepoint) around *frame*, or the acting one."""
+        index = self.acting_index() if frame is None else self.stack.index(frame)
+        return next(outer for outer in reversed(self.stack[: index + 1]) if outer.kind != JOINED)
 
     def use_error(self) -> type[Exception] | None:
         """What any use of the unit of work raises now, if anything."""
         if not self.stack:
             return InactiveUnitOfWorkError
+        if self.holder() is not None:
+            return OwnershipError
         if self.boundary().poison is not None:
             return RollbackOnlyError
         return None
+
+    def caused_by(self, poison: Poison, error: BaseException) -> None:
+        """*error* names *poison* as its cause: the same exception, or one of its type raised in a generator."""
+        if isinstance(poison, type):
+            assert poison is type(error.__cause__)
+        else:
+            assert poison is error.__cause__
 
     def view(self, tx: Tx) -> set[str]:
         """The keys *tx* sees: the committed ones (as a snapshot on the fake), with its own work."""
@@ -442,11 +627,60 @@ class MisuseMachine(RuleBasedStateMachine):
         frame.tx.unflushed.clear()
         del frame.tx.hooks[hooks:]
 
-    def pop(self) -> Frame:
-        frame = self.stack.pop()
+    def pop(self, frame: Frame) -> None:
+        """*frame*, the innermost, is left; an owner's repositories refuse any use from now on."""
+        assert frame is self.stack.pop()
         if frame.kind == OWNER:
             self.stale.extend(frame.tx.repositories)
-        return frame
+
+    def close_early(self, frame: Frame) -> None:
+        """A block's exit closes *frame*, the innermost, as if its generator had been closed: a savepoint rolls back."""
+        self.closed_early += 1
+        if frame.kind == SAVEPOINT:
+            self.restore(frame)
+        self.pop(frame)
+
+    def leave_model(self, frame: Frame, exc: Poison) -> tuple[type[Exception] | None, Poison]:
+        """Leave *frame*'s block with *exc* in the model; return what the exit raises, if anything, and its cause.
+
+        Blocks still open above it are closed early if suspended generators
+        hold them all; if a block above is running, a joined scope is simply
+        removed, and any other raises OwnershipError ("blocks must nest").
+        """
+        if frame not in self.stack:
+            return None, None  # an outer block's exit closed it early: its own exit does nothing
+        closing = exc is GeneratorExit
+        above = self.stack[self.stack.index(frame) + 1 :]
+        overlap = any(not self.suspended(held) for held in above)
+        if overlap and frame.kind == JOINED:
+            boundary = self.boundary(frame)
+            self.stack.remove(frame)
+            if exc is not None and not closing and boundary.poison is None:
+                boundary.poison = exc
+            return None, None
+        for held in reversed(above):
+            self.close_early(held)
+        if overlap:
+            exc = OwnershipError
+        if frame.kind == JOINED:
+            boundary = self.boundary(frame)
+            self.pop(frame)
+            if exc is not None and not closing and boundary.poison is None:
+                boundary.poison = exc
+            return None, None
+        if frame.kind == SAVEPOINT:
+            if exc is None and frame.poison is None and not frame.rollback_only:
+                frame.tx.unflushed.clear()  # releasing a savepoint flushes
+            else:
+                self.restore(frame)
+        self.pop(frame)  # an owner that did not commit() rolls back
+        if overlap:  # the transaction around becomes rollback-only
+            if self.stack and self.boundary().poison is None:
+                self.boundary().poison = OwnershipError
+            return OwnershipError, None
+        if exc is None and frame.poison is not None:
+            return RollbackOnlyError, frame.poison
+        return None, None
 
     # -- entering and leaving blocks ------------------------------------------
 
@@ -470,9 +704,10 @@ class MisuseMachine(RuleBasedStateMachine):
                 self.outcome(InactiveUnitOfWorkError, operation)
                 return
             kind = OWNER
-        elif self.boundary().poison is not None:
-            error = self.outcome(RollbackOnlyError, operation)
-            assert self.boundary().poison is error.__cause__
+        elif self.use_error() is not None:
+            error = self.use(operation)[1]
+            if isinstance(error, RollbackOnlyError):
+                self.caused_by(self.boundary().poison, error)
             return
         elif how == "never":
             self.outcome(ActiveUnitOfWorkError, operation)
@@ -491,7 +726,7 @@ class MisuseMachine(RuleBasedStateMachine):
         if kind == OWNER:
             frame = Frame(OWNER, block, Tx())
         else:
-            tx = self.stack[-1].tx
+            tx = self.acting().tx
             frame = Frame(kind, block, tx)
             if kind == SAVEPOINT:
                 self.touch(tx)
@@ -502,50 +737,61 @@ class MisuseMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.stack))
     @rule()
     def leave_cleanly(self) -> None:
-        """Leave the innermost block without an exception."""
-        frame = self.stack[-1]
+        """Leave the innermost block of the machine without an exception, closing what generators hold above it."""
+        frame = self.acting()
 
         async def operation() -> Any:
             return await self.leave(frame.block, None)
 
-        if frame.kind == JOINED:
-            self.outcome(None, operation)
-        elif frame.kind == SAVEPOINT:
-            if frame.poison is not None:
-                error = self.outcome(RollbackOnlyError, operation)
-                assert frame.poison is error.__cause__
-                self.restore(frame)
-            else:
-                self.outcome(None, operation)
-                if frame.rollback_only:
-                    self.restore(frame)
-                frame.tx.unflushed.clear()  # releasing a savepoint flushes
-        elif frame.poison is not None:
-            error = self.outcome(RollbackOnlyError, operation)
-            assert frame.poison is error.__cause__
-        else:
-            self.outcome(None, operation)  # no commit(): the owner rolls back
-        self.pop()
+        closed_early = self.closed_early
+        expected, cause = self.leave_model(frame, None)
+        error = self.outcome(expected, operation)
+        if cause is not None:
+            self.caused_by(cause, error)
+        self.look_after_closing_early(closed_early)
 
     @precondition(lambda self: bool(self.stack))
     @rule()
     def leave_with_exception(self) -> None:
-        """Leave the innermost block with an exception, which must propagate unchanged."""
-        frame = self.stack[-1]
+        """Leave the innermost block of the machine with an exception, which must propagate unchanged."""
+        frame = self.acting()
         self.booms += 1
         boom = Boom(f"boom {self.booms}")
 
         async def operation() -> Any:
             return await self.leave(frame.block, boom)
 
+        closed_early = self.closed_early
+        assert (None, None) == self.leave_model(frame, boom)
         assert not self.outcome(None, operation)  # __exit__ does not swallow it, nor raise another one
-        self.pop()
-        if frame.kind == JOINED:
-            boundary = self.boundary()
-            if boundary.poison is None:
-                boundary.poison = boom
-        elif frame.kind == SAVEPOINT:
-            self.restore(frame)
+        self.look_after_closing_early(closed_early)
+
+    @precondition(lambda self: len(self.stack) > 1)
+    @rule(error=st.booleans(), data=st.data())
+    def leave_out_of_order(self, error: bool, data: st.DataObject) -> None:
+        """Leave a block of the machine from under one entered after it: a joined scope goes, others must nest."""
+        acting = self.acting_index()
+        # ``with uow:`` leaves the scope the code acts in; a block object leaves the one it entered.
+        below = [frame for frame in self.stack[:acting] if frame.gen is None and frame.block is not self.unit]
+        if not below:
+            return
+        frame = below[data.draw(st.integers(0, len(below) - 1), label="block")]
+        self.booms += 1
+        boom = Boom(f"boom {self.booms}") if error else None
+
+        async def operation() -> Any:
+            return await self.leave(frame.block, boom)
+
+        closed_early = self.closed_early
+        expected, _ = self.leave_model(frame, boom)
+        self.outcome(expected, operation, match="blocks must nest")
+        event(f"out of order ({frame.kind}): {'refused' if expected else 'left'}")
+        self.look_after_closing_early(closed_early)
+
+    def look_after_closing_early(self, closed_early: int) -> None:
+        """After an exit closed blocks early, count() where the code acts now: their work is kept or gone as due."""
+        if self.closed_early > closed_early and self.stack and self.use_error() is None:
+            self.check_count()
 
     @precondition(lambda self: bool(self.stack) and len(self.stack) < MAX_DEPTH)
     @rule(how=st.sampled_from(["savepoint", "nested"]))
@@ -613,20 +859,32 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.unit.commit())
 
-        error = self.use_error()
-        if error is not None:
-            self.outcome(error, operation)
+        if self.use_error() is not None:
+            self.use(operation)
             return
-        frame = self.stack[-1]
-        tx = frame.tx
-        if any(other.rollback_only for other in self.stack if other.tx is tx):
+        if self.commit_refused():
             self.outcome(RollbackOnlyError, operation)  # out to the owner: a savepoint does not hide it
             return
+        frame = self.acting()
         if frame.kind != OWNER:
             self.outcome(None, operation)
-            self.touch(tx)
-            tx.unflushed.clear()
+            self.flushed(frame.tx)
             return
+        self.outcome(self.committed(frame.tx), operation)
+
+    def commit_refused(self) -> bool:
+        """Whether commit() raises RollbackOnlyError: set_rollback_only() from the owner in to the acting block."""
+        index = self.acting_index()
+        tx = self.stack[index].tx
+        return any(other.rollback_only for other in self.stack[: index + 1] if other.tx is tx)
+
+    def flushed(self, tx: Tx) -> None:
+        """A commit() that is not the owner's flushes."""
+        self.touch(tx)
+        tx.unflushed.clear()
+
+    def committed(self, tx: Tx) -> type[Exception] | None:
+        """The owner commits *tx*, then runs its hooks: the model's new state, and what commit() raises."""
         expected: type[Exception] | None = None
         written: list[str] = []
         queue = list(tx.hooks)
@@ -641,7 +899,6 @@ class MisuseMachine(RuleBasedStateMachine):
             if behaviour == "writes":
                 written.append(key)
         self.touch(tx)
-        self.outcome(expected, operation)
         self.durable = (self.durable | tx.added) - tx.removed
         self.commits += 1
         tx.added, tx.removed, tx.hooks, tx.unflushed = set(), set(), [], set()
@@ -650,6 +907,7 @@ class MisuseMachine(RuleBasedStateMachine):
             tx.snapshot = frozenset(self.durable)  # taken at the commit, before the hooks committed theirs
         self.durable.update(written)
         self.commits += len(written)
+        return expected
 
     def check_rollback(self) -> None:
         """``rollback()``: the owner discards its work and goes on; a joined scope or a savepoint may not."""
@@ -657,10 +915,10 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.unit.rollback())
 
-        if not self.stack:
-            self.outcome(InactiveUnitOfWorkError, operation)
+        if not self.stack or self.holder() is not None:
+            self.use(operation)  # only these: a rollback-only transaction may still roll back
             return
-        frame = self.stack[-1]
+        frame = self.acting()
         if frame.kind != OWNER:
             self.outcome(JoinedScopeError, operation)
             return
@@ -678,9 +936,7 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.unit.set_rollback_only())
 
-        error = self.use_error()
-        self.outcome(error, operation)
-        if error is None:
+        if self.use(operation)[0] is None:
             self.boundary().rollback_only = True
 
     @precondition(lambda self: bool(self.stack))
@@ -697,10 +953,8 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.unit.on_commit(callback, robust=robust))
 
-        error = self.use_error()
-        self.outcome(error, operation)
-        if error is None:
-            self.stack[-1].tx.hooks.append((number, robust, behaviour, key))
+        if self.use(operation)[0] is None:
+            self.acting().tx.hooks.append((number, robust, behaviour, key))
 
     def check_session_behind_the_owners_back(self, method: str) -> None:
         """``session.commit()``, ``rollback()`` or ``close()`` outside the owner's own block are refused."""
@@ -708,10 +962,9 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(getattr(self.unit.session, method)())
 
-        error = self.use_error()
-        if error is not None:
-            self.outcome(error, operation)
-        elif self.stack[-1].kind != OWNER:
+        if self.use_error() is not None:
+            self.use(operation)
+        elif self.acting().kind != OWNER:
             self.outcome(JoinedScopeError, operation)
 
     # -- the repository ---------------------------------------------------------
@@ -726,10 +979,8 @@ class MisuseMachine(RuleBasedStateMachine):
                 return await settle(repo.add(Sku(keys[0], DESCRIPTION)))
             return await settle(repo.add_all([Sku(key, DESCRIPTION) for key in keys]))
 
-        error = self.use_error()
-        self.outcome(error, operation)
-        if error is None:
-            tx = self.stack[-1].tx
+        if self.use(operation)[0] is None:
+            tx = self.acting().tx
             self.touch(tx)
             tx.added.update(keys)
             tx.claims.update(keys)
@@ -741,10 +992,9 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.repository().get(key))
 
-        error = self.use_error()
-        found = self.outcome(error, operation)
+        error, found = self.use(operation)
         if error is None:
-            tx = self.stack[-1].tx
+            tx = self.acting().tx
             self.touch(tx)
             assert (key in self.view(tx)) == (found is not None)
             assert found is None or key == found.code
@@ -755,8 +1005,9 @@ class MisuseMachine(RuleBasedStateMachine):
         error = self.use_error()
         key = "never-added"
         if error is None:
-            tx = self.stack[-1].tx
-            candidates = sorted(self.view(tx) - self.claimed_elsewhere(tx))
+            tx = self.acting().tx
+            # Not the keys of a race: which of them were stored varies from run to run, and the draw may not.
+            candidates = sorted(self.view(tx) - self.claimed_elsewhere(tx) - self.raced)
             if not candidates:
                 return
             key = data.draw(st.sampled_from(candidates), label="key")
@@ -766,7 +1017,7 @@ class MisuseMachine(RuleBasedStateMachine):
             found = await settle(repo.get(key))
             return await settle(repo.remove(found))
 
-        self.outcome(error, operation)
+        self.use(operation)
         if error is None:
             self.touch(tx)
             if key in tx.added:
@@ -782,10 +1033,9 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.repository().count())
 
-        error = self.use_error()
-        counted = self.outcome(error, operation)
+        error, counted = self.use(operation)
         if error is None:
-            tx = self.stack[-1].tx
+            tx = self.acting().tx
             self.touch(tx)
             tx.unflushed.clear()
             seen = self.view(tx)
@@ -798,11 +1048,10 @@ class MisuseMachine(RuleBasedStateMachine):
         async def operation() -> Any:
             return await settle(self.repository().get_by(description=DESCRIPTION))
 
-        error = self.use_error()
-        if error is not None:
-            self.outcome(error, operation)
+        if self.use_error() is not None:
+            self.use(operation)
             return
-        tx = self.stack[-1].tx
+        tx = self.acting().tx
         seen = self.view(tx)
         found = self.outcome(MultipleResultsError if len(seen) > 1 else None, operation)
         self.touch(tx)
@@ -831,10 +1080,11 @@ class MisuseMachine(RuleBasedStateMachine):
                 return await settle(repo.remove(unloaded))
             return await settle(repo.get(("two", "values")))
 
-        error = self.use_error()
-        self.outcome(error or expected[which], operation)
-        if error is None:
-            self.touch(self.stack[-1].tx, store=which == "not loaded")
+        if self.use_error() is not None:
+            self.use(operation)
+            return
+        self.outcome(expected[which], operation)
+        self.touch(self.acting().tx, store=which == "not loaded")
 
     def check_use_a_kept_repository(self, data: st.DataObject) -> None:
         """A repository kept from a transaction that has ended refuses any use."""
@@ -889,6 +1139,308 @@ class MisuseMachine(RuleBasedStateMachine):
         thread.join(TIMEOUT)
         assert not thread.is_alive()
         assert [expected] == [type(error) for error in outcomes]
+
+    # -- generators that hold a block open while suspended -----------------------
+
+    def body_uses(self, gen: Gen) -> Frame:
+        """A generator's body uses the unit of work: the block it acts in, or Raised with what the use raises.
+
+        Once an outer block's exit has closed its block early, a generator
+        that resumes may not use the unit of work until its own exit has come:
+        its work would land in whatever block is open now.
+        """
+        if self.stack and any(frame not in self.stack for frame in gen.entered):
+            raise Raised(OwnershipError, self.generator_names[0])
+        error = self.use_error()
+        if error is not None:
+            holder = self.holder() if error is OwnershipError else None
+            raise Raised(error, None if holder is None else holder.where)
+        return self.acting()
+
+    def body_enters(self, gen: Gen, how: str, where: str) -> None:
+        """A generator's body enters a block: joined, a savepoint, or a transaction of its own."""
+        acting = self.body_uses(gen)
+        if how == REQUIRES_NEW:
+            frame = Frame(OWNER, None, Tx())
+        else:
+            frame = Frame(how, None, acting.tx)
+            if how == SAVEPOINT:
+                self.touch(acting.tx)
+                acting.tx.unflushed.clear()  # beginning a savepoint flushes
+                frame.mark = (frozenset(acting.tx.added), frozenset(acting.tx.removed), len(acting.tx.hooks))
+        frame.gen, frame.where, frame.running = gen, where, True
+        self.stack.append(frame)
+        gen.entered.append(frame)
+
+    def body_adds(self, gen: Gen, key: str) -> int:
+        """A generator's body adds a Sku, where it acts now, and counts what that transaction sees: the count."""
+        tx = self.body_uses(gen).tx
+        self.touch(tx)
+        tx.added.add(key)
+        tx.unflushed.clear()
+        seen = self.view(tx)
+        tx.claims.update(seen)
+        return len(seen)
+
+    def body_commits(self, gen: Gen) -> None:
+        """A generator's body calls commit(): the owner's real one if it acts in an owner's block, else a flush."""
+        frame = self.body_uses(gen)
+        if self.commit_refused():
+            raise Raised(RollbackOnlyError)
+        if frame.kind != OWNER:
+            self.flushed(frame.tx)
+            return
+        failure = self.committed(frame.tx)
+        if failure is not None:
+            raise Raised(failure)
+
+    def body_leaves(self, frames: list[Frame], exc: Raised | None) -> Raised | None:
+        """A generator's body leaves *frames*, innermost first, with *exc*; return what comes out of the outermost."""
+        for frame in reversed(frames):
+            raised, _ = self.leave_model(frame, None if exc is None else exc.kind)
+            if raised is not None:
+                exc = Raised(raised)
+        return exc
+
+    def body_resumes(self, gen: Gen) -> tuple[Raised | None, Any]:
+        """Model ``next()`` on *gen*: (None, what it yields or DONE at its end), or (what it raises, DONE)."""
+        for frame in gen.entered:
+            frame.running = True
+        try:
+            exc: Raised | None = None
+            try:
+                if gen.position == 0:
+                    if gen.nested:
+                        self.body_enters(gen, JOINED, self.generator_names[1])
+                    self.body_enters(gen, gen.how, self.generator_names[0])
+                if gen.position < len(gen.keys):
+                    key = gen.keys[gen.position]
+                    counted = self.body_adds(gen, key)
+                    gen.position += 1
+                    return None, (key, counted)
+                if gen.commit:
+                    self.body_commits(gen)
+            except Raised as raised:
+                exc = raised
+            return self.body_leaves(gen.entered, exc), DONE
+        finally:
+            for frame in gen.entered:
+                frame.running = False
+
+    def body_closes(self, gen: Gen) -> Raised | None:
+        """Model ``close()`` of *gen*, suspended at a yield: GeneratorExit leaves its blocks; what close() raises.
+
+        ``yield from`` closes the inner generator first. ``async for`` does
+        not: the outer generator's exit closes the inner one's block early,
+        and the machine's ``aclose()`` of the inner one afterwards does nothing.
+        """
+        frames = [gen.entered] if not (gen.nested and self.backend.is_async) else [gen.entered[:1], gen.entered[1:]]
+        failure: Raised | None = None
+        for running in frames:
+            for frame in running:
+                frame.running = True
+            try:
+                exc = self.body_leaves(running, Raised(GeneratorExit))
+            finally:
+                for frame in running:
+                    frame.running = False
+            if failure is None and exc is not None and exc.kind is not GeneratorExit:
+                failure = exc
+        return failure
+
+    @property
+    def generator_names(self) -> tuple[str, str]:
+        """The functions of the generator that does the work and of the one that delegates to it."""
+        if self.backend.is_async:
+            return async_generator_block.__name__, async_delegating_generator.__name__
+        return generator_block.__name__, delegating_generator.__name__
+
+    def predict(self, gen: Gen, action: str) -> tuple[Raised | None, Any]:
+        """Model *action* on *gen*: what it raises, or else what it returns."""
+        if action == "next":
+            return self.body_resumes(gen)
+        if action == "close":
+            return self.body_closes(gen), None
+        values: list[tuple[str, int]] = []
+        while True:
+            exc, value = self.body_resumes(gen)
+            if exc is not None or value == DONE:
+                return exc, values
+            values.append(value)
+            if action == "break":
+                return self.body_closes(gen), values
+
+    def generator_operation(self, gen: Gen, action: str) -> Callable[[], Coroutine[Any, Any, Any]]:
+        """The machine's call that does *action* on *gen*: next(), run it out, close(), or break out of a for loop."""
+        iterator, inner = gen.iterator, gen.inner
+        if not self.backend.is_async:
+            if action == "next":
+                return lambda: settle(next(iterator, DONE))
+            if action == "exhaust":
+                return lambda: settle(list(iterator))
+            if action == "close":
+                return lambda: settle(iterator.close())
+            held = [iterator]
+            gen.iterator = iterator = None  # the for loop holds the last reference: break closes it at once
+
+            async def break_out() -> list[tuple[str, int]]:
+                values = []
+                for value in held.pop():
+                    values.append(value)
+                    break
+                return values
+
+            return break_out
+
+        async def operation() -> Any:
+            try:
+                if action == "next":
+                    return await anext(iterator, DONE)
+                if action == "exhaust":
+                    return [value async for value in iterator]
+                values = []
+                if action == "break":
+                    async for value in iterator:
+                        values.append(value)
+                        break
+                await iterator.aclose()  # an async for loop does not close it
+                return values if action == "break" else None
+            finally:
+                if inner is not None and (action != "next" or iterator.ag_frame is None):
+                    await inner.aclose()
+
+        return operation
+
+    def drive(self, gen: Gen, action: str) -> None:
+        """Do *action* on *gen* and check what comes out, and where its work landed, against the model."""
+        alive = weakref.ref(gen.iterator)
+        closed_early = self.closed_early
+        exc, value = self.predict(gen, action)
+        operation = self.generator_operation(gen, action)
+        result = self.outcome(None if exc is None else exc.kind, operation, match=None if exc is None else exc.match)
+        if exc is None:
+            assert value == result
+        ended = exc is not None or action != "next" or value == DONE
+        if ended:
+            self.generators.remove(gen)
+        if action == "break" and exc is None and not self.backend.is_async:
+            assert alive() is None  # closed and gone as soon as the loop let go of it
+        outcome = "yields" if not ended else "ends" if exc is None else exc.kind.__name__
+        event(f"generator {action} ({gen.how}{', nested' if gen.nested else ''}): {outcome}")
+        self.look_after_closing_early(closed_early)
+
+    @precondition(lambda self: bool(self.stack) and len(self.generators) < MAX_GENERATORS)
+    @rule(how=st.sampled_from(GENERATOR_BLOCKS), nested=st.booleans(), rounds=st.integers(1, 3), commit=st.booleans())
+    def start_generator(self, how: str, nested: bool, rounds: int, commit: bool) -> None:
+        """Start a generator whose body enters a block, adds a Sku and yields: it stays suspended in its block."""
+        if len(self.stack) + 1 + nested > MAX_DEPTH:
+            return
+        if how == REQUIRES_NEW:
+            if len(self.transactions()) >= MAX_TRANSACTIONS:
+                return
+            if self.backend.sqlite and any(tx.touched for tx in self.transactions()):
+                return  # SQLite: the generator's transaction would wait for the outer one's lock
+        gen = Gen(how, nested, [self.fresh_key() for _ in range(rounds)], commit)
+        if self.backend.is_async:
+            gen.iterator = async_generator_block(self.unit, how, gen.keys, commit)
+            if nested:
+                gen.inner, gen.iterator = gen.iterator, async_delegating_generator(self.unit, gen.iterator)
+        else:
+            gen.iterator = generator_block(self.unit, how, gen.keys, commit)
+            if nested:
+                gen.iterator = delegating_generator(self.unit, gen.iterator)
+        self.generators.append(gen)
+        self.drive(gen, "next")
+
+    @precondition(lambda self: bool(self.generators))
+    @rule(data=st.data())
+    def advance_generator(self, data: st.DataObject) -> None:
+        """Resume a suspended generator with next(): it adds a Sku in the block it acts in, or leaves its block."""
+        self.drive(self.generators[data.draw(st.integers(0, len(self.generators) - 1), label="generator")], "next")
+
+    @precondition(lambda self: bool(self.generators))
+    @rule(action=st.sampled_from(["exhaust", "close", "break"]), data=st.data())
+    def finish_generator(self, action: str, data: st.DataObject) -> None:
+        """Run a suspended generator to its end, close() it, or break out of a for loop over it."""
+        self.drive(self.generators[data.draw(st.integers(0, len(self.generators) - 1), label="generator")], action)
+
+    @precondition(lambda self: not self.stack and not self.raced)  # once an example: threads take time
+    @rule(workers=st.integers(2, 4))
+    def race_for_the_idle_unit(self, workers: int) -> None:
+        """Threads (or tasks) enter the idle unit of work at once: each gets OwnershipError or has its row stored."""
+        # Opening the session yields to the others, so that they arrive while an entry is under way: the claim
+        # must be taken before that. The entries store their keys in an order that varies from run to run.
+        keys = [self.fresh_key() for _ in range(workers)]
+        self.raced.update(keys)
+        unit = self.unit
+        outcomes: dict[str, BaseException | None] = {}
+        open_session = unit._open
+        try:
+            self.race(unit, keys, outcomes, open_session)
+        finally:
+            del unit._open  # the class's own again
+        assert sorted(keys) == sorted(outcomes)
+        assert {} == {
+            key: repr(error) for key, error in outcomes.items() if type(error) not in (OwnershipError, type(None))
+        }
+        stored = {key for key, error in outcomes.items() if error is None}
+        assert stored, "every entry was refused, though no block was open"
+        self.durable |= stored
+        self.commits += len(stored)
+        event(f"race of {workers}: {workers - len(stored)} refused")
+
+    def race(self, unit: Any, keys: list[str], outcomes: dict[str, BaseException | None], open_session: Any) -> None:
+        """Enter *unit* from a thread (or task) per key at once, each adding its key and committing."""
+        if self.backend.is_async:
+
+            async def slow_open() -> Any:
+                await asyncio.sleep(0)
+                return await open_session()
+
+            unit._open = slow_open
+
+            async def enter(key: str) -> None:
+                try:
+                    async with unit:
+                        await unit.skus.add(Sku(key, DESCRIPTION))
+                        await asyncio.sleep(0)  # the others arrive while this one is inside
+                        await unit.commit()
+                except Exception as error:
+                    outcomes[key] = error
+                else:
+                    outcomes[key] = None
+
+            async def operation() -> Any:
+                return await asyncio.gather(*(enter(key) for key in keys))
+
+            self.outcome(None, operation)
+            return
+
+        def slow_open_in_a_thread() -> Any:
+            time.sleep(0.0005)
+            return open_session()
+
+        unit._open = slow_open_in_a_thread
+        start = threading.Barrier(len(keys))
+
+        def enter_in_a_thread(key: str) -> None:
+            try:
+                start.wait(TIMEOUT)
+                with unit:
+                    unit.skus.add(Sku(key, DESCRIPTION))
+                    time.sleep(0)  # the others arrive while this one is inside
+                    unit.commit()
+            except Exception as error:
+                outcomes[key] = error
+            else:
+                outcomes[key] = None
+
+        threads = [threading.Thread(target=enter_in_a_thread, args=(key,), name=key) for key in keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert not any(thread.is_alive() for thread in threads)
 
     # -- the rules that only read or misuse: one rule each, so that the state-changing rules come up often --
 
@@ -947,6 +1499,12 @@ class MisuseMachine(RuleBasedStateMachine):
         assert [] == self.hook_problems
 
     @invariant()
+    def open_blocks_match_the_model(self) -> None:
+        """The unit of work's open scopes are the model's blocks, and each scope closed early was logged."""
+        assert [frame.kind for frame in self.stack] == [scope.kind.value for scope in self.unit._scopes]
+        assert self.closed_early == self.early.count
+
+    @invariant()
     def idle_means_nothing_held(self) -> None:
         """Idle: no connection is checked out and nothing is current; active: this unit of work is current."""
         assert bool(self.stack) == self.unit.active
@@ -964,7 +1522,24 @@ class MisuseMachine(RuleBasedStateMachine):
         """Leave every open block with an exception, so that the unit of work ends idle whatever happened before."""
         failures: list[Exception] = []
         try:
-            blocks = [frame.block for frame in reversed(self.stack)]
+            for gen in reversed(self.generators):  # the latest first, as their blocks nest
+
+                async def close(gen: Gen = gen) -> None:
+                    if not self.backend.is_async:
+                        gen.iterator.close()
+                        return
+                    try:
+                        await gen.iterator.aclose()
+                    finally:
+                        if gen.inner is not None:
+                            await gen.inner.aclose()
+
+                try:
+                    self.backend.run(close)
+                except Exception as error:
+                    failures.append(error)
+            self.generators.clear()
+            blocks = [frame.block for frame in reversed(self.stack) if frame.gen is None]
             self.stack.clear()
             # Blocks the model lost track of, after a failed step, are left through the unit of work itself.
             blocks += [self.unit] * (MAX_DEPTH + 1)
@@ -983,6 +1558,7 @@ class MisuseMachine(RuleBasedStateMachine):
             assert not self.unit.active
             assert 0 == self.backend.checked_out()
         finally:
+            logging.getLogger("uow").removeHandler(self.early)
             self.backend.stop()
 
 
