@@ -175,7 +175,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         if isinstance(exc, GeneratorExit):
             exc = None  # a generator closed before its end: not a failure
         try:
-            if exc is None and scope.narrows and scope.boundary.poison is None:
+            if exc is None and scope.narrows and scope.health.poison is None:
                 await self._flush(scope.tx.session)  # a write left pending here is refused now, not at the commit
         except BaseException as error:
             self._pop(scope, state)
@@ -202,7 +202,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
         tx = scope.tx
         try:
-            if exc is None and tx.read_only and not tx.refused and scope.poison is None:
+            if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 await self._flush(tx.session)  # a write left pending is refused, not silently dropped
             plan = self._owner_exit_plan(scope, exc)
             if plan is Plan.COMMIT:
@@ -210,7 +210,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             elif plan is not Plan.NOTHING:
                 self._rolled_back(tx)
             if plan is Plan.POISONED:
-                raise self._rollback_only_error(scope) from scope.poison
+                raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException:
             await self._release(scope, quiet=True, state=state)
             raise
@@ -254,7 +254,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     async def commit(self) -> None:
         """Commit the work done so far; see :meth:`UnitOfWork.commit`."""
         scope = self._scope_for("commit()")
-        if scope.kind is not _OWNER or scope.rollback_only or scope.tx.read_only:
+        if scope.kind is not _OWNER or scope.health.rollback_only or scope.tx.read_only:
             self._check_may_commit(scope)
             if scope.kind is not _OWNER:
                 await self._flush(scope.tx.session)  # errors surface here, in the scope that caused them

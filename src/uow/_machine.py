@@ -219,7 +219,7 @@ class _UnitOfWorkCore(_Declarations):
         scope_read_only = acting.read_only if read_only is None else read_only
         if propagation == "nested":
             return _Scope(_SAVEPOINT, tx, scope_read_only, False)
-        scope = _Scope(_JOINED, tx, scope_read_only, False, acting.boundary)
+        scope = _Scope(_JOINED, tx, scope_read_only, False, acting.health)
         scope.narrows = scope_read_only and not acting.read_only
         return scope
 
@@ -279,14 +279,14 @@ class _UnitOfWorkCore(_Declarations):
         if not scopes:
             return None
         top = scopes[-1]
-        if top.state is not _OPEN or top.holder is not None or top.boundary.poison is not None:
+        if top.state is not _OPEN or top.holder is not None or top.health.poison is not None:
             return None
         if self._closed_early or self._owner != self._here():
             return None
         tx = top.tx
         if not tx.session_guarded:
             self._nest(tx)
-        scope = _Scope(_JOINED, tx, top.read_only, False, top.boundary)
+        scope = _Scope(_JOINED, tx, top.read_only, False, top.health)
         scopes.append(scope)
         return scope
 
@@ -497,7 +497,7 @@ class _UnitOfWorkCore(_Declarations):
         self._check_owner()
         self._check_not_resumed()
         scope = self._acting(strict=True)
-        poison = scope.boundary.poison
+        poison = scope.health.poison
         if poison is not None:
             msg = (
                 f"the transaction is rollback-only: a joined scope raised {type(poison).__name__}: {poison}. "
@@ -523,7 +523,7 @@ class _UnitOfWorkCore(_Declarations):
             if (
                 top.state is _OPEN
                 and top.holder is None
-                and top.boundary.poison is None
+                and top.health.poison is None
                 and not self._closed_early
                 and self._owner == self._here()
             ):
@@ -538,7 +538,7 @@ class _UnitOfWorkCore(_Declarations):
             if (
                 top.state is _OPEN
                 and top.holder is None
-                and top.boundary.poison is None
+                and top.health.poison is None
                 and not self._closed_early
                 and self._owner == self._here()
             ):
@@ -569,7 +569,7 @@ class _UnitOfWorkCore(_Declarations):
     def _repository(self, name: str) -> Any:
         # Use from another thread or task is refused when the repository is used.
         scopes = self._scopes
-        if scopes and scopes[-1].state is _OPEN and scopes[-1].boundary.poison is None:
+        if scopes and scopes[-1].state is _OPEN and scopes[-1].health.poison is None:
             tx = scopes[-1].tx
         else:
             tx = self._check_use(f"{type(self).__name__}.{name}").tx
@@ -585,15 +585,15 @@ class _UnitOfWorkCore(_Declarations):
 
     def _poison(self, scope: _Scope, error: BaseException) -> None:
         """A joined scope raised: the transaction (or savepoint) it ran in can only roll back now."""
-        boundary = scope.boundary
-        if boundary.poison is None:
-            boundary.poison = error
+        health = scope.health
+        if health.poison is None:
+            health.poison = error
 
     def _check_may_commit(self, scope: _Scope) -> None:
         # Rollback-only anywhere from the transaction's owner in to this scope refuses the commit:
         # a savepoint's work cannot be kept by a transaction that will roll back.
         for outer in self._scopes:
-            if outer.tx is scope.tx and outer.rollback_only:
+            if outer.tx is scope.tx and outer.health.rollback_only:
                 msg = "commit() after set_rollback_only(): this transaction can only be rolled back"
                 raise RollbackOnlyError(msg)
             if outer is scope:
@@ -631,9 +631,9 @@ class _UnitOfWorkCore(_Declarations):
     def _owner_exit_plan(self, scope: _Scope, exc: BaseException | None) -> Plan:
         """What a leaving owner does."""
         tx = scope.tx
-        if exc is None and scope.poison is not None:
+        if exc is None and scope.health.poison is not None:
             return Plan.POISONED
-        wants_commit = (scope.commit_on_exit or self.autocommit) and not scope.rollback_only and not tx.read_only
+        wants_commit = (scope.commit_on_exit or self.autocommit) and not scope.health.rollback_only and not tx.read_only
         if exc is None and wants_commit and (tx.used or self._has_changes(tx.session)):
             return Plan.COMMIT
         return Plan.ROLLBACK if tx.used else Plan.NOTHING
@@ -666,8 +666,8 @@ class _UnitOfWorkCore(_Declarations):
 
     def _rolled_back_by_owner(self, scope: _Scope) -> None:
         """After the owner's explicit rollback: the transaction is healthy again."""
-        scope.poison = None
-        scope.rollback_only = False
+        scope.health.poison = None
+        scope.health.rollback_only = False
         self._rolled_back(scope.tx)
 
     def _savepoint_ended(
@@ -696,14 +696,14 @@ class _UnitOfWorkCore(_Declarations):
                 if exc is not None:
                     return None
             return error
-        if exc is None and scope.poison is not None:
+        if exc is None and scope.health.poison is not None:
             failure = self._rollback_only_error(scope)
-            failure.__cause__ = scope.poison
+            failure.__cause__ = scope.health.poison
             return failure
         return None
 
     def _rollback_only_error(self, scope: _Scope) -> RollbackOnlyError:
-        poison = scope.poison
+        poison = scope.health.poison
         assert poison is not None
         msg = (
             f"the transaction was rolled back, not committed: a joined scope raised {type(poison).__name__}: "
@@ -718,7 +718,7 @@ class _UnitOfWorkCore(_Declarations):
         The owner then rolls back on a clean exit without raising, and a
         ``commit()`` afterwards raises :class:`~uow.errors.RollbackOnlyError`.
         """
-        self._check_use("set_rollback_only()").boundary.rollback_only = True
+        self._check_use("set_rollback_only()").health.rollback_only = True
 
     # -- hooks and events ------------------------------------------------------
 

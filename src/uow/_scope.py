@@ -146,22 +146,32 @@ class _Transaction:
         return bool(self.commits or self.nested_commits)
 
 
+class _Health:
+    """Whether a transaction, or a savepoint in it, can still commit: shared by the scopes joined to it."""
+
+    __slots__ = ("poison", "rollback_only")
+
+    def __init__(self) -> None:
+        #: The error of a joined scope that failed inside it, which makes it rollback-only.
+        self.poison: BaseException | None = None
+        #: set_rollback_only() was called.
+        self.rollback_only = False
+
+
 class _Scope:
     """One block of a unit of work: the owner of a transaction, a scope joined to it, or a savepoint."""
 
     __slots__ = (
-        "boundary",
         "commit_on_exit",
         "event_marks",
         "frame",
         "handle",
+        "health",
         "holder",
         "hook_mark",
         "kind",
         "narrows",
-        "poison",
         "read_only",
-        "rollback_only",
         "serial",
         "state",
         "token",
@@ -174,15 +184,15 @@ class _Scope:
         tx: _Transaction,
         read_only: bool,
         commit_on_exit: bool,
-        boundary: _Scope | None = None,
+        health: _Health | None = None,
     ) -> None:
         self.kind = kind
         self.tx = tx
         self.read_only = read_only
         self.commit_on_exit = commit_on_exit
-        #: The innermost scope that can roll back on its own, where an error in this one lands:
-        #: itself for an owner or a savepoint, the scope it joined into otherwise.
-        self.boundary: _Scope = self if boundary is None else boundary
+        #: The health of the innermost scope that can roll back on its own, where an error in this one
+        #: lands: its own for an owner or a savepoint, shared with the scope it joined otherwise.
+        self.health = _Health() if health is None else health
         self.state = State.OPEN
         #: The frame whose ``with uow:`` statement entered it, which its ``__exit__`` comes from.
         self.frame: FrameType | None = None
@@ -198,10 +208,6 @@ class _Scope:
         self.hook_mark = 0
         #: For a savepoint: how many events each seen object had when it began.
         self.event_marks: dict[int, int] = {}
-        #: On a boundary: the error of a joined scope that failed inside it, which makes it rollback-only.
-        self.poison: BaseException | None = None
-        #: On a boundary: set_rollback_only() was called.
-        self.rollback_only = False
         self.token: Token[_Transaction | None] | None = None
 
     @property
@@ -216,7 +222,8 @@ class _Scope:
 
     def releases(self, exc: BaseException | None) -> bool:
         """Whether a savepoint ending with *exc* keeps its work."""
-        return exc is None and self.poison is None and not self.rollback_only
+        health = self.health
+        return exc is None and health.poison is None and not health.rollback_only
 
     def __repr__(self) -> str:
         return f"<{self.kind.value} scope, {self.state.value}>"

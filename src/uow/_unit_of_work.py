@@ -205,7 +205,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if isinstance(exc, GeneratorExit):
             exc = None  # a generator closed before its end: not a failure
         try:
-            if exc is None and scope.narrows and scope.boundary.poison is None:
+            if exc is None and scope.narrows and scope.health.poison is None:
                 self._flush(scope.tx.session)  # a write left pending here is refused now, not at the commit
         except BaseException as error:
             self._pop(scope, state)
@@ -232,7 +232,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
         tx = scope.tx
         try:
-            if exc is None and tx.read_only and not tx.refused and scope.poison is None:
+            if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 self._flush(tx.session)  # a write left pending is refused, not silently dropped
             plan = self._owner_exit_plan(scope, exc)
             if plan is Plan.COMMIT:
@@ -240,7 +240,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             elif plan is not Plan.NOTHING:
                 self._rolled_back(tx)
             if plan is Plan.POISONED:
-                raise self._rollback_only_error(scope) from scope.poison
+                raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException:
             self._release(scope, quiet=True, state=state)
             raise
@@ -288,7 +288,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         commit fails, the work is rolled back and the error raised.
         """
         scope = self._scope_for("commit()")
-        if scope.kind is not _OWNER or scope.rollback_only or scope.tx.read_only:
+        if scope.kind is not _OWNER or scope.health.rollback_only or scope.tx.read_only:
             self._check_may_commit(scope)
             if scope.kind is not _OWNER:
                 self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
