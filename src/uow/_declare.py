@@ -176,10 +176,10 @@ class _Declarations:
         raise ConfigurationError(msg)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        missing = getattr(cls, "__abstractmethods__", None)
+        missing = cls.__abstractmethods__  # type: ignore[attr-defined]  # every unit of work class is an ABC
         if missing:
             raise _abstract(cls, missing)
-        return super().__new__(cls)
+        return object.__new__(cls)
 
     def _models(self) -> list[type[Any]]:
         """The mapped classes of the declared repositories."""

@@ -14,7 +14,7 @@ import inspect
 import logging
 import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, _shown
@@ -102,7 +102,7 @@ def event_marks(tx: _Transaction) -> dict[int, int]:
     return marks
 
 
-def drop_events_since(tx: _Transaction, marks: dict[int, int]) -> None:
+def drop_events_since(tx: _Transaction, marks: Mapping[int, int]) -> None:
     """Drop the events raised since *marks* were taken: their work was rolled back."""
     for repo in tx.repositories.values():
         for key, obj in repo._seen.items():

@@ -18,8 +18,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextvars import Token
-from types import FrameType
-from typing import Any
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
 
 from . import _hooks
 from ._declare import _Declarations
@@ -35,11 +35,22 @@ from ._ownership import (
     where,
 )
 from ._scope import (
+    CLOSED,
+    CLOSED_EARLY,
+    COMMIT,
     ISOLATION_LEVELS,
+    JOINED,
+    NOTHING,
+    OPEN,
+    OWNER,
+    POISONED,
     PROPAGATIONS,
-    Kind,
+    ROLLBACK,
+    SAVEPOINT,
+    SEALED,
     Plan,
     State,
+    _Health,
     _Scope,
     _Transaction,
     check_isolation_level,
@@ -58,10 +69,13 @@ from .errors import (
 
 log = logging.getLogger("uow")
 
-_OWNER, _JOINED, _SAVEPOINT = Kind.OWNER, Kind.JOINED, Kind.SAVEPOINT
-_OPEN = State.OPEN
 
 _Started = tuple[Token[_Transaction | None], _Scope, State]
+
+#: Whether a block entered from the code of a frame may be held by a generator (see holder_of()): the
+#: answer depends on the code only, and entering a block asks it each time. A program has as many code
+#: objects as function bodies in its source, so this stays small.
+_MAY_BE_HELD: dict[CodeType, bool] = {}
 
 
 class _UnitOfWorkCore(_Declarations):
@@ -70,10 +84,10 @@ class _UnitOfWorkCore(_Declarations):
     def __init__(
         self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
     ) -> None:
-        for name, flag in (("autocommit", autocommit), ("read_only", read_only)):
-            if not isinstance(flag, bool):
-                msg = f"{name} takes True or False, not {flag!r}"
-                raise ConfigurationError(msg)
+        if autocommit.__class__ is not bool or read_only.__class__ is not bool:
+            name, flag = ("autocommit", autocommit) if autocommit.__class__ is not bool else ("read_only", read_only)
+            msg = f"{name} takes True or False, not {flag!r}"
+            raise ConfigurationError(msg)
         if isolation_level is not None:
             check_isolation_level(isolation_level)
         #: Commit on a clean exit from the owner's block instead of rolling back.
@@ -96,8 +110,9 @@ class _UnitOfWorkCore(_Declarations):
         self._owner: object = None
         self._claim = threading.Lock()
         # Scopes that an outer block's exit closed early, while a paused generator still held them: their
-        # own exits do nothing, and their generators, if they resume, may not use the unit of work.
-        self._closed_early: list[_Scope] = []
+        # own exits do nothing, and their generators, if they resume, may not use the unit of work. An
+        # empty tuple until the first one: most units of work never need the list.
+        self._closed_early: list[_Scope] | tuple[()] = ()
         # How many scopes were entered so far: the order of scopes entered in the same frame.
         self._serial = 0
         self._events: deque[object] = deque()
@@ -134,6 +149,10 @@ class _UnitOfWorkCore(_Declarations):
         Called once per transaction, when the first scope is entered on top of
         its owner's: until then only the owner can reach the session.
         """
+
+    if TYPE_CHECKING:
+        #: Leave a scope: each twin defines it, sync or to be awaited.
+        _exit_scope: Callable[[_Scope, BaseException | None], Any]
 
     @staticmethod
     def _here() -> object:
@@ -176,7 +195,7 @@ class _UnitOfWorkCore(_Declarations):
                 raise InactiveUnitOfWorkError(msg)
             # Claim the idle unit of work for this thread or task in one atomic step, before any I/O.
             here = self._here()
-            if not self._claim.acquire(blocking=False):
+            if not self._claim.acquire(False):  # positional: a keyword costs more on every block
                 raise self._claimed(here)
             self._owner = here
             scope = self._new_owner(read_only, isolation_level, commit_on_exit)
@@ -185,8 +204,13 @@ class _UnitOfWorkCore(_Declarations):
         if frame is not None:
             if bare:
                 scope.frame = frame
-            code = frame.f_code  # the cheap test of whether a generator may hold it, written out
-            if code.co_flags & _GENERATOR_FLAGS or frame.f_globals is _CONTEXTLIB or code.co_name in _ENTER_NAMES:
+            code = frame.f_code
+            held = _MAY_BE_HELD.get(code)  # the cheap test of whether a generator may hold it, once per code
+            if held is None:
+                held = _MAY_BE_HELD[code] = bool(
+                    code.co_flags & _GENERATOR_FLAGS or frame.f_globals is _CONTEXTLIB or code.co_name in _ENTER_NAMES
+                )
+            if held:
                 scope.holder = holder_of(frame)
         return scope
 
@@ -198,7 +222,7 @@ class _UnitOfWorkCore(_Declarations):
         if propagation == "never":
             msg = f"propagation='never' found {type(self).__name__} active: call this code outside any block"
             raise ActiveUnitOfWorkError(msg)
-        if propagation == "requires_new" or acting.state is State.SEALED:
+        if propagation == "requires_new" or acting.state is SEALED:
             # A sealed scope's transaction has ended (its hooks run) or its request has answered.
             return self._new_owner(read_only, isolation_level, commit_on_exit)
         tx = acting.tx
@@ -218,8 +242,8 @@ class _UnitOfWorkCore(_Declarations):
             raise JoinedScopeError(msg)
         scope_read_only = acting.read_only if read_only is None else read_only
         if propagation == "nested":
-            return _Scope(_SAVEPOINT, tx, scope_read_only, False)
-        scope = _Scope(_JOINED, tx, scope_read_only, False, acting.health)
+            return _Scope(SAVEPOINT, tx, scope_read_only, _Health())
+        scope = _Scope(JOINED, tx, scope_read_only, acting.health)
         scope.narrows = scope_read_only and not acting.read_only
         return scope
 
@@ -228,9 +252,12 @@ class _UnitOfWorkCore(_Declarations):
         scope_read_only = self.read_only if read_only is None else read_only
         tx = _Transaction(self, scope_read_only, isolation_level or self.isolation_level)
         parent = _current.get()
-        tx.parent = parent if parent is not None and parent.open else None
+        if parent is not None and parent.open:
+            tx.parent = parent
         tx.thread = threading.get_ident()
-        return _Scope(_OWNER, tx, scope_read_only, commit_on_exit)
+        if commit_on_exit:
+            tx.commit_on_exit = True
+        return _Scope(OWNER, tx, scope_read_only, tx)
 
     def _claimed(self, here: object) -> OwnershipError:
         """The error for entering a unit of work that another thread or task claimed at the same time."""
@@ -253,12 +280,12 @@ class _UnitOfWorkCore(_Declarations):
         if scopes and not scopes[-1].tx.session_guarded:
             self._nest(scopes[-1].tx)
         tx = scope.tx
-        if scope.kind is _OWNER:
+        if scope.kind is OWNER:
             if not scopes:
                 self.committed = False
                 self.rolled_back = False
-            scope.token = _current.set(tx)
-        elif scope.kind is _SAVEPOINT:
+            tx.token = _current.set(tx)
+        elif scope.kind is SAVEPOINT:
             scope.hook_mark = len(tx.hooks)
             scope.event_marks = _hooks.event_marks(tx)
         if scope.read_only and not tx.write_guarded:
@@ -279,14 +306,19 @@ class _UnitOfWorkCore(_Declarations):
         if not scopes:
             return None
         top = scopes[-1]
-        if top.state is not _OPEN or top.holder is not None or top.health.poison is not None:
+        if top.state is not OPEN or top.holder is not None or top.health.poison is not None:
             return None
         if self._closed_early or self._owner != self._here():
             return None
         tx = top.tx
         if not tx.session_guarded:
             self._nest(tx)
-        scope = _Scope(_JOINED, tx, top.read_only, False, top.health)
+        health = top.health
+        scope = health.spare  # nested decorated calls each take one: the spare, or a new one
+        if scope is not None and scope.read_only is top.read_only and scope.tx is tx:
+            health.spare = None
+        else:
+            scope = _Scope(JOINED, tx, top.read_only, health)
         scopes.append(scope)
         return scope
 
@@ -296,34 +328,43 @@ class _UnitOfWorkCore(_Declarations):
         if not scopes or scopes[-1] is not scope:
             return False
         scopes.pop()
-        scope.state = State.CLOSED
         if error is not None:
             self._poison(scope, error)
+        scope.health.spare = scope  # left cleanly from the innermost place: reusable, still open
         return True
 
     # -- leaving ---------------------------------------------------------------
 
-    def _pop(self, scope: _Scope, state: State = State.CLOSED) -> None:
+    def _pop(self, scope: _Scope, state: State = CLOSED) -> None:
         """Remove *scope*, the innermost, and close what it owned."""
-        popped = self._scopes.pop()
-        assert popped is scope, "a scope is popped only when it is the innermost"
+        scopes = self._scopes
+        scopes.pop()  # the callers pop the innermost scope only
         scope.state = state
-        if state is State.CLOSED_EARLY and (scope.frame is not None or scope.holder is not None):
-            self._closed_early.append(scope)  # its frames stay until its own exit comes
-        else:
-            scope.frame = scope.holder = None
-        if scope.kind is _OWNER:
+        if state is CLOSED_EARLY:
+            if scope.frame is not None or scope.holder is not None:
+                if not self._closed_early:
+                    self._closed_early = []
+                self._closed_early.append(scope)  # its frames stay until its own exit comes
+        elif scope.holder is not None:
+            scope.holder = None  # a generator's frame may hold a block that holds this scope: no cycle
+        # A spare joined scope points back to its transaction: dropped with it, so that no cycle stays.
+        kind = scope.kind
+        if kind is OWNER:
             tx = scope.tx
             tx.open = False
-            for repo in tx.repositories.values():
+            tx.spare = None
+            repositories = tx.repositories
+            for repo in repositories.values():
                 repo._close()
-            tx.repositories.clear()
-            if scope.token is not None:
+            repositories.clear()
+            if tx.token is not None:
                 try:
-                    _current.reset(scope.token)
+                    _current.reset(tx.token)
                 except ValueError:  # exited in another context than entered; leave it
                     log.warning("uow: %r was exited in another context than it was entered in", self)
-        if not self._scopes:
+        elif kind is SAVEPOINT:
+            scope.health.spare = None
+        if not scopes:
             self._owner = None
             self._claim.release()
 
@@ -360,8 +401,9 @@ class _UnitOfWorkCore(_Declarations):
 
     def _forget(self, scope: _Scope) -> None:
         """The exit of *scope*, closed early, has come: it holds nothing any more."""
-        if scope in self._closed_early:
-            self._closed_early.remove(scope)
+        closed = self._closed_early
+        if scope in closed:
+            closed.remove(scope)  # type: ignore[union-attr]  # a list once it holds anything
         scope.frame = scope.holder = None
 
     def _misnesting(self, scope: _Scope) -> tuple[list[_Scope], bool]:
@@ -379,7 +421,7 @@ class _UnitOfWorkCore(_Declarations):
     def _leave_overlapped(self, scope: _Scope, exc: BaseException | None) -> None:
         """Leave joined *scope* from under the blocks entered after it: it has nothing of its own to end."""
         self._scopes.remove(scope)
-        scope.state = State.CLOSED
+        scope.state = CLOSED
         scope.frame = scope.holder = None
         if scope.narrows:
             self._read_only_scope(scope.tx.session, starts=False)
@@ -444,15 +486,15 @@ class _UnitOfWorkCore(_Declarations):
             return scopes[0]
         if strict:
             for held in scopes[index + 1 :]:
-                if held.kind is not _JOINED:
+                if held.kind is not JOINED:
                     raise self._held_error(held)
         return scopes[index]
 
     def _held_error(self, held: _Scope) -> OwnershipError:
         what = {
-            _SAVEPOINT: "holds a savepoint",
-            _JOINED: "joined",
-            _OWNER: "owns a transaction",
+            SAVEPOINT: "holds a savepoint",
+            JOINED: "joined",
+            OWNER: "owns a transaction",
         }[held.kind]
         msg = (
             f"{where(held.holder)} is a generator paused inside a block of {type(self).__name__} that {what}, "
@@ -520,9 +562,10 @@ class _UnitOfWorkCore(_Declarations):
         scopes = self._scopes
         if scopes:
             top = scopes[-1]
+            # A sealed scope (its hooks run) may be used: only a generator's scope, a failed transaction,
+            # a generator resumed after its block closed, or another thread or task need the full check.
             if (
-                top.state is _OPEN
-                and top.holder is None
+                top.holder is None
                 and top.health.poison is None
                 and not self._closed_early
                 and self._owner == self._here()
@@ -536,8 +579,7 @@ class _UnitOfWorkCore(_Declarations):
         if scopes:
             top = scopes[-1]
             if (
-                top.state is _OPEN
-                and top.holder is None
+                top.holder is None
                 and top.health.poison is None
                 and not self._closed_early
                 and self._owner == self._here()
@@ -551,10 +593,10 @@ class _UnitOfWorkCore(_Declarations):
         if not self._scopes:
             return True
         top = self._scopes[-1]
-        if top.kind is _OWNER and top.tx.session is session:
+        if top.kind is OWNER and top.tx.session is session:
             return True  # the innermost scope is the owner's: uow's own exit, or the owner's code
         scope = self._acting(strict=False)
-        return scope.kind is _OWNER and scope.tx.session is session
+        return scope.kind is OWNER and scope.tx.session is session
 
     def _owner_scope(self, what: str) -> _Scope:
         """The owner's scope, for *what*, which only the owner may do; allowed in a rollback-only transaction."""
@@ -562,17 +604,16 @@ class _UnitOfWorkCore(_Declarations):
             raise _inactive(what)
         self._check_owner()
         scope = self._acting(strict=True)
-        if scope.kind is not _OWNER:
+        if scope.kind is not OWNER:
             raise _joined_error(what)
         return scope
 
     def _repository(self, name: str) -> Any:
-        # Use from another thread or task is refused when the repository is used.
-        scopes = self._scopes
-        if scopes and scopes[-1].state is _OPEN and scopes[-1].health.poison is None:
-            tx = scopes[-1].tx
-        else:
-            tx = self._check_use(f"{type(self).__name__}.{name}").tx
+        """The repository *name* of the innermost transaction; each of its methods checks the use itself."""
+        try:
+            tx = self._scopes[-1].tx
+        except IndexError:
+            tx = self._check_use(f"{type(self).__name__}.{name}").tx  # raises: no block is open
         repo = tx.repositories.get(name)
         if repo is None:
             slot = self._slots[name]
@@ -598,7 +639,7 @@ class _UnitOfWorkCore(_Declarations):
                 raise RollbackOnlyError(msg)
             if outer is scope:
                 break
-        if scope.kind is _OWNER and scope.tx.read_only:
+        if scope.kind is OWNER and scope.tx.read_only:
             msg = "commit() in a read-only unit of work: it never commits; leave the block to end it"
             raise ReadOnlyError(msg)
 
@@ -632,11 +673,11 @@ class _UnitOfWorkCore(_Declarations):
         """What a leaving owner does."""
         tx = scope.tx
         if exc is None and scope.health.poison is not None:
-            return Plan.POISONED
-        wants_commit = (scope.commit_on_exit or self.autocommit) and not scope.health.rollback_only and not tx.read_only
+            return POISONED
+        wants_commit = (tx.commit_on_exit or self.autocommit) and not scope.health.rollback_only and not tx.read_only
         if exc is None and wants_commit and (tx.used or self._has_changes(tx.session)):
-            return Plan.COMMIT
-        return Plan.ROLLBACK if tx.used else Plan.NOTHING
+            return COMMIT
+        return ROLLBACK if tx.used else NOTHING
 
     def _committed(self, scope: _Scope) -> None:
         tx = scope.tx
@@ -676,7 +717,7 @@ class _UnitOfWorkCore(_Declarations):
         exc: BaseException | None,
         release: bool,
         error: BaseException | None,
-        state: State = State.CLOSED,
+        state: State = CLOSED,
     ) -> BaseException | None:
         """Book-keeping once a savepoint was released or rolled back; returns what to raise, if anything.
 
@@ -724,13 +765,13 @@ class _UnitOfWorkCore(_Declarations):
 
     def _start_hooks(self, scope: _Scope) -> _Started:
         """Hooks run after the transaction, not in it: nothing joins the scope whose transaction committed."""
-        state, scope.state = scope.state, State.SEALED
+        state, scope.state = scope.state, SEALED
         return _current.set(None), scope, state
 
     def _end_hooks(self, started: _Started) -> None:
         token, scope, state = started
         _current.reset(token)
-        if scope.state is State.SEALED:
+        if scope.state is SEALED:
             scope.state = state
 
     def _seal(self) -> None:
@@ -742,8 +783,8 @@ class _UnitOfWorkCore(_Declarations):
         """
         if self._scopes:
             scope = self._acting(strict=False)
-            if scope.state is _OPEN:
-                scope.state = State.SEALED
+            if scope.state is OPEN:
+                scope.state = SEALED
 
     def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
         _hooks.check_hook(callback, sync=bool(self._sync))
@@ -835,7 +876,7 @@ class _BlockOptions:
 
     def _plan(self, unit: _UnitOfWorkCore, frame: FrameType) -> _Scope:
         entered = self._scope
-        if entered is not None and entered.state in (State.OPEN, State.SEALED):
+        if entered is not None and entered.state in (OPEN, SEALED):
             msg = "this block is entered already: call uow.transaction() or uow.savepoint() again for another block"
             raise ConfigurationError(msg)
         scope = unit._plan(
@@ -847,7 +888,7 @@ class _BlockOptions:
             frame=frame,
             bare=False,  # the block holds its scope: its exit needs no frame to find it
         )
-        self.owner = scope.kind is _OWNER
+        self.owner = scope.kind is OWNER
         return scope
 
     @property

@@ -10,8 +10,9 @@ joined to it, or a savepoint in it. Neither does anything: the machine in
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from contextvars import Token
-from types import FrameType
+from types import FrameType, MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from .errors import ConfigurationError
@@ -60,6 +61,12 @@ class Plan(enum.Enum):
     NOTHING = "nothing"
 
 
+# The members as module constants, for the code on the path of every block: reading ``Kind.OWNER`` goes
+# through the enum class each time, about ten times as slow as a global, and a block reads a dozen.
+OWNER, JOINED, SAVEPOINT = Kind.OWNER, Kind.JOINED, Kind.SAVEPOINT
+OPEN, SEALED, CLOSED, CLOSED_EARLY = State.OPEN, State.SEALED, State.CLOSED, State.CLOSED_EARLY
+COMMIT, ROLLBACK, POISONED, NOTHING = Plan.COMMIT, Plan.ROLLBACK, Plan.POISONED, Plan.NOTHING
+
 Propagation = Literal["required", "requires_new", "nested", "mandatory", "never"]
 _PROPAGATION_NAMES: tuple[str, ...] = get_args(Propagation)
 PROPAGATIONS = frozenset(_PROPAGATION_NAMES)
@@ -86,59 +93,62 @@ def check_isolation_level(isolation_level: str | None) -> None:
 
 _Hook = tuple[Any, bool]
 
+#: The event marks of a scope that is not a savepoint: none.
+_NO_MARKS: Mapping[int, int] = MappingProxyType({})
 
-class _Transaction:
-    """One physical transaction: a session, its repositories and its hooks."""
 
-    __slots__ = (
-        "broken",
-        "commits",
-        "hooks",
-        "isolation_level",
-        "nested_commits",
-        "open",
-        "outcome_unknown",
-        "parent",
-        "read_only",
-        "refused",
-        "repositories",
-        "session",
-        "session_guarded",
-        "thread",
-        "unit",
-        "used",
-        "write_guarded",
-    )
+class _Health:
+    """Whether a transaction, or a savepoint in it, can still commit: shared by the scopes joined to it.
+
+    The records below are plain classes whose fields default at class level:
+    a block sets only what differs, which keeps entering one cheap.
+    """
+
+    #: The error of a joined scope that failed inside it, which makes it rollback-only.
+    poison: BaseException | None = None
+    #: set_rollback_only() was called.
+    rollback_only = False
+    #: A joined scope of this health that no call holds now, kept for the decorator's next join.
+    spare: _Scope | None = None
+
+
+class _Transaction(_Health):
+    """One physical transaction: a session, its repositories and its hooks; the health of its owner's scope."""
+
+    session: Any = None
+    #: Whether a rollback failed, so the connection must be invalidated.
+    broken = False
+    #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
+    write_guarded = False
+    refused = False
+    #: Whether the session refuses commit, rollback and close from scopes above the owner's.
+    session_guarded = False
+    #: The transaction current in this context when this one started: in this unit of work (under
+    #: ``requires_new``), in another one, or in the task or thread that started this one.
+    parent: _Transaction | None = None
+    #: The thread that started it.
+    thread = 0
+    #: Real commits of this transaction, and of transactions started inside it, in any task or
+    #: thread that inherited its context: durable work that a retry must not repeat.
+    commits = 0
+    nested_commits = 0
+    #: Whether its last failed commit may still have reached the database.
+    outcome_unknown = False
+    #: False once its owner's scope has closed.
+    open = True
+    #: Whether its owner commits on a clean exit (a @transactional call, or a block of the integrations).
+    commit_on_exit = False
+    #: The owner's setting of the context's current transaction, reset when the owner's scope closes.
+    token: Token[_Transaction | None] | None = None
 
     def __init__(self, unit: _UnitOfWorkCore, read_only: bool, isolation_level: str | None) -> None:
         self.unit = unit
         self.read_only = read_only
         self.isolation_level = isolation_level
-        self.session: Any = None
         self.repositories: dict[str, _RepositoryBase[Any]] = {}
         self.hooks: list[_Hook] = []
         #: Whether a repository or the session was used since the last commit or rollback.
         self.used = False
-        #: Whether a rollback failed, so the connection must be invalidated.
-        self.broken = False
-        #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
-        self.write_guarded = False
-        self.refused = False
-        #: Whether the session refuses commit, rollback and close from scopes above the owner's.
-        self.session_guarded = False
-        #: The transaction current in this context when this one started: in this unit of work (under
-        #: ``requires_new``), in another one, or in the task or thread that started this one.
-        self.parent: _Transaction | None = None
-        #: The thread that started it.
-        self.thread = 0
-        #: Real commits of this transaction, and of transactions started inside it, in any task or
-        #: thread that inherited its context: durable work that a retry must not repeat.
-        self.commits = 0
-        self.nested_commits = 0
-        #: Whether its last failed commit may still have reached the database.
-        self.outcome_unknown = False
-        #: False once its owner's scope has closed.
-        self.open = True
 
     @property
     def durable(self) -> bool:
@@ -146,69 +156,33 @@ class _Transaction:
         return bool(self.commits or self.nested_commits)
 
 
-class _Health:
-    """Whether a transaction, or a savepoint in it, can still commit: shared by the scopes joined to it."""
-
-    __slots__ = ("poison", "rollback_only")
-
-    def __init__(self) -> None:
-        #: The error of a joined scope that failed inside it, which makes it rollback-only.
-        self.poison: BaseException | None = None
-        #: set_rollback_only() was called.
-        self.rollback_only = False
-
-
 class _Scope:
     """One block of a unit of work: the owner of a transaction, a scope joined to it, or a savepoint."""
 
-    __slots__ = (
-        "commit_on_exit",
-        "event_marks",
-        "frame",
-        "handle",
-        "health",
-        "holder",
-        "hook_mark",
-        "kind",
-        "narrows",
-        "read_only",
-        "serial",
-        "state",
-        "token",
-        "tx",
-    )
+    #: The frame whose ``with uow:`` statement entered it, which its ``__exit__`` comes from.
+    frame: FrameType | None = None
+    #: When it was entered, in the order of its unit of work's scopes.
+    serial = 0
+    #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
+    narrows = False
+    #: For a savepoint: its handle, and the hooks and domain events there were when it began.
+    handle: Any = None
+    hook_mark = 0
+    event_marks: Mapping[int, int] = _NO_MARKS
 
-    def __init__(
-        self,
-        kind: Kind,
-        tx: _Transaction,
-        read_only: bool,
-        commit_on_exit: bool,
-        health: _Health | None = None,
-    ) -> None:
+    def __init__(self, kind: Kind, tx: _Transaction, read_only: bool, health: _Health) -> None:
         self.kind = kind
         self.tx = tx
         self.read_only = read_only
-        self.commit_on_exit = commit_on_exit
         #: The health of the innermost scope that can roll back on its own, where an error in this one
-        #: lands: its own for an owner or a savepoint, shared with the scope it joined otherwise.
-        self.health = _Health() if health is None else health
-        self.state = State.OPEN
-        #: The frame whose ``with uow:`` statement entered it, which its ``__exit__`` comes from.
-        self.frame: FrameType | None = None
+        #: lands: its transaction's for an owner, its own for a savepoint, shared with the scope it
+        #: joined otherwise.
+        self.health = health
+        self.state = OPEN
         #: The generator whose code entered it, if that generator can pause with it open while its
         #: caller goes on outside it; None when plain code, or a generator run as a context manager,
         #: entered it.
         self.holder: FrameType | None = None
-        #: When it was entered, in the order of its unit of work's scopes.
-        self.serial = 0
-        #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
-        self.narrows = False
-        self.handle: Any = None
-        self.hook_mark = 0
-        #: For a savepoint: how many events each seen object had when it began.
-        self.event_marks: dict[int, int] = {}
-        self.token: Token[_Transaction | None] | None = None
 
     @property
     def suspended(self) -> bool:

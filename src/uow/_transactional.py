@@ -302,7 +302,7 @@ class _Route:
     first call, when the annotations can be resolved.
     """
 
-    __slots__ = ("_factory", "_func", "_kind", "_parameter", "base", "name")
+    __slots__ = ("_factory", "_func", "_kind", "_parameter", "base", "joins", "name")
 
     def __init__(
         self, options: Transactional, func: Callable[..., Any], parameter: inspect.Parameter, base: type[Any], name: str
@@ -314,12 +314,20 @@ class _Route:
         #: The unit of work type that a call of this kind of function (sync or async) takes.
         self.base = base
         self.name = name
+        #: Whether an active unit of work of each class met so far is of the kind: an isinstance()
+        #: against an abstract class goes through ABCMeta, and the decorator's fast path asks each call.
+        self.joins: dict[type[Any], bool] = {}
 
     def kind(self) -> type[Any] | tuple[type[Any], ...]:
         kind = self._kind
         if kind is None:
             kind = self._kind = self._work_out()
         return kind
+
+    def accepts(self, cls: type[Any]) -> bool:
+        """Whether an active unit of work of class *cls* is of the kind; remembered per class."""
+        accepted = self.joins[cls] = issubclass(cls, self.kind())
+        return accepted
 
     def shown(self) -> str:
         kind = self.kind()
@@ -417,12 +425,15 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
             # function's kind that this thread entered. Anything else takes the full path.
             positional = index is not None and len(args) > index
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
+            unit: Any
             if given is None or given is NEW_UOW:
                 tx = _current.get()
-                unit = tx.unit if tx is not None and isinstance(tx.unit, route._kind or route.kind()) else None
+                unit = tx.unit if tx is not None else None
+                if unit is not None and not (route.joins.get(type(unit)) or route.accepts(type(unit))):
+                    unit = None
             else:
                 unit = given
-            if isinstance(unit, UnitOfWork):
+            if isinstance(unit, _UnitOfWorkCore) and unit._sync:  # a plain class: cheaper than an ABC's isinstance
                 scope = unit._join_here()
                 if scope is not None:
                     if unit is not given:
@@ -471,12 +482,15 @@ def _async_wrapper(
             # As in the sync wrapper: join a healthy unit of work of the function's kind that this task entered.
             positional = index is not None and len(args) > index
             given = args[index] if positional else kwargs.get("uow")  # type: ignore[index]
+            unit: Any
             if given is None or given is NEW_UOW:
                 tx = _current.get()
-                unit = tx.unit if tx is not None and isinstance(tx.unit, route._kind or route.kind()) else None
+                unit = tx.unit if tx is not None else None
+                if unit is not None and not (route.joins.get(type(unit)) or route.accepts(type(unit))):
+                    unit = None
             else:
                 unit = given
-            if isinstance(unit, AsyncUnitOfWork):
+            if isinstance(unit, _UnitOfWorkCore) and not unit._sync:  # a plain class: cheaper than an ABC's isinstance
                 scope = unit._join_here()
                 if scope is not None:
                     if unit is not given:

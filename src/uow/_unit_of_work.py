@@ -20,7 +20,20 @@ from . import _hooks
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
 from ._ownership import thread_and_task
 from ._repository import Repository
-from ._scope import Kind, Plan, Propagation, State, _Scope, _Transaction
+from ._scope import (
+    CLOSED,
+    CLOSED_EARLY,
+    COMMIT,
+    JOINED,
+    NOTHING,
+    OWNER,
+    POISONED,
+    SAVEPOINT,
+    Propagation,
+    State,
+    _Scope,
+    _Transaction,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -29,7 +42,6 @@ __all__ = ["Block", "UnitOfWork"]
 
 log = logging.getLogger("uow")
 
-_OWNER, _JOINED, _SAVEPOINT = Kind.OWNER, Kind.JOINED, Kind.SAVEPOINT
 
 U = TypeVar("U", bound="UnitOfWork")
 
@@ -100,7 +112,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         scopes = self._scopes
         if scopes and scopes[-1].frame is frame and not self._closed_early:
             top = scopes[-1]  # the common case of :meth:`_exiting`
-            if top.kind is _OWNER:  # and of :meth:`_exit_scope`: the innermost scope, an owner
+            if top.kind is OWNER:  # and of :meth:`_exit_scope`: the innermost scope, an owner
                 self._exit_owner(top, exc)
             else:
                 self._exit_scope(top, exc)
@@ -148,7 +160,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _enter_scope(self, scope: _Scope) -> None:
         tx = scope.tx
-        if scope.kind is _OWNER:
+        if scope.kind is OWNER:
             try:
                 session = self._open()
                 self._adopt(session, tx.parent)
@@ -165,7 +177,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             except BaseException:
                 self._abandon()
                 raise
-        elif scope.kind is _SAVEPOINT:
+        elif scope.kind is SAVEPOINT:
             scope.handle = self._begin_savepoint(tx.session)
         elif scope.narrows:
             self._flush(tx.session)  # the writes pending so far are the outer scope's
@@ -173,12 +185,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         self._push(scope)
 
     def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
-        if scope.state is State.CLOSED or scope.state is State.CLOSED_EARLY:
+        if scope.state is CLOSED or scope.state is CLOSED_EARLY:
             return
         failure = interrupted = None
         if self._scopes[-1] is not scope:
             above, overlap = self._misnesting(scope)
-            if overlap and scope.kind is _JOINED:
+            if overlap and scope.kind is JOINED:
                 self._leave_overlapped(scope, exc)
                 return
             for held in above:
@@ -189,9 +201,9 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 exc = failure
             elif exc is None:
                 exc = interrupted  # cancelled while closing them: this scope does not keep its work either
-        if scope.kind is _JOINED:
+        if scope.kind is JOINED:
             self._exit_joined(scope, exc)
-        elif scope.kind is _SAVEPOINT:
+        elif scope.kind is SAVEPOINT:
             self._exit_savepoint(scope, exc)
         else:
             self._exit_owner(scope, exc)
@@ -201,7 +213,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if interrupted is not None:
             raise interrupted
 
-    def _exit_joined(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
+    def _exit_joined(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         if isinstance(exc, GeneratorExit):
             exc = None  # a generator closed before its end: not a failure
         try:
@@ -218,7 +230,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if exc is not None:
             self._poison(scope, exc)
 
-    def _exit_savepoint(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
+    def _exit_savepoint(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         release = scope.releases(exc)
         try:
             self._end_savepoint(scope.handle, release=release)
@@ -229,17 +241,17 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if failure is not None:
             raise failure
 
-    def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = State.CLOSED) -> None:
+    def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         tx = scope.tx
         try:
             if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 self._flush(tx.session)  # a write left pending is refused, not silently dropped
             plan = self._owner_exit_plan(scope, exc)
-            if plan is Plan.COMMIT:
+            if plan is COMMIT:
                 self._commit_scope(scope)
-            elif plan is not Plan.NOTHING:
+            elif plan is not NOTHING:
                 self._rolled_back(tx)
-            if plan is Plan.POISONED:
+            if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException:
             self._release(scope, quiet=True, state=state)
@@ -254,12 +266,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         """
         self._closing_early(held)
         try:
-            if held.kind is _JOINED:
-                self._exit_joined(held, None, State.CLOSED_EARLY)
-            elif held.kind is _SAVEPOINT:
-                self._exit_savepoint(held, GeneratorExit(), State.CLOSED_EARLY)
+            if held.kind is JOINED:
+                self._exit_joined(held, None, CLOSED_EARLY)
+            elif held.kind is SAVEPOINT:
+                self._exit_savepoint(held, GeneratorExit(), CLOSED_EARLY)
             else:
-                self._exit_owner(held, GeneratorExit(), State.CLOSED_EARLY)
+                self._exit_owner(held, GeneratorExit(), CLOSED_EARLY)
         except Exception as error:
             log.exception("uow: closing a scope left open inside an exiting block failed")
             self._poison_acting(error)
@@ -288,9 +300,9 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         commit fails, the work is rolled back and the error raised.
         """
         scope = self._scope_for("commit()")
-        if scope.kind is not _OWNER or scope.health.rollback_only or scope.tx.read_only:
+        if scope.kind is not OWNER or scope.health.rollback_only or scope.tx.read_only:
             self._check_may_commit(scope)
-            if scope.kind is not _OWNER:
+            if scope.kind is not OWNER:
                 self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
                 return
         self._commit_scope(scope)
@@ -375,10 +387,13 @@ class Block(_BlockOptions, Generic[U]):
         scope = self._scope
         if scope is None:
             return
-        if scope.state is State.CLOSED_EARLY:  # an outer block's exit closed it while its generator was paused
-            self._unit._forget(scope)
-            return
-        self._unit._exit_scope(scope, exc)
+        unit = self._unit
+        if scope.kind is OWNER and unit._scopes and unit._scopes[-1] is scope:
+            unit._exit_owner(scope, exc)  # the common case of _exit_scope(): the innermost scope, an owner
+        elif scope.state is CLOSED_EARLY:  # an outer block's exit closed it while its generator was paused
+            unit._forget(scope)
+        else:
+            unit._exit_scope(scope, exc)
 
     if not TYPE_CHECKING:
 
