@@ -254,7 +254,6 @@ class _UnitOfWorkCore(_Declarations):
         parent = _current.get()
         if parent is not None and parent.open:
             tx.parent = parent
-        tx.thread = threading.get_ident()
         if commit_on_exit:
             tx.commit_on_exit = True
         return _Scope(OWNER, tx, scope_read_only, tx)

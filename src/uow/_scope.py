@@ -126,8 +126,6 @@ class _Transaction(_Health):
     #: The transaction current in this context when this one started: in this unit of work (under
     #: ``requires_new``), in another one, or in the task or thread that started this one.
     parent: _Transaction | None = None
-    #: The thread that started it.
-    thread = 0
     #: Real commits of this transaction, and of transactions started inside it, in any task or
     #: thread that inherited its context: durable work that a retry must not repeat.
     commits = 0

@@ -229,7 +229,7 @@ def _check_fresh(session: Session, parent: _Transaction | None) -> None:
         return
     pool = bind.pool
     shared = isinstance(pool, StaticPool) or (
-        isinstance(pool, SingletonThreadPool) and parent.thread == threading.get_ident()
+        isinstance(pool, SingletonThreadPool) and _owner_thread(parent) == threading.get_ident()
     )
     if shared:
         msg = (
@@ -238,6 +238,21 @@ def _check_fresh(session: Session, parent: _Transaction | None) -> None:
             "would commit the outer work too. Use a file database or a server, or join the outer transaction"
         )
         raise ConfigurationError(msg)
+
+
+def _owner_thread(parent: _Transaction) -> int | None:
+    """The thread that runs the owner of *parent*, for a sync unit of work; None for an async one.
+
+    An async unit of work's connections come from an async engine's pool,
+    which a sync session never shares.
+    """
+    owner = parent.unit._owner
+    if isinstance(owner, int):
+        return owner
+    if isinstance(owner, tuple):  # a sync unit of work used in an asyncio task: its thread, and the task
+        thread: int = owner[0]
+        return thread
+    return None
 
 
 def greenlet_missing(what: str) -> ImportError | None:

@@ -110,8 +110,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     ) -> None:
         frame = sys._getframe(1)
         scopes = self._scopes
-        if scopes and scopes[-1].frame is frame and not self._closed_early:
-            top = scopes[-1]  # the common case of :meth:`_exiting`
+        top = scopes[-1] if scopes else None
+        if top is not None and top.frame is frame and not self._closed_early:  # the common case of _exiting()
             if top.kind is OWNER:  # and of :meth:`_exit_scope`: the innermost scope, an owner
                 self._exit_owner(top, exc)
             else:
@@ -254,9 +254,9 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException:
-            self._release(scope, quiet=True, state=state)
+            self._release(scope, True, state)
             raise
-        self._release(scope, quiet=exc is not None, state=state)
+        self._release(scope, exc is not None, state)
 
     def _close_early(self, held: _Scope) -> BaseException | None:
         """End *held*, still open above an exiting scope, as if its generator had been closed there.
@@ -279,7 +279,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             return error
         return None
 
-    def _release(self, scope: _Scope, *, quiet: bool, state: State) -> None:
+    def _release(self, scope: _Scope, quiet: bool, state: State) -> None:
         try:
             self._close(scope.tx.session, invalidate=scope.tx.broken)
         except Exception:
