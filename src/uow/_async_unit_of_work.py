@@ -52,6 +52,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     _interface = AsyncRepository
     _sync = False
     _here = staticmethod(current_task)
+    _here_fast = staticmethod(current_task)
 
     @abc.abstractmethod
     async def _open(self) -> Any:

@@ -7,10 +7,11 @@ import functools
 import inspect
 import logging
 import random
+import sys
 import time
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, ParamSpec, TypeVar, Union, overload
 
 import attrs
@@ -207,7 +208,13 @@ class Transactional:
         if retries is not _NOT_SET:
             options["retry"] = _as_retry(retries)
         configured = self._with(options) if options else self
-        return configured if func is None else configured._decorate(func)
+        if func is None:
+            return configured
+        # Where the function is defined: the names its annotations may refer to, which a function
+        # defined inside another one cannot find later through its module's globals.
+        definition = sys._getframe(1)
+        names = definition.f_locals if definition.f_locals is not definition.f_globals else None
+        return configured._decorate(func, names)
 
     def _with(self, options: dict[str, Any]) -> Transactional:
         configured = attrs.evolve(self, **options)
@@ -221,9 +228,9 @@ class Transactional:
             raise ConfigurationError(msg)
         return configured
 
-    def _decorate(self, func: Any) -> Any:
+    def _decorate(self, func: Any, names: Mapping[str, Any] | None = None) -> Any:
         if isinstance(func, (classmethod, staticmethod)):
-            return type(func)(self._decorate(func.__func__))
+            return type(func)(self._decorate(func.__func__, names))
         if not callable(func):
             msg = f"@transactional decorates a function, not {_shown(func)}"
             raise ConfigurationError(msg)
@@ -246,8 +253,8 @@ class Transactional:
         if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             index = list(inspect.signature(func).parameters).index("uow")
         if inspect.iscoroutinefunction(func):
-            return _async_wrapper(self, func, index, name, _Route(self, func, parameter, AsyncUnitOfWork, name))
-        return _sync_wrapper(self, func, index, name, _Route(self, func, parameter, UnitOfWork, name))
+            return _async_wrapper(self, func, index, name, _Route(self, func, parameter, AsyncUnitOfWork, name, names))
+        return _sync_wrapper(self, func, index, name, _Route(self, func, parameter, UnitOfWork, name, names))
 
     def _bind(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None, route: _Route
@@ -302,12 +309,20 @@ class _Route:
     first call, when the annotations can be resolved.
     """
 
-    __slots__ = ("_factory", "_func", "_kind", "_parameter", "base", "joins", "name")
+    __slots__ = ("_factory", "_func", "_kind", "_names", "_parameter", "base", "joins", "name")
 
     def __init__(
-        self, options: Transactional, func: Callable[..., Any], parameter: inspect.Parameter, base: type[Any], name: str
+        self,
+        options: Transactional,
+        func: Callable[..., Any],
+        parameter: inspect.Parameter,
+        base: type[Any],
+        name: str,
+        names: Mapping[str, Any] | None,
     ) -> None:
         self._factory = options.factory
+        #: The local names where the function was defined, if not its module's: for its annotations.
+        self._names = names
         self._func = func
         self._parameter = parameter
         self._kind: type[Any] | tuple[type[Any], ...] | None = None
@@ -344,13 +359,13 @@ class _Route:
         if isinstance(annotation, str):
             func = inspect.unwrap(self._func)
             try:
-                annotation = eval(annotation, getattr(func, "__globals__", {}))  # the function's own annotation
+                annotation = eval(annotation, getattr(func, "__globals__", {}), self._names)  # its own annotation
             except Exception as error:
                 msg = (
                     f"@transactional on {self.name} joins only an active unit of work of the kind the function takes, "
                     f"and could not resolve the annotation of its `uow` parameter ({type(error).__name__}: {error}). "
-                    "Import that class at run time, not only under TYPE_CHECKING, or give "
-                    "transactional(factory=...) a unit of work class"
+                    "Import that class at run time, not only under TYPE_CHECKING, and define it before the "
+                    "function, or give transactional(factory=...) a unit of work class"
                 )
                 raise ConfigurationError(msg) from error
         if typing.get_origin(annotation) is Annotated:

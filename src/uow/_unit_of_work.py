@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -70,6 +71,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     _interface = Repository
     _sync = True
     _here = staticmethod(thread_and_task)
+    _here_fast = staticmethod(threading.get_ident)
 
     @abc.abstractmethod
     def _open(self) -> Any:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import pytest
 from sqlalchemy import exc as sa_exc
 
+import uow as uow_lib
 from tests.support.models import Item, Note, Sku
 from tests.support.uows import (
     AsyncAuditUnitOfWork,
@@ -183,6 +184,32 @@ def test_a_unit_of_work_passed_in_is_used_whatever_its_kind() -> None:
         write_note("given", uow=shop)
         shop.commit()
     assert ["given"] == notes(shop)
+
+
+def test_a_service_defined_in_a_function_routes_by_a_class_defined_there() -> None:
+    """A decorated function defined inside another one resolves its annotation among that one's local names."""
+
+    class LocalAudit(uow_lib.UnitOfWork):
+        notes = uow_lib.repository(Note)
+
+    class FakeLocalAudit(uow_lib.FakeUnitOfWork, LocalAudit):
+        pass
+
+    made: list[FakeLocalAudit] = []
+
+    def make() -> Any:
+        made.append(FakeLocalAudit())
+        return made[-1]
+
+    @transactional(factory=make)
+    def audit(text: str, uow: LocalAudit = NEW_UOW) -> None:
+        uow.notes.add(Note(text=text))
+
+    shop = FakeShopUnitOfWork()
+    with shop:
+        audit("local")  # not the shop's kind: a unit of work of its own
+        shop.commit()
+    assert ([], ["local"]) == (notes(shop), notes(made[0]))
 
 
 def test_an_annotation_that_cannot_be_resolved_is_a_configuration_error() -> None:
