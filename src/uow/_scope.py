@@ -100,46 +100,48 @@ _NO_MARKS: Mapping[int, int] = MappingProxyType({})
 class _Health:
     """Whether a transaction, or a savepoint in it, can still commit: shared by the scopes joined to it.
 
-    The records below are plain classes whose fields default at class level:
-    a block sets only what differs, which keeps entering one cheap.
+    The records below have slots: fixed fields, no dictionary per record.
     """
 
-    #: The error of a joined scope that failed inside it, which makes it rollback-only.
-    poison: BaseException | None = None
-    #: set_rollback_only() was called.
-    rollback_only = False
-    #: A joined scope of this health that no call holds now, kept for the decorator's next join.
-    spare: _Scope | None = None
+    __slots__ = ("poison", "rollback_only", "spare")
+
+    def __init__(self) -> None:
+        #: The error of a joined scope that failed inside it, which makes it rollback-only.
+        self.poison: BaseException | None = None
+        #: set_rollback_only() was called.
+        self.rollback_only = False
+        #: A joined scope of this health that no call holds now, kept for the decorator's next join.
+        self.spare: _Scope | None = None
 
 
 class _Transaction(_Health):
     """One physical transaction: a session, its repositories and its hooks; the health of its owner's scope."""
 
-    session: Any = None
-    #: Whether a rollback failed, so the connection must be invalidated.
-    broken = False
-    #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
-    write_guarded = False
-    refused = False
-    #: Whether the session refuses commit, rollback and close from scopes above the owner's.
-    session_guarded = False
-    #: The transaction current in this context when this one started: in this unit of work (under
-    #: ``requires_new``), in another one, or in the task or thread that started this one.
-    parent: _Transaction | None = None
-    #: Real commits of this transaction, and of transactions started inside it, in any task or
-    #: thread that inherited its context: durable work that a retry must not repeat.
-    commits = 0
-    nested_commits = 0
-    #: Whether its last failed commit may still have reached the database.
-    outcome_unknown = False
-    #: False once its owner's scope has closed.
-    open = True
-    #: Whether its owner commits on a clean exit (a @transactional call, or a block of the integrations).
-    commit_on_exit = False
-    #: The owner's setting of the context's current transaction, reset when the owner's scope closes.
-    token: Token[_Transaction | None] | None = None
+    __slots__ = (
+        "broken",
+        "commit_on_exit",
+        "commits",
+        "hooks",
+        "isolation_level",
+        "nested_commits",
+        "open",
+        "outcome_unknown",
+        "parent",
+        "read_only",
+        "refused",
+        "repositories",
+        "session",
+        "session_guarded",
+        "token",
+        "unit",
+        "used",
+        "write_guarded",
+    )
 
     def __init__(self, unit: _UnitOfWorkCore, read_only: bool, isolation_level: str | None) -> None:
+        self.poison = None
+        self.rollback_only = False
+        self.spare = None
         self.unit = unit
         self.read_only = read_only
         self.isolation_level = isolation_level
@@ -147,6 +149,29 @@ class _Transaction(_Health):
         self.hooks: list[_Hook] = []
         #: Whether a repository or the session was used since the last commit or rollback.
         self.used = False
+        self.session: Any = None
+        #: Whether a rollback failed, so the connection must be invalidated.
+        self.broken = False
+        #: Whether the write guard of a read-only scope is installed, and whether it refused a write.
+        self.write_guarded = False
+        self.refused = False
+        #: Whether the session refuses commit, rollback and close from scopes above the owner's.
+        self.session_guarded = False
+        #: The transaction current in this context when this one started: in this unit of work (under
+        #: ``requires_new``), in another one, or in the task or thread that started this one.
+        self.parent: _Transaction | None = None
+        #: Real commits of this transaction, and of transactions started inside it, in any task or
+        #: thread that inherited its context: durable work that a retry must not repeat.
+        self.commits = 0
+        self.nested_commits = 0
+        #: Whether its last failed commit may still have reached the database.
+        self.outcome_unknown = False
+        #: False once its owner's scope has closed.
+        self.open = True
+        #: Whether its owner commits on a clean exit (a @transactional call, or a block of the integrations).
+        self.commit_on_exit = False
+        #: The owner's setting of the context's current transaction, reset when the owner's scope closes.
+        self.token: Token[_Transaction | None] | None = None
 
     @property
     def durable(self) -> bool:
@@ -157,16 +182,20 @@ class _Transaction(_Health):
 class _Scope:
     """One block of a unit of work: the owner of a transaction, a scope joined to it, or a savepoint."""
 
-    #: The frame whose ``with uow:`` statement entered it, which its ``__exit__`` comes from.
-    frame: FrameType | None = None
-    #: When it was entered, in the order of its unit of work's scopes.
-    serial = 0
-    #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
-    narrows = False
-    #: For a savepoint: its handle, and the hooks and domain events there were when it began.
-    handle: Any = None
-    hook_mark = 0
-    event_marks: Mapping[int, int] = _NO_MARKS
+    __slots__ = (
+        "event_marks",
+        "frame",
+        "handle",
+        "health",
+        "holder",
+        "hook_mark",
+        "kind",
+        "narrows",
+        "read_only",
+        "serial",
+        "state",
+        "tx",
+    )
 
     def __init__(self, kind: Kind, tx: _Transaction, read_only: bool, health: _Health) -> None:
         self.kind = kind
@@ -181,6 +210,16 @@ class _Scope:
         #: caller goes on outside it; None when plain code, or a generator run as a context manager,
         #: entered it.
         self.holder: FrameType | None = None
+        #: The frame whose ``with uow:`` statement entered it, which its ``__exit__`` comes from.
+        self.frame: FrameType | None = None
+        #: When it was entered, in the order of its unit of work's scopes.
+        self.serial = 0
+        #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
+        self.narrows = False
+        #: For a savepoint: its handle, and the hooks and domain events there were when it began.
+        self.handle: Any = None
+        self.hook_mark = 0
+        self.event_marks: Mapping[int, int] = _NO_MARKS
 
     @property
     def suspended(self) -> bool:
