@@ -42,8 +42,8 @@ class _FakeCore(_UnitOfWorkCore):
 
     @staticmethod
     def _drop_store(store: InMemorySession) -> None:
-        """End the transaction: whatever was not committed is discarded."""
-        store.rollback()
+        """End the transaction: whatever was not committed is discarded, and its objects are detached."""
+        store.close()
 
 
 class FakeUnitOfWork(_FakeCore, UnitOfWork):

@@ -1,164 +1,275 @@
-"""The in-memory database behind the fakes, and the in-memory repositories.
+"""The in-memory session behind the fakes, and the in-memory repositories.
 
-The fake behaves like a database with a session in front of it:
+The fake behaves like a database with a SQLAlchemy session in front of it:
 
-* :class:`InMemoryDatabase` holds committed objects. Nobody outside holds a
-  reference to them: every block works on a deep copy, taken lazily, with one
-  shared memo so that object graphs keep their identities.
-* :class:`InMemorySession` is one block's view. Like a SQLAlchemy session it
-  keeps new objects pending until a flush (any query, or the commit), assigns
-  generated integer keys at that flush, follows ``save-update`` cascades, and
-  raises ``sqlalchemy.exc.IntegrityError`` for a duplicate or missing primary
-  key. After such an error it refuses work until rolled back, as SQLAlchemy
-  does. Rolling back throws the working copy away, so uncommitted changes,
-  including changes to the attributes of loaded objects, disappear.
+* :class:`InMemoryDatabase` holds committed rows (``_rows.Store``), never
+  objects, so that nobody outside can change them.
+* :class:`InMemorySession` is one transaction. As the ORM does, it keeps an
+  identity map of the objects it loaded, keeps new objects pending until a
+  flush (any query, or the commit), follows the ``save-update``, ``delete``
+  and ``delete-orphan`` cascades, synchronizes foreign keys along
+  relationships, numbers generated keys, applies defaults and version
+  counters, and turns all that into rows written over the committed ones
+  (``_rows.Overlay``), where the table's constraints are checked. A failed
+  flush leaves the session refusing work until it is rolled back.
+* Objects are built from rows when they are loaded. Their relationships load
+  when first read, or at once for the eager loader strategies; after the
+  block, an unloaded one raises ``DetachedInstanceError``.
+
+A transaction costs in proportion to the rows it touches, not to the rows
+stored.
 """
 
 from __future__ import annotations
 
 import builtins
-import copy
-import datetime
-import uuid
-from collections.abc import Callable, Sequence
-from decimal import Decimal
+import decimal
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import attrs
+from sqlalchemy import Boolean, Column, Float, Integer, Numeric, String, Table, inspect
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import inspect
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, RelationshipDirection
+from sqlalchemy.orm import attributes as orm_attributes
+from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT, SQL_OK, instance_state, instance_str
 
-from ._model import model_info
 from ._repository import AsyncRepository, Repository, _RepositoryBase
-from .errors import NotInRepositoryError
+from ._rows import Key, Overlay, Row, Store, is_generated, spec_of
+from .errors import ConfigurationError, NotInRepositoryError
 
 __all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
 
 T = TypeVar("T")
 
-Tables = dict[type[Any], dict[Any, Any]]
+_MANYTOONE = RelationshipDirection.MANYTOONE
+_ONETOMANY = RelationshipDirection.ONETOMANY
+_MANYTOMANY = RelationshipDirection.MANYTOMANY
+_EAGER = frozenset({"selectin", "joined", "subquery", "immediate", False})
+_LAZY = frozenset({"select", True})
+_MISSING: Any = object()
 
 
-class _DuplicateKey(Exception):
-    """The ``orig`` of the IntegrityError the fake raises, as a DBAPI error would be."""
+# -- what a mapped class is to the fake, read once ------------------------------
 
 
-def _integrity_error(model: type[Any], message: str) -> sa_exc.IntegrityError:
-    return sa_exc.IntegrityError(f"INSERT INTO {model.__name__} (in-memory fake)", None, _DuplicateKey(message))
+class _Plan:
+    """How objects of one mapped class become rows and back."""
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self.mapper = mapper
+        self.base = mapper.base_mapper
+        chain = list(reversed(list(mapper.iterate_to_root())))
+        tables: list[Table] = []
+        for each in chain:
+            table = each.local_table
+            if isinstance(table, Table) and table not in tables:
+                tables.append(table)
+        if not tables:
+            msg = f"the fake cannot store {mapper.class_.__name__}: it is not mapped to a table"
+            raise ConfigurationError(msg)
+        self.tables = tuple(tables)
+        self.table = tables[0]
+        #: Per table: (column key, attribute key, column) for every column of the table.
+        self.columns: tuple[tuple[Table, tuple[tuple[str, str | None, Column[Any]], ...]], ...] = tuple(
+            (
+                table,
+                tuple((column.key, _attribute_of(mapper, column), column) for column in table.columns),
+            )
+            for table in tables
+        )
+        self.primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+        self.pk_columns = tuple(mapper.primary_key)
+        self.fields = {prop.key: prop.columns[0] for prop in mapper.column_attrs}
+        self.column_keys = tuple(self.fields)
+        self.generated: str | None = None
+        if len(mapper.primary_key) == 1 and is_generated(mapper.primary_key[0]):
+            self.generated = self.primary_key[0]
+        version = mapper.version_id_col
+        self.version: str | None = None if version is None else mapper.get_property_by_column(version).key
+        self.version_column: str = "" if version is None else str(version.key)
+        self.version_generator: Any = mapper.version_id_generator
+        self.polymorphic_on: str | None = None
+        self.identities: frozenset[Any] | None = None
+        if mapper.polymorphic_on is not None:
+            self.polymorphic_on = mapper.polymorphic_on.key
+            self.identities = frozenset(each.polymorphic_identity for each in mapper.self_and_descendants)
+        self.relationships = tuple(mapper.relationships)
+
+    def key_of(self, obj: object) -> Key:
+        values = obj.__dict__
+        return tuple(values.get(name) for name in self.primary_key)
+
+    def table_key(self, table: Table, obj: object) -> Key:
+        """The key of *obj*'s row in *table*: its columns that map the primary key."""
+        spec = spec_of(table)
+        values = obj.__dict__
+        found = []
+        for name in spec.primary_key:
+            attribute = _attribute_of(self.mapper, table.c[name])
+            found.append(values.get(attribute) if attribute is not None else None)
+        return tuple(found)
 
 
-def _table_key(cls: type[Any]) -> type[Any]:
-    """Objects of a mapped inheritance hierarchy share their base class's table."""
-    mapper: Mapper[Any] = inspect(cls)
-    return mapper.base_mapper.class_
+def _attribute_of(mapper: Mapper[Any], column: Any) -> str | None:
+    try:
+        return mapper.get_property_by_column(column).key
+    except Exception:
+        return None
 
 
-#: Values that a copy of an object shares with the original: they never change in place.
-_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), complex, frozenset, Decimal, uuid.UUID})
-_ATOMIC |= {datetime.datetime, datetime.date, datetime.time, datetime.timedelta}
+_plans: dict[Mapper[Any], _Plan] = {}
 
 
-def _copy_tables(tables: Tables) -> Tables:
-    """A deep copy of *tables*, with one memo, so that object graphs keep their identities.
-
-    Mapped objects are copied attribute by attribute into a new instance that
-    SQLAlchemy set up (``ClassManager.new_instance()``), which is several
-    times faster than ``copy.deepcopy`` of their instance state; anything
-    else goes through ``copy.deepcopy`` with the same memo.
-    """
-    memo: dict[int, Any] = {}
-    return {table: {key: _copy_object(obj, memo) for key, obj in rows.items()} for table, rows in tables.items()}
+def plan_of(mapper: Mapper[Any]) -> _Plan:
+    found = _plans.get(mapper)
+    if found is None:
+        found = _plans[mapper] = _Plan(mapper)
+    return found
 
 
-def _copy_columns(obj: Any) -> Any:
-    """A new instance of *obj*'s class with a copy of its column attributes only, as a row loaded back."""
-    manager = inspect(obj).manager
-    copied = manager.new_instance()
-    values, given = copied.__dict__, obj.__dict__
-    for prop in manager.mapper.column_attrs:
-        if prop.key in given:
-            value = given[prop.key]
-            values[prop.key] = value if type(value) in _ATOMIC else copy.deepcopy(value)
-    return copied
+_class_mappers: dict[type[Any], Mapper[Any]] = {}
 
 
-def _copy_object(obj: Any, memo: dict[int, Any]) -> Any:
-    copied = memo.get(id(obj))
-    if copied is not None:
-        return copied
-    state = obj.__dict__.get("_sa_instance_state") if hasattr(obj, "__dict__") else None
-    if state is None:
-        return copy.deepcopy(obj, memo)
-    manager = state.manager
-    copied = manager.new_instance()
-    memo[id(obj)] = copied
-    relationships = manager.mapper.relationships
-    values = copied.__dict__
-    for key, value in obj.__dict__.items():
-        if key == "_sa_instance_state":
-            continue
-        if type(value) in _ATOMIC:
-            values[key] = value
-        elif key in relationships:
-            if relationships[key].uselist:
-                members = [_copy_object(member, memo) for member in value]
-                set_committed_value(copied, key, type(value)(members) if isinstance(value, set) else members)
-            else:
-                values[key] = _copy_object(value, memo)
-        else:
-            values[key] = copy.deepcopy(value, memo)
-    return copied
+def _mapper(obj_or_cls: Any) -> Mapper[Any]:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    mapper = _class_mappers.get(cls)
+    if mapper is None:
+        mapper = _class_mappers[cls] = inspect(cls)
+    return mapper
+
+
+# -- defaults and conversions ---------------------------------------------------
+
+_INTEGER = re.compile(r"[+-]?\d+\Z")
+
+
+def coerce(column: Any, value: Any) -> Any:
+    """*value* as the column compares it, following SQLite's type affinity: ``'3'`` is 3 in an integer column."""
+    if value is None:
+        return None
+    kind = column.type
+    if isinstance(kind, Boolean):
+        return value
+    if isinstance(kind, Integer):
+        if isinstance(value, str) and _INTEGER.match(value.strip()):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+            return int(value)
+        return value
+    if isinstance(kind, Float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+    if isinstance(kind, Numeric):
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            try:
+                return decimal.Decimal(str(value))
+            except decimal.InvalidOperation:
+                return value
+        return value
+    if isinstance(kind, String) and isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _server_default(column: Column[Any]) -> Any:
+    """The value of a literal server default, as the column's type holds it."""
+    arg = getattr(column.server_default, "arg", None)
+    text = arg if isinstance(arg, str) else getattr(arg, "text", None)
+    if not isinstance(text, str):
+        return _MISSING
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        text = text[1:-1].replace("''", "'")
+    kind = column.type
+    if isinstance(kind, Boolean):
+        lowered = text.lower()
+        if lowered in ("1", "true", "t"):
+            return True
+        if lowered in ("0", "false", "f"):
+            return False
+        return _MISSING
+    converted = coerce(column, text)
+    if isinstance(kind, Integer | Numeric) and isinstance(converted, str):
+        return _MISSING
+    return converted
+
+
+def _apply_defaults(plan: _Plan, obj: object) -> None:
+    """Fill unset attributes from column defaults, as an INSERT does."""
+    values = obj.__dict__
+    for _, columns in plan.columns:
+        for _, attribute, column in columns:
+            if attribute is None or values.get(attribute) is not None:
+                continue
+            default: Any = column.default
+            if default is not None and not getattr(default, "is_sequence", False):
+                if default.is_scalar:
+                    setattr(obj, attribute, default.arg)
+                    continue
+                if default.is_callable:
+                    setattr(obj, attribute, default.arg(None))
+                    continue
+            if column.server_default is not None and attribute != plan.generated:
+                literal = _server_default(column)
+                if literal is not _MISSING:
+                    setattr(obj, attribute, literal)
+
+
+# -- the database and its sessions ---------------------------------------------
 
 
 class InMemoryDatabase:
-    """Committed state of a fake unit of work: tables of objects by primary key."""
+    """Committed state of a fake unit of work: rows of tables, with their constraints."""
 
     def __init__(self) -> None:
-        self.tables: Tables = {}
-        self.sequences: dict[type[Any], int] = {}
-        #: Incremented by every commit, so a session can tell whether another one committed since it looked.
-        self.version = 0
+        self.store = Store()
 
-    def snapshot(self) -> tuple[Tables, dict[type[Any], int]]:
-        return _copy_tables(self.tables), dict(self.sequences)
+    def rows(self, model_or_table: Any) -> builtins.list[dict[str, Any]]:
+        """The committed rows of a table, or of a mapped class's first table, in primary-key order.
 
-    def store(self, tables: Tables, sequences: dict[type[Any], int]) -> None:
-        self.tables = _copy_tables(tables)
-        self.sequences = {
-            table: max(sequences.get(table, 0), self.sequences.get(table, 0)) for table in {*sequences, *self.sequences}
-        }
-        self.version += 1
-        # Domain events are not stored in a database: objects loaded later start without them.
-        for table in self.tables.values():
-            for obj in table.values():
-                events = getattr(obj, "events", None)
-                if isinstance(events, list):
-                    events.clear()
+        What a test reads "through a separate connection": each row is a new
+        dict of column key to value.
+        """
+        table = model_or_table if isinstance(model_or_table, Table) else plan_of(_mapper(model_or_table)).table
+        stored = self.store.tables.get(table)
+        if stored is None:
+            return []
+        return [dict(row) for _, row in sorted(stored.rows.items(), key=lambda item: _sort_key(item[0]))]
+
+
+def _detached(obj: object, key: str) -> orm_exc.DetachedInstanceError:
+    return orm_exc.DetachedInstanceError(
+        f"Parent instance {instance_str(obj)} is not bound to a Session; lazy load operation of "
+        f"attribute '{key}' cannot proceed: the unit of work block that loaded it has ended. Read it inside "
+        "the block, or load it eagerly (lazy='selectin')"
+    )
 
 
 class InMemorySession:
-    """One block's working copy of an :class:`InMemoryDatabase`."""
+    """One transaction of an :class:`InMemoryDatabase`, with the identity map of the objects it loaded."""
 
     def __init__(self, database: InMemoryDatabase) -> None:
         self._database = database
-        self._tables: Tables | None = None
-        self._sequences: dict[type[Any], int] = {}
+        self._overlay = Overlay(database.store)
+        #: The objects this transaction loaded or flushed, by base mapper and key.
+        self._identity: dict[tuple[Mapper[Any], Key], Any] = {}
+        #: By id: each such object, and its column attributes as its rows hold them.
+        self._loaded: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._pending: dict[int, Any] = {}
         self._deleted: dict[int, Any] = {}
         self._failed: BaseException | None = None
-        # Like a session's identity map: the keys of the objects this block
-        # has loaded or flushed. A rollback forgets the keys inserted since
-        # the last commit and keeps the others, as SQLAlchemy keeps (expired)
-        # persistent objects in the identity map.
-        self._identity: set[tuple[type[Any], Any]] = set()
-        self._inserted: set[tuple[type[Any], Any]] = set()
-        # Rows this session deleted since it took its working copy.
-        self._removed: set[tuple[type[Any], Any]] = set()
-        self._base_version = 0
-        # The committed tables as this session last saw them; the database never changes them in place.
-        self._baseline: Tables = {}
+        self._flushing = False
+        #: False once the block has ended: lazy loads then raise DetachedInstanceError.
+        self.open = True
         #: Called before a flush that writes, with what is pending; raises if writes are forbidden.
         self.check_write: Callable[[str], None] | None = None
         # While a read-only scope runs inside a read-write one: the state of every object when it began.
@@ -166,80 +277,42 @@ class InMemorySession:
 
     # -- transaction ---------------------------------------------------------
 
-    @property
-    def _working(self) -> Tables:
+    def _check_usable(self) -> None:
         if self._failed is not None:
             msg = (
                 "This in-memory session's transaction has been rolled back due to a previous "
                 f"exception during flush. Roll back before going on. Original exception: {self._failed!r}"
             )
             raise sa_exc.PendingRollbackError(msg)
-        return self._view
-
-    @property
-    def _view(self) -> Tables:
-        """The working copy, even after a failed flush: add() and remove() still work then."""
-        if self._tables is None:
-            self._baseline = self._database.tables
-            self._tables, self._sequences = self._database.snapshot()
-            self._base_version = self._database.version
-            self._removed.clear()
-        return self._tables
 
     def commit(self) -> None:
         self.flush()
-        tables = self._working
-        database = self._database
-        if database.version == self._base_version:
-            database.store(tables, self._sequences)
-        else:
-            self._merge(tables)
-        self._base_version = database.version
-        self._baseline = database.tables
-        self._removed.clear()
-        self._inserted.clear()
-
-    def _merge(self, tables: Tables) -> None:
-        """Commit over a database that another session changed since this one looked.
-
-        As a database would, keep the other session's rows, except those this
-        session loaded, wrote or deleted; then let the working copy see them.
-        """
-        touched = self._identity | self._inserted
-        merged: Tables = {}
-        for table in {*tables, *self._database.tables}:
-            mine = tables.get(table, {})
-            theirs = self._database.tables.get(table, {})
-            rows = {key: obj for key, obj in mine.items() if (table, key) in touched}
-            rows.update(
-                (key, obj)
-                for key, obj in theirs.items()
-                if (table, key) not in touched and (table, key) not in self._removed
-            )
-            merged[table] = rows
-        self._database.store(merged, self._sequences)
-        fresh, _ = self._database.snapshot()
-        for table, rows in fresh.items():
-            mine = tables.setdefault(table, {})
-            for key in [key for key in mine if (table, key) not in touched and key not in rows]:
-                del mine[key]
-            mine.update((key, obj) for key, obj in rows.items() if (table, key) not in touched)
+        try:
+            self._overlay.commit()
+        except BaseException as error:
+            self._failed = error
+            raise
 
     def rollback(self) -> None:
-        self._tables = None
+        self._overlay.end()
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
-        self._identity -= self._inserted
-        self._inserted.clear()
+        # As a rollback expires every object: what is loaded next comes from the rows again.
+        self._identity.clear()
+        self._loaded.clear()
+
+    def close(self) -> None:
+        self.rollback()
+        self.open = False
 
     def watch_changes(self, *, starts: bool) -> None:
         """Start or stop noticing attributes changed on loaded objects, for a read-only scope."""
         if not starts:
             self._watched = None
             return
-        tables = self._working
-        self._watched = {id(obj): (obj, _object_state(obj)) for table in tables.values() for obj in table.values()}
+        self._check_usable()
+        self._watched = {id(obj): (obj, _object_state(obj)) for obj, _ in self._loaded.values()}
 
     def _changed_since_watch(self) -> int:
         if self._watched is None:
@@ -247,43 +320,20 @@ class InMemorySession:
         return sum(1 for obj, state in self._watched.values() if _object_state(obj) != state)
 
     def has_changes(self) -> bool:
-        """Whether this session holds work not yet committed, changed attributes of loaded objects included.
-
-        It compares the working copy with the committed state as this session
-        last saw it, so a commit by another session meanwhile is not taken
-        for a change of this one.
-        """
-        if self._pending or self._deleted:
+        """Whether this transaction holds work not yet committed, changed attributes of loaded objects included."""
+        if self._pending or self._deleted or self._overlay.writes:
             return True
-        if self._tables is None:
-            return False
-        tables = self._tables
-        if self._cascade(tables):
-            return True
-        for table, rows in tables.items():
-            seen = self._baseline.get(table, {})
-            if rows.keys() != seen.keys():
-                return True
-            fields = model_info(table).fields
-            for key, obj in rows.items():
-                other = seen[key]
-                if any(getattr(obj, name, None) != getattr(other, name, None) for name in fields):
-                    return True
-        return False
+        return any(self._dirty(obj, snapshot) for obj, snapshot in self._loaded.values()) or bool(self._cascade_new())
 
     def begin_nested(self) -> _Savepoint:
-        """Flush, then remember this session's state, as SAVEPOINT does."""
+        """Flush, then remember this transaction's state, as SAVEPOINT does."""
         self.flush()
-        tables = self._working
-        states = {id(obj): (obj, _object_state(obj)) for table in tables.values() for obj in table.values()}
         return _Savepoint(
             session=self,
-            tables={table: dict(rows) for table, rows in tables.items()},
-            sequences=dict(self._sequences),
-            states=states,
-            identity=set(self._identity),
-            inserted=set(self._inserted),
-            removed=set(self._removed),
+            mark=self._overlay.mark(),
+            states={id(obj): (obj, _object_state(obj)) for obj, _ in self._loaded.values()},
+            identity=dict(self._identity),
+            loaded={key: (obj, dict(snapshot)) for key, (obj, snapshot) in self._loaded.items()},
         )
 
     def end_nested(self, savepoint: _Savepoint, *, release: bool) -> None:
@@ -300,13 +350,12 @@ class InMemorySession:
     def _restore(self, savepoint: _Savepoint) -> None:
         # Objects the savepoint knew get their attributes back in place, as a
         # reload of expired objects would; objects added since are dropped.
-        self._tables = {table: dict(rows) for table, rows in savepoint.tables.items()}
-        self._sequences = dict(savepoint.sequences)
+        self._overlay.restore(savepoint.mark)
         for obj, state in savepoint.states.values():
             _restore_object(obj, state)
-        self._identity = set(savepoint.identity)
-        self._inserted = set(savepoint.inserted)
-        self._removed = set(savepoint.removed)
+            instance_state(obj)._commit_all(obj.__dict__)
+        self._identity = dict(savepoint.identity)
+        self._loaded = {key: (obj, dict(snapshot)) for key, (obj, snapshot) in savepoint.loaded.items()}
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
@@ -314,25 +363,12 @@ class InMemorySession:
     # -- unit of work --------------------------------------------------------
 
     def _holds(self, obj: object) -> bool:
-        table = self._view.get(_table_key(type(obj)), {})
-        key = model_info(_table_key(type(obj))).key_of(obj)
-        try:
-            return table.get(key) is obj
-        except TypeError:  # an unhashable key cannot be stored
-            return False
+        return id(obj) in self._loaded and self._loaded[id(obj)][0] is obj
 
     def add(self, obj: object) -> None:
         self._deleted.pop(id(obj), None)
         if not self._holds(obj):
             self._pending[id(obj)] = obj
-
-    def insert_now(self, objs: builtins.list[Any]) -> None:
-        """A bulk INSERT: flush, then write copies of *objs*, which stay unattached, as the database would."""
-        self.flush()  # leaves nothing pending but the copies below
-        for obj in objs:
-            row = _copy_columns(obj)  # a bulk INSERT writes the object's columns, nothing it refers to
-            self._pending[id(row)] = row
-        self.flush()
 
     def delete(self, obj: object) -> None:
         if self._pending.pop(id(obj), None) is not None:
@@ -345,122 +381,644 @@ class InMemorySession:
             raise NotInRepositoryError(msg)
         self._deleted[id(obj)] = obj
 
+    def insert_now(self, objs: builtins.list[Any]) -> None:
+        """A bulk INSERT: flush, then write the rows of *objs*, which stay unattached, as the database would."""
+        self.flush()
+        self._check_write(f"{len(objs)} new objects")
+        try:
+            for obj in objs:
+                plan = plan_of(_mapper(obj))
+                values = dict(obj.__dict__)
+                if plan.generated is not None and values.get(plan.generated) is None:
+                    values[plan.generated] = self._overlay.next_key(plan.table)
+                shadow = _Shadow(values)
+                _apply_defaults(plan, shadow)
+                self._set_identity(plan, shadow)
+                if plan.version is not None and shadow.__dict__.get(plan.version) is None:
+                    self._first_version(plan, shadow)
+                for table, row in self._rows_of(plan, shadow.__dict__):
+                    self._overlay.insert(table, row)
+        except BaseException as error:
+            self._failed = error
+            raise
+
+    def _check_write(self, pending: str) -> None:
+        if self.check_write is not None:
+            self.check_write(pending)
+
     def flush(self) -> None:
-        tables = self._working
-        inserts = self._cascade(tables)
+        self._check_usable()
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            self._flush()
+        except BaseException as error:
+            self._failed = error
+            raise
+        finally:
+            self._flushing = False
+
+    def _flush(self) -> None:
+        if not self._pending and not self._deleted and self._watched is None:
+            for obj, _ in self._loaded.values():
+                if instance_state(obj).modified:
+                    break
+            else:
+                return  # nothing added, removed or changed through an attribute since the last flush
+        inserts = self._cascade_new()
+        self._cascade_deletes()
         changed = self._changed_since_watch()
         if changed and self.check_write is not None:
             self.check_write(f"{len(inserts)} new, {changed} changed and {len(self._deleted)} deleted objects")
-        if not inserts and not self._deleted:
-            return
-        if self.check_write is not None:
-            self.check_write(f"{len(inserts)} new and {len(self._deleted)} deleted objects")
-        try:
-            planned = self._plan(tables, inserts)
-        except sa_exc.IntegrityError as error:
-            self._failed = error
-            raise
+        dirty = [
+            (obj, snapshot)
+            for obj, snapshot in self._loaded.values()
+            if id(obj) not in self._deleted and self._dirty(obj, snapshot)
+        ]
+        if (
+            not inserts
+            and not self._deleted
+            and not dirty
+            and not any(instance_state(obj).modified for obj, _ in self._loaded.values())
+        ):
+            return  # nothing changed, not even a collection
+        self._check_write(f"{len(inserts)} new, {len(dirty)} changed and {len(self._deleted)} deleted objects")
+        overlay = self._overlay
+        # Keys first, so that foreign keys can be synchronized to them.
+        for obj in inserts:
+            plan = plan_of(_mapper(obj))
+            if plan.generated is not None and obj.__dict__.get(plan.generated) is None:
+                setattr(obj, plan.generated, overlay.next_key(plan.table))
+            _apply_defaults(plan, obj)
+            self._set_identity(plan, obj)
+        links: list[tuple[bool, Table, Row]] = []
+        for obj in [*inserts, *(obj for obj, _ in self._loaded.values())]:
+            if id(obj) not in self._deleted:
+                self._synchronize(obj, links)
         for obj in self._deleted.values():
-            cls = _table_key(type(obj))
-            key = model_info(cls).key_of(obj)
-            tables[cls].pop(key, None)
-            self._identity.discard((cls, key))
-            self._removed.add((cls, key))
-        for table, key, obj in planned:
-            tables.setdefault(table, {})[key] = obj
-            self._identity.add((table, key))
-            self._inserted.add((table, key))
+            self._release_children(obj)
+        # Recompute: synchronizing foreign keys may have changed loaded objects.
+        dirty = [
+            (obj, snapshot)
+            for obj, snapshot in self._loaded.values()
+            if id(obj) not in self._deleted and self._dirty(obj, snapshot)
+        ]
+        order = _table_order()
+        statements: list[tuple[int, int, Callable[[], None]]] = []
+        for sequence, obj in enumerate(inserts):
+            plan = plan_of(_mapper(obj))
+            if plan.version is not None and obj.__dict__.get(plan.version) is None:
+                self._first_version(plan, obj)
+            for table, row in self._rows_of(plan, obj.__dict__):
+                statements.append((order(table), sequence, _bind(overlay.insert, table, row)))
+        for sequence, (obj, snapshot) in enumerate(dirty, start=len(inserts)):
+            for position, statement in self._updates(obj, snapshot, order):
+                statements.append((position, sequence, statement))
+        statements.sort(key=lambda item: (item[0], item[1]))
+        for _, _, statement in statements:
+            statement()
+        for adds, table, row in links:
+            if adds:
+                overlay.insert(table, row)
+        for adds, table, row in links:
+            if not adds:
+                self._unlink(table, row)
+        deletions: list[tuple[int, int, Callable[[], None]]] = []
+        for sequence, obj in enumerate(self._deleted.values()):
+            plan = plan_of(_mapper(obj))
+            snapshot = self._loaded[id(obj)][1]
+            self._check_version(plan, obj, snapshot, "DELETE")
+            for table in plan.tables:
+                deletions.append((-order(table), sequence, _bind(overlay.delete, table, plan.table_key(table, obj))))
+        deletions.sort(key=lambda item: (item[0], item[1]))
+        for _, _, statement in deletions:
+            statement()
+        # The flush went through: the objects are what their rows hold now.
+        for obj in inserts:
+            plan = plan_of(_mapper(obj))
+            self._pending.pop(id(obj), None)
+            self._remember(plan, obj)
+            self._install_loaders(obj, plan)
+        for obj, _ in dirty:
+            self._loaded[id(obj)] = (obj, _columns(plan_of(_mapper(obj)), obj))
+        for obj in self._deleted.values():
+            plan = plan_of(_mapper(obj))
+            self._identity.pop((plan.base, plan.key_of(obj)), None)
+            self._loaded.pop(id(obj), None)
         self._pending.clear()
         self._deleted.clear()
+        for obj, _ in self._loaded.values():
+            state = instance_state(obj)
+            if state.modified:
+                state._commit_all(obj.__dict__)
 
-    def _cascade(self, tables: Tables) -> list[Any]:
-        """Pending objects, plus new objects reachable from any object in the session."""
-        known = {id(obj) for table in tables.values() for obj in table.values()}
-        found: dict[int, Any] = {}
-        roots = [*self._pending.values(), *(obj for t in tables.values() for obj in t.values())]
-        for root in roots:
-            if id(root) in self._deleted:
+    def _updates(
+        self, obj: Any, snapshot: dict[str, Any], order: Callable[[Table], int]
+    ) -> Iterable[tuple[int, Callable[[], None]]]:
+        plan = plan_of(_mapper(obj))
+        values = obj.__dict__
+        self._check_version(plan, obj, snapshot, "UPDATE")
+        if plan.version is not None and plan.version_generator is not False:
+            setattr(obj, plan.version, plan.version_generator(snapshot.get(plan.version)))
+        old_key = tuple(snapshot.get(name) for name in plan.primary_key)
+        for table, columns in plan.columns:
+            changed = any(
+                attribute is not None and values.get(attribute, _MISSING) != snapshot.get(attribute, _MISSING)
+                for _, attribute, _ in columns
+            )
+            if not changed:
                 continue
-            if id(root) not in known:
-                found.setdefault(id(root), root)
-            state = inspect(root)
-            if not state.mapper.relationships:  # nothing to cascade to
+            spec = spec_of(table)
+            key = tuple(
+                snapshot.get(attribute) if attribute is not None else None
+                for attribute in (_attribute_of(plan.mapper, table.c[name]) for name in spec.primary_key)
+            )
+            if len(old_key) != len(key):
+                key = old_key
+            row = {
+                column_key: values.get(attribute) if attribute is not None else None
+                for column_key, attribute, _ in columns
+            }
+
+            def update(table: Table = table, key: Key = key, row: Row = row) -> None:
+                current = self._overlay.row(table, key)
+                merged = dict(current) if current is not None else {}
+                merged.update(row)
+                if current is None:
+                    msg = (
+                        f"UPDATE statement on table '{spec_of(table).name}' expected to update 1 row(s); "
+                        "0 were matched."
+                    )
+                    raise orm_exc.StaleDataError(msg)
+                self._overlay.update(table, key, merged)
+
+            yield order(table), update
+
+    def _check_version(self, plan: _Plan, obj: Any, snapshot: dict[str, Any], verb: str) -> None:
+        """Raise StaleDataError if *obj*'s row changed since it was loaded, as the version counter's WHERE would."""
+        if plan.version is None:
+            return
+        table = plan.tables[0]
+        current = self._overlay.row(table, tuple(snapshot.get(name) for name in plan.primary_key))
+        loaded = snapshot.get(plan.version)
+        if current is None or current.get(plan.version_column) != loaded:
+            name = spec_of(table).name
+            if verb == "DELETE":
+                msg = f"DELETE statement on table '{name}' expected to delete 1 row(s); Only 0 were matched."
+            else:
+                msg = f"UPDATE statement on table '{name}' expected to update 1 row(s); 0 were matched."
+            raise orm_exc.StaleDataError(msg)
+
+    def _first_version(self, plan: _Plan, obj: Any) -> None:
+        if plan.version_generator is not False and plan.version is not None:
+            setattr(obj, plan.version, plan.version_generator(None))
+
+    @staticmethod
+    def _set_identity(plan: _Plan, obj: Any) -> None:
+        mapper = plan.mapper
+        if mapper.polymorphic_on is not None and mapper.polymorphic_identity is not None:
+            attribute = _attribute_of(mapper, mapper.polymorphic_on)
+            if attribute is not None and obj.__dict__.get(attribute) is None:
+                obj.__dict__[attribute] = mapper.polymorphic_identity
+
+    @staticmethod
+    def _rows_of(plan: _Plan, values: dict[str, Any]) -> Iterable[tuple[Table, Row]]:
+        for table, columns in plan.columns:
+            yield (
+                table,
+                {
+                    column_key: values.get(attribute) if attribute is not None else None
+                    for column_key, attribute, _ in columns
+                },
+            )
+
+    def _dirty(self, obj: Any, snapshot: dict[str, Any]) -> bool:
+        values = obj.__dict__
+        return any(values.get(name, _MISSING) != value for name, value in snapshot.items())
+
+    def _remember(self, plan: _Plan, obj: Any) -> None:
+        self._identity[(plan.base, plan.key_of(obj))] = obj
+        self._loaded[id(obj)] = (obj, _columns(plan, obj))
+
+    # -- cascades and relationships ------------------------------------------
+
+    def _cascade_new(self) -> list[Any]:
+        """Pending objects, plus new objects reachable from any object of the session."""
+        found: dict[int, Any] = {}
+        loaded = self._loaded
+        deleted = self._deleted
+        roots = [*self._pending.values(), *(obj for obj, _ in loaded.values())]
+        for root in roots:
+            key = id(root)
+            if key in deleted:
+                continue
+            if key not in loaded:
+                found.setdefault(key, root)
+            state = instance_state(root)
+            if not state.mapper.relationships:
                 continue
             for related, *_ in state.mapper.cascade_iterator("save-update", state):
-                if id(related) not in known and id(related) not in self._deleted:
+                if id(related) not in loaded and id(related) not in deleted:
                     found.setdefault(id(related), related)
         return list(found.values())
 
-    def _plan(self, tables: Tables, inserts: list[Any]) -> list[tuple[type[Any], Any, Any]]:
-        planned: list[tuple[type[Any], Any, Any]] = []
-        claimed: set[tuple[type[Any], Any]] = set()
-        freed = {
-            (_table_key(type(obj)), model_info(_table_key(type(obj))).key_of(obj)) for obj in self._deleted.values()
-        }
-        for obj in inserts:
-            table = _table_key(type(obj))
-            info = model_info(table)
-            if info.generated_key is not None and getattr(obj, info.generated_key) is None:
-                existing = [k for k in tables.get(table, {}) if isinstance(k, int)]
-                last = max([self._sequences.get(table, 0), *existing])
-                self._sequences[table] = last + 1
-                setattr(obj, info.generated_key, last + 1)
-            _apply_defaults(info.mapper, obj)
-            key = info.key_of(obj)
-            parts = key if isinstance(key, tuple) else (key,)
-            if any(part is None for part in parts):
-                msg = f"NOT NULL constraint failed: primary key of {table.__name__} is None"
-                raise _integrity_error(table, msg)
-            taken = key in tables.get(table, {}) and (table, key) not in freed
-            if (table, key) in claimed or taken:
-                msg = f"UNIQUE constraint failed: {table.__name__} with primary key {key!r} exists"
-                raise _integrity_error(table, msg)
-            claimed.add((table, key))
-            planned.append((table, key, obj))
-        return planned
+    def _cascade_deletes(self) -> None:
+        """Add to the deletions what the ``delete`` and ``delete-orphan`` cascades reach."""
+        queue = list(self._deleted.values())
+        while queue:
+            obj = queue.pop()
+            for rel in _mapper(obj).relationships:
+                if not rel.cascade.delete:
+                    continue
+                for child in _members(getattr(obj, rel.key)):  # loads it, as the ORM does
+                    if id(child) in self._loaded and id(child) not in self._deleted:
+                        self._deleted[id(child)] = child
+                        queue.append(child)
+                    elif id(child) in self._pending:
+                        del self._pending[id(child)]
+        for obj, _ in list(self._loaded.values()):
+            if id(obj) in self._deleted:
+                continue
+            for rel in _mapper(obj).relationships:
+                if rel.direction is not _ONETOMANY or not rel.cascade.delete_orphan or rel.key not in obj.__dict__:
+                    continue
+                history = orm_attributes.get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
+                for child in history.deleted or ():
+                    if id(child) in self._loaded and id(child) not in self._deleted:
+                        self._deleted[id(child)] = child
+                        queue.append(child)
+        if queue:
+            self._cascade_deletes()
+
+    def _synchronize(self, obj: Any, links: list[tuple[bool, Table, Row]]) -> None:
+        """Copy keys along *obj*'s changed relationships into foreign keys, as the ORM's flush does."""
+        values = obj.__dict__
+        for rel in _mapper(obj).relationships:
+            if rel.key not in values or rel.viewonly:
+                continue
+            history = orm_attributes.get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
+            if not history.has_changes() and id(obj) in self._loaded:
+                continue
+            direction = rel.direction
+            if direction is _MANYTOONE:
+                target = values[rel.key]
+                if target is None:
+                    if history.deleted:
+                        for _, local in rel.synchronize_pairs:
+                            _set_column(obj, local, None)
+                    continue
+                for remote, local in rel.synchronize_pairs:
+                    _set_column(obj, local, _get_column(target, remote))
+            elif direction is _ONETOMANY:
+                added = history.added or () if id(obj) in self._loaded else _members(values[rel.key])
+                for child in added:
+                    for parent_column, child_column in rel.synchronize_pairs:
+                        _set_column(child, child_column, _get_column(obj, parent_column))
+                for child in history.deleted or ():
+                    if id(child) in self._deleted or rel.cascade.delete_orphan:
+                        continue
+                    if _members_contain(values[rel.key], child):
+                        continue
+                    for _, child_column in rel.synchronize_pairs:
+                        if not child_column.primary_key:
+                            _set_column(child, child_column, None)
+            elif direction is _MANYTOMANY:
+                secondary = rel.secondary
+                if not isinstance(secondary, Table):
+                    continue
+                added = history.added or () if id(obj) in self._loaded else _members(values[rel.key])
+                for adds, members in ((True, added), (False, history.deleted or ())):
+                    for target in members:
+                        row = {column.key: None for column in secondary.columns}
+                        for parent_column, column in rel.synchronize_pairs:
+                            row[column.key] = _get_column(obj, parent_column)
+                        for target_column, column in rel.secondary_synchronize_pairs or ():
+                            row[column.key] = _get_column(target, target_column)
+                        links.append((adds, secondary, row))
+
+    def _release_children(self, obj: Any) -> None:
+        """A parent is deleted: its children not deleted with it lose their foreign key, as the ORM does."""
+        for rel in _mapper(obj).relationships:
+            if rel.viewonly or rel.passive_deletes:
+                continue
+            if rel.direction is _ONETOMANY and not rel.cascade.delete:
+                for child in _members(getattr(obj, rel.key)):
+                    if id(child) in self._deleted:
+                        continue
+                    for _, child_column in rel.synchronize_pairs:
+                        _set_column(child, child_column, None)
+            elif rel.direction is _MANYTOMANY and isinstance(rel.secondary, Table):
+                secondary = rel.secondary
+                for target in _members(getattr(obj, rel.key)):
+                    row = {column.key: None for column in secondary.columns}
+                    for parent_column, column in rel.synchronize_pairs:
+                        row[column.key] = _get_column(obj, parent_column)
+                    for target_column, column in rel.secondary_synchronize_pairs or ():
+                        row[column.key] = _get_column(target, target_column)
+                    self._unlink(secondary, row)
+
+    def _unlink(self, table: Table, row: Row) -> None:
+        """DELETE the association row that links what *row* names, whatever its own key."""
+        match = {name: value for name, value in row.items() if value is not None}
+        for key, _ in self._overlay.find(table, match)[:1]:
+            self._overlay.delete(table, key)
+
+    def _install_loaders(self, obj: Any, plan: _Plan) -> None:
+        if not plan.relationships:
+            return
+        state = instance_state(obj)
+        if type(state.callables) is not dict:
+            state.callables = dict(state.callables)
+        values = obj.__dict__
+        for rel in plan.relationships:
+            key = rel.key
+            if key in values:
+                continue
+            lazy = rel.lazy
+            if lazy in _EAGER:
+                set_committed_value(obj, key, self._related(obj, rel))
+            elif lazy == "noload":
+                set_committed_value(obj, key, [] if rel.uselist else None)
+            elif lazy in ("raise", "raise_on_sql"):
+                state.callables[key] = _raiser(rel)
+            else:
+                state.callables[key] = _Loader(self, rel)
+
+    def _related(self, obj: Any, rel: Any) -> Any:
+        """What relationship *rel* of *obj* holds, from the rows: an object, None, or a list."""
+        target = plan_of(rel.mapper)
+        values = obj.__dict__
+        if rel.direction is _MANYTOONE:
+            wanted = {}
+            for remote, local in rel.synchronize_pairs:
+                wanted[remote.key] = _get_column(obj, local)
+            if any(value is None for value in wanted.values()):
+                return None
+            if tuple(column.key for column in target.pk_columns) == tuple(wanted):
+                return self.get(rel.mapper.class_, _as_key(tuple(wanted.values())))
+            found = self._select(
+                rel.mapper, {_attribute_of(rel.mapper, target.table.c[k]) or k: v for k, v in wanted.items()}
+            )
+            return found[0] if found else None
+        if rel.direction is _ONETOMANY:
+            filters: dict[str, Any] = {}
+            for parent_column, child_column in rel.synchronize_pairs:
+                attribute = _attribute_of(rel.mapper, child_column)
+                if attribute is None:
+                    return []
+                filters[attribute] = _get_column(obj, parent_column)
+            if any(value is None for value in filters.values()):
+                return []
+            members = self._select(rel.mapper, filters)
+        else:
+            secondary = rel.secondary
+            if not isinstance(secondary, Table):
+                return []
+            wanted_links = {column.key: _get_column(obj, parent) for parent, column in rel.synchronize_pairs}
+            targets = []
+            pairs = rel.secondary_synchronize_pairs or ()
+            for _, row in self._overlay.find(secondary, wanted_links):
+                key = tuple(
+                    row[column.key]
+                    for target_column in target.pk_columns
+                    for other, column in pairs
+                    if other is target_column
+                )
+                member = self.get(rel.mapper.class_, _as_key(key))
+                if member is not None:
+                    targets.append(member)
+            members = targets
+        del values
+        order_by = rel.order_by
+        if order_by:
+            attributes = [_attribute_of(rel.mapper, column) for column in order_by]
+            members.sort(key=lambda member: tuple(_sortable(member.__dict__.get(a)) for a in attributes if a))
+        return members
 
     # -- queries -------------------------------------------------------------
 
     def get(self, model: type[Any], key: Any) -> Any:
-        # As Session.get(): an object already in the identity map is returned
-        # without a flush; anything else is looked up after one.
-        table = _table_key(model)
-        obj = self._working.get(table, {}).get(key)
-        if obj is None or (table, key) not in self._identity:
+        """The object of *model* with primary key *key*: from the identity map, or loaded after a flush."""
+        self._check_usable()
+        mapper = _mapper(model)
+        plan = plan_of(mapper)
+        parts = key if isinstance(key, tuple) and len(plan.primary_key) > 1 else (key,)
+        parts = tuple(coerce(column, part) for column, part in zip(plan.pk_columns, parts, strict=False))
+        obj = self._identity.get((plan.base, parts))
+        if obj is None:
             self.flush()
-            obj = self._working.get(table, {}).get(key)
-        if not isinstance(obj, model) or id(obj) in self._deleted:  # a removed object is gone for get() too
+            obj = self._identity.get((plan.base, parts))
+            if obj is None:
+                obj = self._load(plan, parts)
+        if obj is None or id(obj) in self._deleted or not isinstance(obj, model):
             return None
-        self._identity.add((table, key))
         return obj
 
-    def query(self, model: type[Any], filters: dict[str, Any], limit: int | None) -> list[Any]:
-        self.flush()
-        table = self._working.get(_table_key(model), {})
-        found: list[Any] = [
-            obj
-            for key, obj in sorted(table.items(), key=lambda item: _sort_key(item[0]))
-            if isinstance(obj, model) and all(getattr(obj, name) == value for name, value in filters.items())
-        ]
-        found = found if limit is None else found[:limit]
-        info = model_info(table_key := _table_key(model))
-        self._identity.update((table_key, info.key_of(obj)) for obj in found)
+    def _load(self, plan: _Plan, key: Key, row: Row | None = None) -> Any:
+        """Build the object whose base row has *key*, as the ORM loads it; None if there is no row."""
+        base = plan_of(plan.base)
+        if row is None:
+            row = self._overlay.row(base.table, key)
+            if row is None:
+                return None
+        actual = base
+        if base.polymorphic_on is not None:
+            discriminator = _column_key(base.mapper, base.mapper.polymorphic_on)
+            identity = row.get(discriminator)
+            mapper = base.mapper.polymorphic_map.get(identity)
+            if mapper is not None:
+                actual = plan_of(mapper)
+        obj = actual.mapper.class_manager.new_instance()
+        values = obj.__dict__
+        for table, columns in actual.columns:
+            table_row = row if table is base.table else self._overlay.row(table, key)
+            if table_row is None:
+                continue
+            for column_key, attribute, _ in columns:
+                if attribute is not None and attribute not in values:
+                    values[attribute] = table_row.get(column_key)
+        self._remember(actual, obj)
+        self._install_loaders(obj, actual)
+        state = instance_state(obj)
+        state.manager.dispatch.load(state, None)  # the "load" event, and @reconstructor methods
+        return obj
+
+    def _select(self, model: Any, filters: dict[str, Any]) -> builtins.list[Any]:
+        """Objects of *model* whose attributes equal *filters*, converted by column type, in primary-key order."""
+        mapper = _mapper(model) if not isinstance(model, Mapper) else model
+        plan = plan_of(mapper)
+        base = plan_of(plan.base)
+        table_filters: list[tuple[str, Any]] = []
+        later: list[tuple[str, Any]] = []
+        for name, value in filters.items():
+            column = plan.fields[name]
+            converted = coerce(column, value)
+            if column.table is base.table:
+                table_filters.append((column.key, converted))
+            else:
+                later.append((name, converted))
+        discriminator = ""
+        identities: frozenset[Any] | None = None
+        if plan.mapper is not plan.base and base.polymorphic_on is not None:
+            discriminator = _column_key(base.mapper, base.mapper.polymorphic_on)
+            identities = frozenset(each.polymorphic_identity for each in plan.mapper.self_and_descendants)
+        keys = []
+        for key, row in self._overlay.rows(base.table):
+            if identities is not None and row.get(discriminator) not in identities:
+                continue
+            if all(row.get(name) == value for name, value in table_filters):
+                keys.append((key, row))
+        keys.sort(key=lambda item: _sort_key(item[0]))
+        found = []
+        for key, row in keys:
+            obj = self._identity.get((plan.base, key))
+            if obj is None:
+                obj = self._load(base, key, row)
+            if obj is None or id(obj) in self._deleted or not isinstance(obj, mapper.class_):
+                continue
+            if later and not all(obj.__dict__.get(name) == value for name, value in later):
+                continue
+            found.append(obj)
         return found
 
+    def query(self, model: type[Any], filters: dict[str, Any], limit: int | None) -> builtins.list[Any]:
+        self.flush()
+        found = self._select(model, filters)
+        return found if limit is None else found[:limit]
 
-@attrs.frozen
+
+class _Shadow:
+    """A stand-in object for a bulk INSERT: the values of an object, without touching it."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+class _Loader:
+    """Loads one relationship of one object when it is first read, while its block runs."""
+
+    __slots__ = ("rel", "session")
+
+    def __init__(self, session: InMemorySession, rel: Any) -> None:
+        self.session = session
+        self.rel = rel
+
+    def __call__(self, state: Any, passive: Any) -> Any:
+        session = self.session
+        obj = state.obj()
+        if not passive & SQL_OK:
+            return PASSIVE_NO_RESULT
+        if not session.open:
+            raise _detached(obj, self.rel.key)
+        if session._failed is None and not session._flushing:
+            session.flush()  # autoflush, as a lazy load's query does
+        return session._related(obj, self.rel)
+
+
+def _raiser(rel: Any) -> Callable[[Any, Any], Any]:
+    def refuse(state: Any, passive: Any) -> Any:
+        if not passive & SQL_OK:
+            return PASSIVE_NO_RESULT
+        msg = f"'{rel.parent.class_.__name__}.{rel.key}' is not available due to lazy='{rel.lazy}'"
+        raise sa_exc.InvalidRequestError(msg)
+
+    return refuse
+
+
+def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], None]:
+    def statement() -> None:
+        function(*args)
+
+    return statement
+
+
+_positions: dict[Table, int] = {}
+
+
+def _table_order() -> Callable[[Table], int]:
+    """The position of a table in its metadata's dependency order: parents before the tables that refer to them."""
+    return _position
+
+
+def _position(table: Table) -> int:
+    found = _positions.get(table)
+    if found is None:
+        for position, each in enumerate(table.metadata.sorted_tables):
+            _positions[each] = position
+        found = _positions.setdefault(table, 0)
+    return found
+
+
+def _column_key(mapper: Mapper[Any], column: Any) -> str:
+    return str(column.key)
+
+
+def _get_column(obj: Any, column: Any) -> Any:
+    mapper = _mapper(obj)
+    attribute = _attribute_of(mapper, column)
+    if attribute is None:
+        return None
+    return obj.__dict__.get(attribute)
+
+
+def _set_column(obj: Any, column: Any, value: Any) -> None:
+    mapper = _mapper(obj)
+    attribute = _attribute_of(mapper, column)
+    if attribute is not None and obj.__dict__.get(attribute, _MISSING) != value:
+        setattr(obj, attribute, value)
+
+
+def _members(value: Any) -> builtins.list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return builtins.list(value.values())
+    if isinstance(value, list | set | tuple | frozenset):
+        return builtins.list(value)
+    if hasattr(value, "__dict__") and "_sa_instance_state" in value.__dict__:
+        return [value]
+    return builtins.list(value)
+
+
+def _members_contain(collection: Any, member: Any) -> bool:
+    return any(each is member for each in _members(collection))
+
+
+def _as_key(parts: Key) -> Any:
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    return (0, 0) if value is None else (1, value)
+
+
+def _columns(plan: _Plan, obj: Any) -> dict[str, Any]:
+    values = obj.__dict__
+    return {name: values.get(name) for name in plan.column_keys}
+
+
+def _sort_key(key: Key) -> tuple[Any, ...]:
+    return tuple(_sortable(part) for part in key)
+
+
 class _Savepoint:
-    session: InMemorySession
-    tables: Tables
-    sequences: dict[type[Any], int]
-    #: Every object of the working copy, with its attribute values, by id.
-    states: dict[int, tuple[Any, dict[str, Any]]]
-    identity: set[tuple[type[Any], Any]]
-    inserted: set[tuple[type[Any], Any]]
-    removed: set[tuple[type[Any], Any]]
+    __slots__ = ("identity", "loaded", "mark", "session", "states")
 
-
-_MISSING = object()
+    def __init__(
+        self,
+        *,
+        session: InMemorySession,
+        mark: Any,
+        states: dict[int, tuple[Any, dict[str, Any]]],
+        identity: dict[tuple[Mapper[Any], Key], Any],
+        loaded: dict[int, tuple[Any, dict[str, Any]]],
+    ) -> None:
+        self.session = session
+        self.mark = mark
+        self.states = states
+        self.identity = identity
+        self.loaded = loaded
 
 
 class _Members:
@@ -507,33 +1065,13 @@ def _restore_object(obj: object, state: dict[str, Any]) -> None:
             setattr(obj, key, value)
 
 
-def _apply_defaults(mapper: Mapper[Any], obj: object) -> None:
-    """Fill unset attributes from Python-side column defaults, as an INSERT does.
-
-    Server-side defaults are the database's business: the fake leaves those
-    attributes as they are.
-    """
-    for prop in mapper.column_attrs:
-        column = prop.columns[0]
-        default = getattr(column, "default", None)
-        if default is None or getattr(obj, prop.key, None) is not None:
-            continue
-        if default.is_scalar:
-            setattr(obj, prop.key, default.arg)
-        elif default.is_callable:
-            setattr(obj, prop.key, default.arg(None))
-
-
-def _sort_key(key: Any) -> tuple[Any, ...]:
-    return key if isinstance(key, tuple) else (key,)
-
-
 class _InMemoryBase(_RepositoryBase[T]):
     """What the sync and async in-memory repositories share: their session."""
 
     def __init__(self, session: InMemorySession, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
+        plan_of(_mapper(model))
 
     @property
     def _store(self) -> InMemorySession:

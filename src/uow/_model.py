@@ -7,9 +7,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
-from sqlalchemy import Column, Integer, Table, insert, inspect
+from sqlalchemy import Column, Table, insert, inspect
 from sqlalchemy.orm import Mapper
 
+from ._rows import is_generated
 from .errors import ConfigurationError, ModelTypeError, UnknownFieldError
 
 #: How a bulk INSERT treats a column attribute: always sent (unset means None); left out when None
@@ -137,16 +138,8 @@ def _read_model(model: type[Any]) -> ModelInfo:
         raise ConfigurationError(msg)
     primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
     generated_key = None
-    if len(mapper.primary_key) == 1:
-        column = mapper.primary_key[0]
-        if (
-            isinstance(column.type, Integer)
-            and column.autoincrement in ("auto", True)
-            and column.default is None
-            and column.server_default is None
-            and not column.foreign_keys
-        ):
-            generated_key = primary_key[0]
+    if len(mapper.primary_key) == 1 and is_generated(mapper.primary_key[0]):
+        generated_key = primary_key[0]
     # A class on one table is inserted with a Core INSERT on that table, the fastest way; one
     # with inheritance or a version counter through the ORM's bulk INSERT, which handles those.
     table = mapper.local_table

@@ -19,6 +19,7 @@ from sqlalchemy.orm import exc as orm_exc
 __all__ = [
     "ActiveUnitOfWorkError",
     "ConfigurationError",
+    "FakeDatabaseError",
     "InactiveUnitOfWorkError",
     "JoinedScopeError",
     "ModelTypeError",
@@ -102,6 +103,15 @@ class MultipleResultsError(UowError, LookupError):
 
 class NotInRepositoryError(UowError, LookupError):
     """``remove()`` was given an object that this unit of work does not hold."""
+
+
+class FakeDatabaseError(UowError):
+    """What a database driver's error is to the fake: the ``orig`` of the SQLAlchemy error it raises.
+
+    The fake raises ``sqlalchemy.exc.IntegrityError`` where a database refuses
+    a write, as a driver's error wrapped by SQLAlchemy; this is the error it
+    wraps, with a message in PostgreSQL's words that names the constraint.
+    """
 
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock

@@ -146,7 +146,7 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
         @invariant()
         def committed_state_agrees(self) -> None:
             fake_rows = sorted(
-                (sku.code, sku.description, sku.stock) for sku in self.units[0].database.tables.get(Sku, {}).values()
+                (row["code"], row["description"], row["stock"]) for row in self.units[0].database.rows(Sku)
             )
             with engine.connect() as conn:
                 real_rows = sorted(

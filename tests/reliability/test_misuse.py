@@ -45,11 +45,11 @@ so no step fails on a duplicate key. A transaction never writes a row that
 another open one has touched (docs/transactions.md: keep the inner and the
 outer block on different rows; on a database the inner one would wait for the
 outer one's lock), and on SQLite ``requires_new`` starts only while no outer
-transaction may hold a lock. Reads follow each backend's visibility: a
-database shows a transaction the rows committed since it began, the fake its
-snapshot. Two rules that this machine found broken are pinned by the
-regression tests at the end of this file: ``get()`` right after ``remove()``,
-and ``commit()`` inside a savepoint of a rollback-only transaction.
+transaction may hold a lock. Reads show a transaction the rows committed
+since it began, on the databases as on the fake (READ COMMITTED). Two rules
+that this machine found broken are pinned by the regression tests at the
+end of this file: ``get()`` right after ``remove()``, and ``commit()`` inside
+a savepoint of a rollback-only transaction.
 """
 
 from __future__ import annotations
@@ -190,7 +190,6 @@ class Tx:
     #: Whether the session may hold a database transaction now (SQLite: a lock another writer would wait for).
     touched: bool = False
     #: The fake only: the committed keys as its working copy saw them when it took it; None before that.
-    snapshot: frozenset[str] | None = None
     #: The repository objects this transaction handed out; they must refuse any use once it has ended.
     repositories: list[object] = attrs.Factory(list)
 
@@ -319,8 +318,6 @@ class Backend:
     is_async = False
     #: Whether the unit of work has a ``session`` property whose commit() is guarded.
     has_session = True
-    #: Whether transactions read committed rows as they are now (databases) or from a snapshot (the fake).
-    fake = False
     #: SQLite lets one transaction write at a time, so a nested transaction may not wait for its outer one.
     sqlite = False
 
@@ -345,7 +342,6 @@ class Backend:
 
 class FakeBackend(Backend):
     has_session = False
-    fake = True
 
     def __init__(self, kind: type[Any] = FakeShopUnitOfWork) -> None:
         self.kind = kind
@@ -354,7 +350,7 @@ class FakeBackend(Backend):
         return self.kind()
 
     def committed(self, unit: Any) -> list[str]:
-        return sorted(sku.code for sku in unit.database.tables.get(Sku, {}).values())
+        return sorted(row["code"] for row in unit.database.rows(Sku))
 
 
 class DatabaseBackend(Backend):
@@ -603,18 +599,15 @@ class MisuseMachine(RuleBasedStateMachine):
             assert poison is error.__cause__
 
     def view(self, tx: Tx) -> set[str]:
-        """The keys *tx* sees: the committed ones (as a snapshot on the fake), with its own work."""
-        base = self.durable if tx.snapshot is None else tx.snapshot
-        return (set(base) | tx.added) - tx.removed
+        """The keys *tx* sees: the committed ones as they are now, with its own work."""
+        return (set(self.durable) | tx.added) - tx.removed
 
     def transactions(self) -> list[Tx]:
         return [frame.tx for frame in self.stack if frame.kind == OWNER]
 
     def touch(self, tx: Tx, *, store: bool = True) -> None:
-        """*tx* used its session; with *store*, the fake's working copy was read, so it took its snapshot."""
+        """*tx* used its session (*store*: its rows too, which changes nothing in what it sees)."""
         tx.touched = True
-        if store and self.backend.fake and tx.snapshot is None:
-            tx.snapshot = frozenset(self.durable)
 
     def claimed_elsewhere(self, tx: Tx) -> set[str]:
         return set().union(*(other.claims for other in self.transactions() if other is not tx))
@@ -903,8 +896,6 @@ class MisuseMachine(RuleBasedStateMachine):
         self.commits += 1
         tx.added, tx.removed, tx.hooks, tx.unflushed = set(), set(), [], set()
         tx.touched = False
-        if self.backend.fake:
-            tx.snapshot = frozenset(self.durable)  # taken at the commit, before the hooks committed theirs
         self.durable.update(written)
         self.commits += len(written)
         return expected
@@ -926,7 +917,6 @@ class MisuseMachine(RuleBasedStateMachine):
         tx = frame.tx
         tx.added, tx.removed, tx.hooks, tx.unflushed = set(), set(), [], set()
         tx.touched = False
-        tx.snapshot = None
         frame.poison = None
         frame.rollback_only = False
 

@@ -118,8 +118,7 @@ def fake_reader(database: InMemoryDatabase) -> Callable[[type[Any], tuple[str, .
     """Read the fake's committed tables directly."""
 
     def read(model: type[Any], fields: tuple[str, ...]) -> list[tuple[Any, ...]]:
-        table = database.tables.get(model, {})
-        return [tuple(getattr(obj, field) for field in fields) for obj in table.values()]
+        return [tuple(row[field] for field in fields) for row in database.rows(model)]
 
     return read
 

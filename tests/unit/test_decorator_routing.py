@@ -46,7 +46,7 @@ def serialization_failure() -> sa_exc.OperationalError:
 
 def notes(unit: FakeAuditUnitOfWork | AsyncFakeAuditUnitOfWork | FakeShopUnitOfWork) -> list[str]:
     """The texts of the notes committed to a fake's database."""
-    return sorted(note.text for note in unit.database.tables.get(Note, {}).values())
+    return sorted(row["text"] for row in unit.database.rows(Note))
 
 
 class HasNotes(Protocol):
@@ -71,7 +71,7 @@ class Made:
 
     @property
     def committed(self) -> list[str]:
-        return sorted(note.text for note in self.database.tables.get(Note, {}).values())
+        return sorted(row["text"] for row in self.database.rows(Note))
 
 
 # -- routing by kind -------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_service_joins_its_kind_when_another_kind_is_entered_inside_it() -> None
             assert shop is current(ShopUnitOfWork)
             assert audit is current()
         raise RuntimeError("the shop block fails")
-    assert ([], 1) == (sorted(sku.code for sku in shops.database.tables.get(Sku, {}).values()), len(shops.made))
+    assert ([], 1) == (sorted(row["code"] for row in shops.database.rows(Sku)), len(shops.made))
 
 
 @pytest.mark.parametrize("annotation", ["Annotated", "Protocol"])
@@ -345,7 +345,7 @@ def test_decorator_honours_the_options_of_the_unit_of_work_its_factory_builds() 
     with pytest.raises(errors.ReadOnlyError):
         add_sku("refused")
     transactional(factory=read_only_shop, read_only=False)(add_sku.__wrapped__)("overridden")  # type: ignore[attr-defined]
-    assert ["overridden"] == sorted(sku.code for sku in shops.database.tables.get(Sku, {}).values())
+    assert ["overridden"] == sorted(row["code"] for row in shops.database.rows(Sku))
 
 
 @pytest.mark.parametrize(

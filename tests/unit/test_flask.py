@@ -54,7 +54,7 @@ def fake_app(
 
 def committed_names(fake: FakeShopUnitOfWork) -> list[str]:
     """The names of the items committed to the fake's database."""
-    return sorted(item.name for item in fake.database.tables.get(Item, {}).values())
+    return sorted(row["name"] for row in fake.database.rows(Item))
 
 
 # -- configuration ------------------------------------------------------------------

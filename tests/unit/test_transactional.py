@@ -55,7 +55,7 @@ def caused_by(error: BaseException, cause: BaseException) -> BaseException:
 
 def committed_names(unit: FakeShopUnitOfWork | AsyncFakeShopUnitOfWork) -> list[str]:
     """The names of the items committed to the fake's database."""
-    return sorted(item.name for item in unit.database.tables.get(Item, {}).values())
+    return sorted(row["name"] for row in unit.database.rows(Item))
 
 
 class Factory:

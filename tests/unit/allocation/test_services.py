@@ -26,15 +26,23 @@ def product(uow: FakeAllocationUnitOfWork, sku: str) -> Product:
 
 
 def allocations(uow: FakeAllocationUnitOfWork, sku: str) -> dict[str, list[str]]:
-    """The order ids allocated to each batch of *sku*, as committed."""
-    return {batch.reference: [line.orderid for line in batch.allocations] for batch in product(uow, sku).batches}
+    """The order ids allocated to each batch of *sku*, as committed, read inside a block as a database needs."""
+    with uow:
+        found = uow.products.get(sku)
+        assert found is not None
+        return {batch.reference: [line.orderid for line in batch.allocations] for batch in found.batches}
+
+
+def references(uow: FakeAllocationUnitOfWork, sku: str) -> list[str]:
+    """The references of the batches of *sku*, as committed."""
+    return list(allocations(uow, sku))
 
 
 def test_add_batch_for_new_product(uow: FakeAllocationUnitOfWork) -> None:
     """add_batch() creates the product of a new SKU and commits."""
     services.add_batch("b1", "CRUNCHY-ARMCHAIR", 100, None, uow)
 
-    assert ["b1"] == [batch.reference for batch in product(uow, "CRUNCHY-ARMCHAIR").batches]
+    assert ["b1"] == references(uow, "CRUNCHY-ARMCHAIR")
     assert 1 == uow.commits
 
 
@@ -43,7 +51,7 @@ def test_add_batch_for_existing_product(uow: FakeAllocationUnitOfWork) -> None:
     services.add_batch("b1", "GARISH-RUG", 100, None, uow)
     services.add_batch("b2", "GARISH-RUG", 99, None, uow)
 
-    assert ["b1", "b2"] == [batch.reference for batch in product(uow, "GARISH-RUG").batches]
+    assert ["b1", "b2"] == references(uow, "GARISH-RUG")
     with uow:
         assert 1 == uow.products.count()
 
@@ -111,8 +119,9 @@ def test_change_batch_quantity_changes_available_quantity(uow: FakeAllocationUni
 
     messagebus.handle(BatchQuantityChanged("batch1", 50), uow)
 
-    [batch] = product(uow, "ADORABLE-SETTEE").batches
-    assert 50 == batch.available_quantity
+    with uow:
+        [batch] = uow.products.get("ADORABLE-SETTEE").batches
+        assert 50 == batch.available_quantity
 
 
 def test_change_batch_quantity_reallocates_via_events(uow: FakeAllocationUnitOfWork) -> None:

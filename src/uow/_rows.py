@@ -1,0 +1,556 @@
+"""The fake's database: rows of tables, their constraints, and transactions that write over them.
+
+This layer knows tables and rows, never mapped objects: ``_memory.py`` turns
+objects into rows at a flush and rows into objects at a load, as the ORM does
+over a real database.
+
+* :class:`TableSpec` is what a ``Table`` declares, read once: its columns, its
+  primary key, UNIQUE constraints and unique indexes, NOT NULL columns,
+  foreign keys both ways, literal server defaults and the key the database
+  generates.
+* :class:`Store` holds the committed rows of every table, with an index per
+  unique constraint and per foreign key, so that a check costs the same with
+  ten rows stored as with ten thousand.
+* :class:`Overlay` is one transaction: the rows it wrote, over the committed
+  ones. Each write is checked as the database checks a statement, and a
+  commit writes only the rows it changed. A row is a dict of column key to
+  value and is never changed in place: a write replaces it.
+
+Reads see the latest committed rows under the transaction's own writes, as
+PostgreSQL's default READ COMMITTED isolation does. A row written by an open
+transaction is locked against the others until it ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import ForeignKeyConstraint, Index, Integer, Table, UniqueConstraint
+from sqlalchemy import exc as sa_exc
+
+from .errors import FakeDatabaseError
+
+__all__ = ["Overlay", "Store", "TableSpec", "spec_of"]
+
+Row = dict[str, Any]
+Key = tuple[Any, ...]
+
+
+def _integrity(statement: str, message: str) -> sa_exc.IntegrityError:
+    return sa_exc.IntegrityError(statement, None, FakeDatabaseError(message))
+
+
+def _name(constraint: Any, default: str) -> str:
+    name = constraint.name
+    return name if isinstance(name, str) and name and type(name) is str else default
+
+
+def _shown(values: Key) -> str:
+    return ", ".join("null" if value is None else str(value) for value in values)
+
+
+class ForeignKey:
+    """One foreign key: columns of *table* that refer to columns of *target*."""
+
+    def __init__(self, constraint: ForeignKeyConstraint, table: Table) -> None:
+        self.table = table
+        self.columns = tuple(element.parent.key for element in constraint.elements)
+        target_columns = [element.column for element in constraint.elements]
+        self.target: Table = target_columns[0].table
+        self.target_columns = tuple(column.key for column in target_columns)
+        self.name = _name(constraint, f"{table.name}_{'_'.join(self.columns)}_fkey")
+        self.ondelete = (constraint.ondelete or "NO ACTION").upper()
+        self.deferred = bool(constraint.initially and constraint.initially.upper() == "DEFERRED")
+
+
+class TableSpec:
+    """What a table declares that the fake enforces, read once per table."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.name = table.name
+        self.columns = tuple(column.key for column in table.columns)
+        self.primary_key = tuple(column.key for column in table.primary_key.columns)
+        self.pk_name = _name(table.primary_key, f"{table.name}_pkey")
+        self.not_null = tuple(column.key for column in table.columns if not column.nullable)
+        uniques: list[tuple[str, tuple[str, ...]]] = []
+        for constraint in table.constraints:
+            if isinstance(constraint, UniqueConstraint):
+                columns = tuple(column.key for column in constraint.columns)
+                uniques.append((_name(constraint, f"{table.name}_{'_'.join(columns)}_key"), columns))
+        for index in table.indexes:
+            if isinstance(index, Index) and index.unique:
+                columns = tuple(column.key for column in index.columns)
+                uniques.append((_name(index, f"{table.name}_{'_'.join(columns)}_idx"), columns))
+        for column in table.columns:
+            if column.unique and not any(columns == (column.key,) for _, columns in uniques):
+                uniques.append((f"{table.name}_{column.key}_key", (column.key,)))
+        self.uniques = tuple(uniques)
+        self.foreign_keys = tuple(
+            ForeignKey(constraint, table)
+            for constraint in table.constraints
+            if isinstance(constraint, ForeignKeyConstraint)
+        )
+        #: The foreign keys of other tables that refer to this one; filled in by :func:`spec_of`.
+        self.referenced_by: list[ForeignKey] = []
+        #: Literal server defaults, as the column's Python type.
+        self.server_defaults: dict[str, Any] = {}
+        #: The integer primary key column the database numbers, if any.
+        self.generated: str | None = None
+        if len(table.primary_key.columns) == 1:
+            column = next(iter(table.primary_key.columns))
+            if is_generated(column):
+                self.generated = column.key
+
+    def key_of(self, row: Row) -> Key:
+        return tuple(row[name] for name in self.primary_key)
+
+
+def is_generated(column: Any) -> bool:
+    """Whether the database numbers this integer primary key column when an INSERT leaves it out."""
+    if not isinstance(column.type, Integer) or column.foreign_keys:
+        return False
+    if column.identity is not None:
+        return True
+    default = column.default
+    if default is not None:
+        return bool(getattr(default, "is_sequence", False))
+    return column.server_default is None and column.autoincrement in ("auto", True)
+
+
+_specs: dict[Table, TableSpec] = {}
+
+
+def spec_of(table: Table) -> TableSpec:
+    """The :class:`TableSpec` of *table*, with the foreign keys of its metadata that refer to it."""
+    spec = _specs.get(table)
+    if spec is None:
+        spec = _specs[table] = TableSpec(table)
+        for other in table.metadata.tables.values() if table.metadata is not None else ():
+            other_spec = spec if other is table else spec_of(other)
+            for fk in other_spec.foreign_keys:
+                if fk.target is table and fk not in spec.referenced_by:
+                    spec.referenced_by.append(fk)
+        for fk in spec.foreign_keys:  # a table of another metadata, or read before this one
+            target = spec_of(fk.target) if fk.target is not table else spec
+            if fk not in target.referenced_by:
+                target.referenced_by.append(fk)
+    return spec
+
+
+class _Indexes:
+    """Unique values and foreign-key references of a set of rows of one table."""
+
+    __slots__ = ("refs", "unique")
+
+    def __init__(self, spec: TableSpec) -> None:
+        #: Per unique constraint: its values to the key of the row that holds them.
+        self.unique: list[dict[Key, Key]] = [{} for _ in spec.uniques]
+        #: Per foreign key: the values it refers to, to the keys of the rows that refer to them.
+        self.refs: list[dict[Key, set[Key]]] = [{} for _ in spec.foreign_keys]
+
+    def add(self, spec: TableSpec, key: Key, row: Row) -> None:
+        for index, (_, columns) in zip(self.unique, spec.uniques, strict=True):
+            values = tuple(row[name] for name in columns)
+            if None not in values:
+                index[values] = key
+        for refs, fk in zip(self.refs, spec.foreign_keys, strict=True):
+            values = tuple(row[name] for name in fk.columns)
+            if None not in values:
+                refs.setdefault(values, set()).add(key)
+
+    def remove(self, spec: TableSpec, key: Key, row: Row) -> None:
+        for index, (_, columns) in zip(self.unique, spec.uniques, strict=True):
+            values = tuple(row[name] for name in columns)
+            if index.get(values) == key:
+                del index[values]
+        for refs, fk in zip(self.refs, spec.foreign_keys, strict=True):
+            values = tuple(row[name] for name in fk.columns)
+            holders = refs.get(values)
+            if holders is not None:
+                holders.discard(key)
+                if not holders:
+                    del refs[values]
+
+
+class _Table:
+    """The rows of one table, with their indexes."""
+
+    __slots__ = ("indexes", "rows", "spec")
+
+    def __init__(self, spec: TableSpec) -> None:
+        self.spec = spec
+        self.rows: dict[Key, Row] = {}
+        self.indexes = _Indexes(spec)
+
+    def put(self, key: Key, row: Row | None) -> None:
+        old = self.rows.get(key)
+        if old is not None:
+            self.indexes.remove(self.spec, key, old)
+        if row is None:
+            self.rows.pop(key, None)
+        else:
+            self.rows[key] = row
+            self.indexes.add(self.spec, key, row)
+
+
+class Store:
+    """The committed rows of a fake database."""
+
+    def __init__(self) -> None:
+        self.tables: dict[Table, _Table] = {}
+        #: The highest integer key each table has held or handed out: the next generated one follows it.
+        self.counters: dict[Table, int] = {}
+        #: The rows that an open transaction has written: locked against the others until it ends.
+        self.locks: dict[tuple[Table, Key], Overlay] = {}
+        #: Incremented by every commit that wrote.
+        self.version = 0
+
+    def table(self, table: Table) -> _Table:
+        found = self.tables.get(table)
+        if found is None:
+            found = self.tables[table] = _Table(spec_of(table))
+        return found
+
+
+_DELETED: Any = None
+
+
+class Overlay:
+    """One transaction's writes over a :class:`Store`: what it inserted, updated and deleted, checked as it goes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        #: Per table: the rows this transaction wrote, by key; None for a row it deleted.
+        self.writes: dict[Table, _Table] = {}
+        #: The keys this transaction inserted that were not in the store when it did.
+        self.inserted: set[tuple[Table, Key]] = set()
+        self.counters: dict[Table, int] = {}
+
+    # -- reading ---------------------------------------------------------------
+
+    def row(self, table: Table, key: Key) -> Row | None:
+        written = self.writes.get(table)
+        if written is not None and key in written.rows:
+            return written.rows[key]
+        stored = self.store.tables.get(table)
+        return None if stored is None else stored.rows.get(key)
+
+    def rows(self, table: Table) -> Iterator[tuple[Key, Row]]:
+        """Every row of *table* this transaction sees, in no particular order."""
+        written = self.writes.get(table)
+        stored = self.store.tables.get(table)
+        if stored is not None:
+            if written is None:
+                yield from stored.rows.items()
+            else:
+                mine = written.rows
+                yield from ((key, row) for key, row in stored.rows.items() if key not in mine)
+        if written is not None:
+            yield from ((key, row) for key, row in written.rows.items() if row is not None)
+
+    def referring(self, fk: ForeignKey, values: Key) -> list[Key]:
+        """The keys of the rows of *fk*'s table that refer to *values* through it."""
+        position = fk.table is not None and spec_of(fk.table).foreign_keys.index(fk)
+        found: set[Key] = set()
+        stored = self.store.tables.get(fk.table)
+        written = self.writes.get(fk.table)
+        if stored is not None:
+            for key in stored.indexes.refs[position].get(values, ()):
+                if written is None or key not in written.rows:
+                    found.add(key)
+        if written is not None:
+            found.update(written.indexes.refs[position].get(values, ()))
+        return sorted(found, key=_order)
+
+    def find(self, table: Table, match: dict[str, Any]) -> list[tuple[Key, Row]]:
+        """The rows of *table* whose columns equal *match*, through a foreign key's index where one fits."""
+        spec = spec_of(table)
+        for fk in spec.foreign_keys:
+            if all(name in match for name in fk.columns):
+                values = tuple(match[name] for name in fk.columns)
+                candidates = [(key, self.row(table, key)) for key in self.referring(fk, values)]
+                break
+        else:
+            candidates = list(self.rows(table))
+        return sorted(
+            (
+                (key, row)
+                for key, row in candidates
+                if row is not None and all(row.get(k) == v for k, v in match.items())
+            ),
+            key=lambda item: item[0],
+        )
+
+    def _unique_holder(self, spec: TableSpec, position: int, values: Key) -> Key | None:
+        written = self.writes.get(spec.table)
+        if written is not None:
+            holder = written.indexes.unique[position].get(values)
+            if holder is not None:
+                return holder
+        stored = self.store.tables.get(spec.table)
+        if stored is None:
+            return None
+        holder = stored.indexes.unique[position].get(values)
+        if holder is not None and written is not None and holder in written.rows:
+            return None  # this transaction changed or deleted that row: its own index says
+        return holder
+
+    # -- writing ---------------------------------------------------------------
+
+    def next_key(self, table: Table) -> int:
+        """A generated integer key: one past the highest the table has held or handed out."""
+        highest = max(self.counters.get(table, 0), self.store.counters.get(table, 0))
+        stored = self.store.tables.get(table)
+        if highest == 0 and stored is not None:
+            highest = max((key[0] for key in stored.rows if isinstance(key[0], int)), default=0)
+        self.counters[table] = highest + 1
+        return highest + 1
+
+    def _seen_key(self, table: Table, key: Key) -> None:
+        if len(key) == 1 and isinstance(key[0], int) and key[0] > self.counters.get(table, 0):
+            self.counters[table] = key[0]
+
+    def _write(self, table: Table, key: Key, row: Row | None) -> None:
+        lock = (table, key)
+        holder = self.store.locks.get(lock)
+        if holder is not None and holder is not self:
+            spec = spec_of(table)
+            msg = (
+                f'row ({_shown(key)}) of table "{spec.name}" is locked by another open transaction of this '
+                "fake, which has written it and not ended: a database would wait for that transaction, "
+                "forever if it is the block around this one. Commit the outer block's change first, or "
+                "keep the two transactions on different rows"
+            )
+            raise sa_exc.OperationalError(f"UPDATE {spec.name} (in-memory fake)", None, FakeDatabaseError(msg))
+        written = self.writes.get(table)
+        if written is None:
+            written = self.writes[table] = _Table(spec_of(table))
+        written.put(key, row)
+        if row is None:
+            written.rows[key] = None  # type: ignore[assignment]  # a deletion
+        self.store.locks[lock] = self
+
+    def insert(self, table: Table, row: Row) -> Key:
+        """INSERT *row*, complete with defaults and its key; return the key."""
+        spec = spec_of(table)
+        statement = f"INSERT INTO {spec.name} (in-memory fake)"
+        if spec.generated is not None and row.get(spec.generated) is None:
+            row[spec.generated] = self.next_key(table)
+        self._check_not_null(spec, row, statement)
+        key = spec.key_of(row)
+        if self.row(table, key) is not None:
+            msg = (
+                f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
+                f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(key)}) already exists."
+            )
+            raise _integrity(statement, msg)
+        self._check_unique(spec, key, row, statement)
+        self._check_references(spec, row, None, statement)
+        stored = self.store.tables.get(table)
+        if stored is None or key not in stored.rows:
+            self.inserted.add((table, key))
+        self._seen_key(table, key)
+        self._write(table, key, row)
+        return key
+
+    def update(self, table: Table, key: Key, row: Row) -> None:
+        """UPDATE the row with *key* to *row*; a changed key moves it."""
+        spec = spec_of(table)
+        statement = f"UPDATE {spec.name} (in-memory fake)"
+        old = self.row(table, key)
+        if old is None:
+            raise sa_exc.OperationalError(statement, None, FakeDatabaseError(f"no row ({_shown(key)}) to update"))
+        self._check_not_null(spec, row, statement)
+        new_key = spec.key_of(row)
+        if new_key != key:
+            self._check_not_referenced(spec, old, statement, moving=True)
+            if self.row(table, new_key) is not None:
+                msg = (
+                    f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
+                    f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(new_key)}) already exists."
+                )
+                raise _integrity(statement, msg)
+        self._check_unique(spec, new_key, row, statement, ignore=key)
+        self._check_references(spec, row, old, statement)
+        if new_key != key:
+            self._write(table, key, None)
+            self.inserted.add((table, new_key))
+        self._write(table, new_key, row)
+
+    def delete(self, table: Table, key: Key) -> None:
+        """DELETE the row with *key*, with each foreign key's ON DELETE action; a missing row is no error."""
+        spec = spec_of(table)
+        old = self.row(table, key)
+        if old is None:
+            return
+        statement = f"DELETE FROM {spec.name} (in-memory fake)"
+        self._write(table, key, None)
+        # A failed flush leaves the whole transaction to be rolled back, as the ORM does: no undo here.
+        self._on_delete(spec, old, statement)
+
+    def _on_delete(self, spec: TableSpec, old: Row, statement: str) -> None:
+        for fk in spec.referenced_by:
+            values = tuple(old[name] for name in fk.target_columns)
+            if None in values:
+                continue
+            holders = self.referring(fk, values)
+            if not holders:
+                continue
+            if fk.ondelete == "CASCADE":
+                for holder in holders:
+                    self.delete(fk.table, holder)
+            elif fk.ondelete == "SET NULL":
+                for holder in holders:
+                    row = self.row(fk.table, holder)
+                    if row is not None:
+                        changed = dict(row)
+                        changed.update(dict.fromkeys(fk.columns, None))
+                        self.update(fk.table, holder, changed)
+            else:
+                raise _integrity(statement, _still_referenced(spec, fk, values))
+
+    def _check_not_referenced(self, spec: TableSpec, old: Row, statement: str, *, moving: bool) -> None:
+        for fk in spec.referenced_by:
+            values = tuple(old[name] for name in fk.target_columns)
+            if None not in values and self.referring(fk, values):
+                raise _integrity(statement, _still_referenced(spec, fk, values))
+
+    def _check_not_null(self, spec: TableSpec, row: Row, statement: str) -> None:
+        for name in spec.not_null:
+            if row.get(name) is None:
+                msg = f'null value in column "{name}" of relation "{spec.name}" violates not-null constraint'
+                raise _integrity(statement, msg)
+
+    def _check_unique(self, spec: TableSpec, key: Key, row: Row, statement: str, ignore: Key | None = None) -> None:
+        for position, (name, columns) in enumerate(spec.uniques):
+            values = tuple(row[column] for column in columns)
+            if None in values:
+                continue  # NULLs are distinct
+            holder = self._unique_holder(spec, position, values)
+            if holder is not None and holder != key and holder != ignore:
+                msg = (
+                    f'duplicate key value violates unique constraint "{name}"\n'
+                    f"DETAIL:  Key ({', '.join(columns)})=({_shown(values)}) already exists."
+                )
+                raise _integrity(statement, msg)
+
+    def _check_references(self, spec: TableSpec, row: Row, old: Row | None, statement: str) -> None:
+        for fk in spec.foreign_keys:
+            values = tuple(row[name] for name in fk.columns)
+            if None in values:
+                continue  # MATCH SIMPLE: a NULL in the key refers to nothing
+            if old is not None and values == tuple(old[name] for name in fk.columns):
+                continue
+            if not self._exists(fk, values):
+                target = spec_of(fk.target)
+                msg = (
+                    f'insert or update on table "{spec.name}" violates foreign key constraint "{fk.name}"\n'
+                    f"DETAIL:  Key ({', '.join(fk.columns)})=({_shown(values)}) is not present in table "
+                    f'"{target.name}".'
+                )
+                raise _integrity(statement, msg)
+
+    def _exists(self, fk: ForeignKey, values: Key) -> bool:
+        target = spec_of(fk.target)
+        if fk.target_columns == target.primary_key:
+            return self.row(fk.target, values) is not None
+        for position, (_, columns) in enumerate(target.uniques):
+            if columns == fk.target_columns:
+                return self._unique_holder(target, position, values) is not None
+        return any(tuple(row[name] for name in fk.target_columns) == values for _, row in self.rows(fk.target))
+
+    # -- ending ----------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Check the writes against what others committed meanwhile, then store them."""
+        store = self.store
+        for table, written in self.writes.items():
+            spec = written.spec
+            stored = store.table(table)
+            statement = f"COMMIT (in-memory fake, table {spec.name})"
+            for key, row in written.rows.items():
+                if row is None:
+                    continue
+                if (table, key) in self.inserted and key in stored.rows:
+                    msg = (
+                        f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
+                        f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(key)}) already exists."
+                    )
+                    raise _integrity(statement, msg)
+                for position, (name, columns) in enumerate(spec.uniques):
+                    values = tuple(row[column] for column in columns)
+                    holder = stored.indexes.unique[position].get(values)
+                    if None not in values and holder is not None and holder != key and holder not in written.rows:
+                        msg = (
+                            f'duplicate key value violates unique constraint "{name}"\n'
+                            f"DETAIL:  Key ({', '.join(columns)})=({_shown(values)}) already exists."
+                        )
+                        raise _integrity(statement, msg)
+        wrote = False
+        for table, written in self.writes.items():
+            stored = store.table(table)
+            for key, row in written.rows.items():
+                stored.put(key, row)
+                wrote = True
+        for table, counter in self.counters.items():
+            if counter > store.counters.get(table, 0):
+                store.counters[table] = counter
+        if wrote:
+            store.version += 1
+        self.end()
+
+    def end(self) -> None:
+        """Forget the writes and give up the locks: after a commit, or as a rollback."""
+        locks = self.store.locks
+        for table, written in self.writes.items():
+            for key in written.rows:
+                if locks.get((table, key)) is self:
+                    del locks[(table, key)]
+        self.writes = {}
+        self.inserted = set()
+        self.counters = {}
+
+    # -- savepoints ------------------------------------------------------------
+
+    def mark(self) -> tuple[dict[Table, dict[Key, Row | None]], set[tuple[Table, Key]], dict[Table, int]]:
+        """What :meth:`restore` needs to go back to now: a copy of the writes, in proportion to their number."""
+        return (
+            {table: dict(written.rows) for table, written in self.writes.items()},
+            set(self.inserted),
+            dict(self.counters),
+        )
+
+    def restore(
+        self, mark: tuple[dict[Table, dict[Key, Row | None]], set[tuple[Table, Key]], dict[Table, int]]
+    ) -> None:
+        writes, inserted, counters = mark
+        locks = self.store.locks
+        for table, written in self.writes.items():
+            before = writes.get(table, {})
+            for key in written.rows:
+                if key not in before and locks.get((table, key)) is self:
+                    del locks[(table, key)]
+        self.writes = {}
+        for table, rows in writes.items():
+            rebuilt = self.writes[table] = _Table(spec_of(table))
+            for key, row in rows.items():
+                rebuilt.put(key, row)
+                if row is None:
+                    rebuilt.rows[key] = None  # type: ignore[assignment]
+        self.inserted = inserted
+        self.counters = counters
+
+
+def _still_referenced(spec: TableSpec, fk: ForeignKey, values: Key) -> str:
+    referring = spec_of(fk.table).name
+    return (
+        f'update or delete on table "{spec.name}" violates foreign key constraint "{fk.name}" on table '
+        f'"{referring}"\nDETAIL:  Key ({", ".join(fk.target_columns)})=({_shown(values)}) is still referenced '
+        f'from table "{referring}".'
+    )
+
+
+def _order(key: Key) -> tuple[Any, ...]:
+    return key

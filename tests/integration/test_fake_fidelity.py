@@ -1,0 +1,567 @@
+"""What a real database does, stated once and run on every implementation: the fakes must do the same.
+
+Each test runs on the sync fake, the async fake, and ``SqlAlchemyUnitOfWork``
+on SQLite (with foreign keys enforced), PostgreSQL and MariaDB. The test
+bodies are sync: the async fake is driven through :class:`SyncUnit`, which
+runs every call in one asyncio task. On a database, what a test stored is read
+back through a separate connection; on a fake, in a new block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect as pyinspect
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import attrs
+import pytest
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import IntegrityError, PendingRollbackError, ProgrammingError
+from sqlalchemy.orm.exc import DetachedInstanceError, StaleDataError
+
+import uow
+from tests.integration.conftest import rows
+from tests.support.databases import Provisioner
+from tests.support.fidelity import (
+    REPOSITORIES,
+    Address,
+    Article,
+    AsyncFakeFidelityUnitOfWork,
+    Customer,
+    Employee,
+    Engineer,
+    FakeFidelityUnitOfWork,
+    Invoice,
+    Line,
+    Memo,
+    Order,
+    Product,
+    Slot,
+    SqlFidelityUnitOfWork,
+    Stock,
+    Tag,
+    Truck,
+    Vehicle,
+    enforce_foreign_keys,
+    metadata,
+)
+
+IMPLEMENTATIONS = ("fake", "async-fake", "sqlite", "postgresql", "mariadb")
+FAKES = ("fake", "async-fake")
+
+
+# -- driving the async fake with sync calls ------------------------------------
+
+
+class TaskRunner:
+    """Runs coroutines one after the other in one long-lived asyncio task.
+
+    An async unit of work belongs to the task that entered it, so every call
+    of a test, from ``__aenter__`` to ``__aexit__``, must run in the same
+    task: this one. The loop runs only while a call is waited for.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._jobs: asyncio.Queue[tuple[Coroutine[Any, Any, Any], asyncio.Future[Any]]] = asyncio.Queue()
+        self._worker = self.loop.create_task(self._work())
+
+    async def _work(self) -> None:
+        while True:
+            coro, done = await self._jobs.get()
+            try:
+                result = await coro
+            except Exception as error:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+    async def _submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        done = asyncio.get_running_loop().create_future()
+        await self._jobs.put((coro, done))
+        return await done
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run_until_complete(self._submit(coro))
+
+    def close(self) -> None:
+        self._worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(self._worker)
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+
+async def _read(obj: object, name: str) -> Any:
+    return getattr(obj, name)
+
+
+class SyncRepository:
+    """An async repository whose methods are called like sync ones."""
+
+    def __init__(self, repo: uow.AsyncRepository[Any], runner: TaskRunner) -> None:
+        self._repo = repo
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._repo, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            return self._runner.run(result) if pyinspect.iscoroutine(result) else result
+
+        return call
+
+
+class SyncBlock:
+    """``with unit.transaction(...):`` on an async unit of work."""
+
+    def __init__(self, block: Any, owner: SyncUnit) -> None:
+        self._block = block
+        self._owner = owner
+
+    def __enter__(self) -> SyncUnit:
+        self._owner.runner.run(self._block.__aenter__())
+        return self._owner
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._owner.runner.run(self._block.__aexit__(*exc_info))
+
+
+class SyncUnit:
+    """An async unit of work used with ``with``, ``commit()`` and sync repositories; each call runs in the runner."""
+
+    def __init__(self, unit: uow.AsyncUnitOfWork, runner: TaskRunner) -> None:
+        self.wrapped = unit
+        self.runner = runner
+
+    def __enter__(self) -> SyncUnit:
+        self.runner.run(self.wrapped.__aenter__())
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.runner.run(self.wrapped.__aexit__(*exc_info))
+
+    def commit(self) -> None:
+        self.runner.run(self.wrapped.commit())
+
+    def rollback(self) -> None:
+        self.runner.run(self.wrapped.rollback())
+
+    def transaction(self, **kwargs: Any) -> SyncBlock:
+        return SyncBlock(self.wrapped.transaction(**kwargs), self)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = self.runner.run(_read(self.wrapped, name))  # the repositories answer only in the owner's task
+        return SyncRepository(attr, self.runner) if isinstance(attr, uow.AsyncRepository) else attr
+
+
+# -- the implementations -------------------------------------------------------
+
+
+@attrs.define
+class Implementation:
+    """One implementation under test: its unit of work, used with sync calls, and how to read what it stored."""
+
+    name: str
+    uow: Any
+    engine: Engine | None = None
+
+    def stored_rows(self, sql: str, read: Callable[[Any], list[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+        """Stored rows, sorted: on a database *sql* through a separate connection, on a fake *read* in a new block."""
+        if self.engine is not None:
+            found = rows(self.engine, sql)
+        else:
+            with self.uow as unit:
+                found = read(unit)
+        return sorted(found, key=repr)
+
+    def stored(self, model: type[Any], *fields: str) -> list[tuple[Any, ...]]:
+        """The stored rows of *model* (a root model, or a joined subclass), as tuples of *fields*, sorted."""
+        mapper = inspect(model)
+        statement = select(*(mapper.columns[field] for field in fields)).select_from(mapper.selectable)
+        sql = str(statement.compile(self.engine)) if self.engine is not None else ""
+
+        def read(unit: Any) -> list[tuple[Any, ...]]:
+            found = getattr(unit, REPOSITORIES[model]).list()
+            return [tuple(getattr(obj, field) for field in fields) for obj in found if isinstance(obj, model)]
+
+        return self.stored_rows(sql, read)
+
+
+def fidelity_engine(backend: str, provisioner: Provisioner, engines: dict[str, Engine]) -> Engine:
+    """The backend's engine with the fidelity tables, created on first use in this run and emptied now."""
+    eng = engines.get(backend)
+    if eng is None:
+        eng = provisioner.track(provisioner.database(backend).engine())
+        if backend == "sqlite":
+            enforce_foreign_keys(eng)
+        metadata.create_all(eng)
+        engines[backend] = eng
+    with eng.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    return eng
+
+
+@pytest.fixture(scope="module")
+def fidelity_engines() -> dict[str, Engine]:
+    """The engines made so far in this run, by backend; the run's database drop removes their tables."""
+    return {}
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(
+    request: pytest.FixtureRequest, provisioner: Provisioner, fidelity_engines: dict[str, Engine]
+) -> Iterator[Implementation]:
+    """Each implementation in turn, empty."""
+    name: str = request.param
+    if name == "fake":
+        yield Implementation(name, FakeFidelityUnitOfWork())
+    elif name == "async-fake":
+        runner = TaskRunner()
+        try:
+            yield Implementation(name, SyncUnit(AsyncFakeFidelityUnitOfWork(), runner))
+        finally:
+            runner.close()
+    else:
+        eng = fidelity_engine(name, provisioner, fidelity_engines)
+        yield Implementation(name, SqlFidelityUnitOfWork(eng), eng)
+
+
+def seed(unit: Any, *objs: object) -> None:
+    """Add *objs* through their repositories and commit; their generated keys are set afterwards."""
+    with unit:
+        for obj in objs:
+            getattr(unit, REPOSITORIES[type(obj)]).add(obj)
+        unit.commit()
+
+
+def refused_at_flush(unit: Any) -> None:
+    """The next query flushes and raises IntegrityError; the block refuses queries until rolled back."""
+    with pytest.raises(IntegrityError):
+        unit.customers.count()
+    with pytest.raises(PendingRollbackError):
+        unit.customers.count()
+    unit.rollback()
+    unit.customers.count()
+    unit.commit()  # commits nothing: the rollback discarded the refused work
+
+
+# -- constraints -----------------------------------------------------------------
+
+
+def test_duplicate_unique_column_is_refused(implementation: Implementation) -> None:
+    """A value already in a UNIQUE column raises IntegrityError at flush, and the block must roll back."""
+    unit = implementation.uow
+    seed(unit, Customer(email="ada@example.com", name="Ada"))
+    with unit:
+        unit.customers.add(Customer(email="ada@example.com", name="Another Ada"))
+        refused_at_flush(unit)
+    assert [("ada@example.com", "Ada")] == implementation.stored(Customer, "email", "name")
+
+
+def test_duplicate_composite_unique_is_refused(implementation: Implementation) -> None:
+    """A (day, room) pair already taken raises IntegrityError at flush; the same day in another room does not."""
+    unit = implementation.uow
+    seed(unit, Slot(day="mon", room="a", code="s1"), Slot(day="mon", room="b", code="s2"))
+    with unit:
+        unit.slots.add(Slot(day="mon", room="a", code="s3"))
+        refused_at_flush(unit)
+    assert [("mon", "a", "s1"), ("mon", "b", "s2")] == implementation.stored(Slot, "day", "room", "code")
+
+
+def test_duplicate_unique_index_value_is_refused(implementation: Implementation) -> None:
+    """A value already in a column with a unique index raises IntegrityError at flush."""
+    unit = implementation.uow
+    seed(unit, Slot(day="mon", room="a", code="s1"))
+    with unit:
+        unit.slots.add(Slot(day="tue", room="a", code="s1"))
+        refused_at_flush(unit)
+    assert [("mon", "a", "s1")] == implementation.stored(Slot, "day", "room", "code")
+
+
+def test_null_in_not_null_column_is_refused(implementation: Implementation) -> None:
+    """None in a NOT NULL column raises IntegrityError at flush."""
+    unit = implementation.uow
+    with unit:
+        unit.stocks.add(Stock(sku="lamp", qty=None))  # the key is given: only the NULL can be refused
+        refused_at_flush(unit)
+    assert [] == implementation.stored(Stock, "sku")
+
+
+def test_foreign_key_to_a_missing_row_is_refused(implementation: Implementation) -> None:
+    """A foreign key that names no row raises IntegrityError at flush."""
+    unit = implementation.uow
+    with unit:
+        unit.invoices.add(Invoice(total=10, customer_id=999_999))
+        refused_at_flush(unit)
+    assert [] == implementation.stored(Invoice, "total")
+
+
+def test_deleting_a_row_still_referenced_is_refused(implementation: Implementation) -> None:
+    """Deleting a row that an ON DELETE RESTRICT foreign key still references raises IntegrityError at flush."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    seed(unit, Invoice(total=10, customer_id=customer.id))
+    with unit:
+        unit.customers.remove(unit.customers.get(customer.id))
+        refused_at_flush(unit)
+    assert [("ada@example.com",)] == implementation.stored(Customer, "email")
+    assert [(10, customer.id)] == implementation.stored(Invoice, "total", "customer_id")
+
+
+def test_on_delete_cascade_deletes_the_referencing_rows(implementation: Implementation) -> None:
+    """Deleting a row deletes the rows whose ON DELETE CASCADE foreign key refers to it; no ORM relationship acts."""
+    unit = implementation.uow
+    customer, other = Customer(email="ada@example.com", name="Ada"), Customer(email="bob@example.com", name="Bob")
+    seed(unit, customer, other)
+    seed(unit, Address(city="London", customer_id=customer.id), Address(city="Paris", customer_id=other.id))
+    with unit:
+        unit.customers.remove(unit.customers.get(customer.id))
+        unit.commit()
+    assert [("Paris", other.id)] == implementation.stored(Address, "city", "customer_id")
+
+
+def test_on_delete_set_null_clears_the_referencing_column(implementation: Implementation) -> None:
+    """Deleting a row sets NULL in the ON DELETE SET NULL foreign keys that refer to it; no ORM relationship acts."""
+    unit = implementation.uow
+    customer, other = Customer(email="ada@example.com", name="Ada"), Customer(email="bob@example.com", name="Bob")
+    seed(unit, customer, other)
+    seed(unit, Memo(text="call back", customer_id=customer.id), Memo(text="vip", customer_id=other.id))
+    with unit:
+        unit.customers.remove(unit.customers.get(customer.id))
+        unit.commit()
+    assert [("call back", None), ("vip", other.id)] == implementation.stored(Memo, "text", "customer_id")
+
+
+# -- concurrent transactions -----------------------------------------------------
+
+
+def test_version_counter_refuses_a_stale_update(implementation: Implementation) -> None:
+    """An update of a row whose version another transaction changed since it was read raises StaleDataError."""
+    unit = implementation.uow
+    seed(unit, Stock(sku="lamp", qty=10))
+    with unit:
+        outer = unit.stocks.get("lamp")
+        with unit.transaction(propagation="requires_new"):
+            unit.stocks.get("lamp").qty = 7
+            unit.commit()
+        outer.qty = 5
+        with pytest.raises(StaleDataError):
+            unit.commit()
+    assert [("lamp", 7, 2)] == implementation.stored(Stock, "sku", "qty", "version")
+
+
+def test_requires_new_changes_survive_the_outer_commit(implementation: Implementation) -> None:
+    """What a requires_new block committed stays when the outer block, which only read, commits after it."""
+    unit = implementation.uow
+    first, second = Customer(email="ada@example.com", name="Ada"), Customer(email="bob@example.com", name="Bob")
+    seed(unit, first, second)
+    with unit:
+        assert "Ada" == unit.customers.get(first.id).name
+        with unit.transaction(propagation="requires_new"):
+            unit.customers.get(first.id).name = "Ada Lovelace"
+            unit.customers.remove(unit.customers.get(second.id))
+            unit.commit()
+        unit.commit()
+    assert [("ada@example.com", "Ada Lovelace")] == implementation.stored(Customer, "email", "name")
+
+
+# -- generated keys --------------------------------------------------------------
+
+
+def test_identity_key_is_generated(implementation: Implementation) -> None:
+    """An Identity() key left unset gets an integer at the flush, and the row is stored with it."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    with unit:
+        unit.customers.add(customer)
+        unit.commit()
+    assert isinstance(customer.id, int)
+    assert [(customer.id, "ada@example.com")] == implementation.stored(Customer, "id", "email")
+
+
+def test_sequence_key_is_generated(implementation: Implementation) -> None:
+    """A Sequence key left unset gets an integer at the flush, and the row is stored with it."""
+    unit = implementation.uow
+    product = Product(name="lamp")
+    with unit:
+        unit.products.add(product)
+        unit.commit()
+    assert isinstance(product.id, int)
+    assert [(product.id, "lamp")] == implementation.stored(Product, "id", "name")
+
+
+# -- relationships ---------------------------------------------------------------
+
+
+def test_child_of_a_new_parent_gets_its_foreign_key(implementation: Implementation) -> None:
+    """A line appended to a new order gets the order's key in its foreign key at the flush, and queries find it."""
+    unit = implementation.uow
+    with unit:
+        order, line = Order(ref="o1"), Line(sku="lamp", qty=1)
+        order.lines.append(line)
+        unit.orders.add(order)
+        unit.commit()
+        assert order.id == line.order_id
+        assert [line.id] == [found.id for found in unit.lines.list(order_id=order.id)]
+    assert [(order.id, "lamp")] == implementation.stored(Line, "order_id", "sku")
+
+
+def test_child_appended_to_a_loaded_parent_gets_its_foreign_key(implementation: Implementation) -> None:
+    """A line appended to an order loaded from the database is added with the order's key, and queries find it."""
+    unit = implementation.uow
+    order = Order(ref="o1", lines=[Line(sku="lamp", qty=1)])
+    seed(unit, order)
+    with unit:
+        loaded = unit.orders.get(order.id)
+        line = Line(sku="desk", qty=2)
+        loaded.lines.append(line)
+        assert ["desk", "lamp"] == sorted(found.sku for found in unit.lines.list(order_id=order.id))
+        assert order.id == line.order_id
+        unit.commit()
+    assert [(order.id, "desk"), (order.id, "lamp")] == implementation.stored(Line, "order_id", "sku")
+
+
+def test_unloaded_relationship_is_unreadable_after_the_block(implementation: Implementation) -> None:
+    """After a block, a lazy relationship it never read raises DetachedInstanceError; one it read stays readable."""
+    unit = implementation.uow
+    first, second = Order(ref="o1", lines=[Line(sku="lamp", qty=1)]), Order(ref="o2", lines=[Line(sku="desk", qty=1)])
+    seed(unit, first, second)
+    with unit:
+        untouched = unit.orders.get(first.id)
+        touched = unit.orders.get(second.id)
+        assert ["desk"] == [line.sku for line in touched.lines]
+    with pytest.raises(DetachedInstanceError):
+        untouched.lines
+    assert ["desk"] == [line.sku for line in touched.lines]
+
+
+def test_removing_a_parent_deletes_its_children(implementation: Implementation) -> None:
+    """Removing an order deletes its lines, through the relationship's delete cascade."""
+    unit = implementation.uow
+    first, second = Order(ref="o1", lines=[Line(sku="lamp", qty=1)]), Order(ref="o2", lines=[Line(sku="desk", qty=1)])
+    seed(unit, first, second)
+    with unit:
+        unit.orders.remove(unit.orders.get(first.id))
+        unit.commit()
+    assert [(second.id, "desk")] == implementation.stored(Line, "order_id", "sku")
+
+
+def test_child_removed_from_its_collection_is_deleted(implementation: Implementation) -> None:
+    """A line removed from its order's lines is deleted at the flush (delete-orphan)."""
+    unit = implementation.uow
+    order = Order(ref="o1", lines=[Line(sku="lamp", qty=1), Line(sku="desk", qty=2)])
+    seed(unit, order)
+    with unit:
+        loaded = unit.orders.get(order.id)
+        loaded.lines.remove(next(line for line in loaded.lines if line.sku == "lamp"))
+        unit.commit()
+    assert [(order.id, "desk")] == implementation.stored(Line, "order_id", "sku")
+
+
+def test_many_to_many_link_is_a_stored_row(implementation: Implementation) -> None:
+    """Appending a tag to an article stores an association row; removing it deletes that row, not the tag."""
+    unit = implementation.uow
+    article, tag = Article(title="Fakes"), Tag(name="testing")
+    seed(unit, article, tag)
+
+    def links() -> list[tuple[Any, ...]]:
+        return implementation.stored_rows(
+            "SELECT article_id, tag_id FROM fid_article_tags",
+            lambda unit: [(found.id, linked.id) for found in unit.articles.list() for linked in found.tags],
+        )
+
+    with unit:
+        unit.articles.get(article.id).tags.append(unit.tags.get(tag.id))
+        unit.commit()
+    assert [(article.id, tag.id)] == links()
+    with unit:
+        loaded = unit.articles.get(article.id)
+        loaded.tags.remove(loaded.tags[0])
+        unit.commit()
+    assert [] == links()
+    assert [(tag.id, "testing")] == implementation.stored(Tag, "id", "name")
+
+
+# -- inheritance -----------------------------------------------------------------
+
+
+def test_joined_subclass_is_stored_and_returned_whole(implementation: Implementation) -> None:
+    """An Engineer gets its Python default, a later change to its own column is stored, the base repository finds it."""
+    unit = implementation.uow
+    engineer, clerk = Engineer(name="Ada"), Employee(name="Bob")
+    with unit:
+        unit.employees.add_all([engineer, clerk])
+        unit.commit()
+        assert "python" == engineer.language
+    with unit:
+        loaded = unit.employees.get(engineer.id)
+        assert Engineer is type(loaded)
+        loaded.language = "rust"
+        unit.commit()
+    with unit:
+        assert {("Ada", Engineer), ("Bob", Employee)} == {(found.name, type(found)) for found in unit.employees.list()}
+    assert [("Ada", "rust")] == implementation.stored(Engineer, "name", "language")
+    assert [("Ada", "engineer"), ("Bob", "employee")] == implementation.stored(Employee, "name", "kind")
+
+
+def test_single_table_subclass_is_returned_by_the_base_repository(implementation: Implementation) -> None:
+    """The base class's repository returns subclass instances of a single-table hierarchy, with their columns."""
+    unit = implementation.uow
+    seed(unit, Vehicle(wheels=2), Truck(wheels=6, payload=10))
+    with unit:
+        assert {(2, Vehicle, None), (6, Truck, 10)} == {
+            (found.wheels, type(found), getattr(found, "payload", None)) for found in unit.vehicles.list()
+        }
+    assert [("truck", 6), ("vehicle", 2)] == implementation.stored(Vehicle, "kind", "wheels")
+
+
+# -- type conversion -------------------------------------------------------------
+
+
+def test_get_with_a_string_for_an_integer_key_finds_the_row(implementation: Implementation) -> None:
+    """get("1") on an integer key converts the string, as the database does, and returns the row."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        found = unit.customers.get(str(customer.id))
+        assert found is not None
+        assert "ada@example.com" == found.email
+
+
+def test_filter_with_a_string_on_an_integer_column(implementation: Implementation) -> None:
+    """A string filter on an integer column finds the row on SQLite, MariaDB and the fakes; PostgreSQL refuses it."""
+    unit = implementation.uow
+    seed(unit, Stock(sku="lamp", qty=3))
+    with unit:
+        if implementation.name == "postgresql":
+            with pytest.raises(ProgrammingError) as raised:
+                unit.stocks.list(qty="3")
+            assert "42883" == raised.value.orig.sqlstate  # type: ignore[union-attr]  # operator does not exist
+        else:
+            assert ["lamp"] == [found.sku for found in unit.stocks.list(qty="3")]
+
+
+# -- the fake's own messages -----------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", FAKES, indirect=True)
+def test_fake_errors_name_no_private_module(implementation: Implementation) -> None:
+    """The fake's IntegrityError message names nothing private of uow."""
+    unit = implementation.uow
+    seed(unit, Stock(sku="lamp", qty=3))
+    with unit:
+        unit.stocks.add(Stock(sku="lamp", qty=4))
+        with pytest.raises(IntegrityError) as raised:
+            unit.commit()
+    message = str(raised.value)
+    assert "uow._" not in message
+    assert "_DuplicateKey" not in message
