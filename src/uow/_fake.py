@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ._async_unit_of_work import AsyncUnitOfWork
 from ._machine import _UnitOfWorkCore
 from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession, _Savepoint
 from ._scope import _Transaction
 from ._unit_of_work import UnitOfWork
+from .errors import ConfigurationError
 
 __all__ = ["AsyncFakeUnitOfWork", "FakeUnitOfWork"]
 
@@ -15,11 +18,28 @@ class _FakeCore(_UnitOfWorkCore):
     """What the sync and async fakes share: the database, and every step of a transaction."""
 
     def __init__(
-        self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
+        self,
+        *,
+        autocommit: bool = False,
+        read_only: bool = False,
+        isolation_level: str | None = None,
+        unenforced: Iterable[str] = (),
     ) -> None:
+        """*unenforced* names what the models declare that the fake cannot model and should leave out.
+
+        A CHECK constraint given as SQL text (by its name), a computed column,
+        a server default that is not a literal or a server-side ON UPDATE (as
+        ``"table.column"``), or a trigger (``"table trigger"``): without an
+        opt-out, building a repository of such a model raises
+        ``ConfigurationError`` that names it. A named CHECK constraint that
+        the fake can evaluate is left unchecked too.
+        """
         super().__init__(autocommit=autocommit, read_only=read_only, isolation_level=isolation_level)
+        if isinstance(unenforced, str):
+            msg = f"unenforced= takes a collection of names, not the string {unenforced!r}: write ({unenforced!r},)"
+            raise ConfigurationError(msg)
         #: The committed state, shared by every block of this unit of work.
-        self.database = InMemoryDatabase()
+        self.database = InMemoryDatabase(frozenset(unenforced))
 
     def _prepare(self, tx: _Transaction) -> None:
         """The fake has no isolation levels, and read-only mode is enforced at flush."""

@@ -31,9 +31,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Boolean, Column, Float, Integer, Numeric, String, Table, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapper, RelationshipDirection
-from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm import exc as orm_exc
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import get_history, set_committed_value
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT, SQL_OK, instance_state, instance_str
 
 from ._repository import AsyncRepository, Repository, _RepositoryBase
@@ -97,6 +96,29 @@ class _Plan:
             self.polymorphic_on = mapper.polymorphic_on.key
             self.identities = frozenset(each.polymorphic_identity for each in mapper.self_and_descendants)
         self.relationships = tuple(mapper.relationships)
+        #: What the fake cannot model, by the name an opt-out gives it, with a description.
+        self.unmodelled: dict[str, str] = {}
+        #: What the fake cannot model and no opt-out can leave aside.
+        self.refused: list[str] = []
+        tables_used = list(tables)
+        for rel in self.relationships:
+            if isinstance(rel.secondary, Table) and rel.secondary not in tables_used:
+                tables_used.append(rel.secondary)
+            if rel.lazy in ("dynamic", "write_only"):
+                self.refused.append(
+                    f"the relationship {mapper.class_.__name__}.{rel.key} with lazy={rel.lazy!r}, which queries "
+                    "the database itself: test it against a database, or map it with lazy='select'"
+                )
+        for table in tables_used:
+            spec = spec_of(table)
+            self.unmodelled.update(spec.unmodelled)
+            for column in table.columns:
+                if column.server_default is None or column.computed is not None or column.identity is not None:
+                    continue
+                if spec.generated == column.key or _server_default(column) is not _MISSING:
+                    continue
+                where = f"{table.name}.{column.key}"
+                self.unmodelled[where] = f"the server default of {where!r}, which is not a literal"
 
     def key_of(self, obj: object) -> Key:
         values = obj.__dict__
@@ -230,8 +252,8 @@ def _apply_defaults(plan: _Plan, obj: object) -> None:
 class InMemoryDatabase:
     """Committed state of a fake unit of work: rows of tables, with their constraints."""
 
-    def __init__(self) -> None:
-        self.store = Store()
+    def __init__(self, unenforced: frozenset[str] = frozenset()) -> None:
+        self.store = Store(unenforced)
 
     def rows(self, model_or_table: Any) -> builtins.list[dict[str, Any]]:
         """The committed rows of a table, or of a mapped class's first table, in primary-key order.
@@ -323,7 +345,10 @@ class InMemorySession:
         """Whether this transaction holds work not yet committed, changed attributes of loaded objects included."""
         if self._pending or self._deleted or self._overlay.writes:
             return True
-        return any(self._dirty(obj, snapshot) for obj, snapshot in self._loaded.values()) or bool(self._cascade_new())
+        for obj, snapshot in self._loaded.values():
+            if self._dirty(obj, snapshot) or self._links_changed(obj):
+                return True
+        return bool(self._cascade_new())
 
     def begin_nested(self) -> _Savepoint:
         """Flush, then remember this transaction's state, as SAVEPOINT does."""
@@ -440,7 +465,7 @@ class InMemorySession:
             not inserts
             and not self._deleted
             and not dirty
-            and not any(instance_state(obj).modified for obj, _ in self._loaded.values())
+            and not any(self._links_changed(obj) for obj, _ in self._loaded.values())
         ):
             return  # nothing changed, not even a collection
         self._check_write(f"{len(inserts)} new, {len(dirty)} changed and {len(self._deleted)} deleted objects")
@@ -597,6 +622,17 @@ class InMemorySession:
         values = obj.__dict__
         return any(values.get(name, _MISSING) != value for name, value in snapshot.items())
 
+    @staticmethod
+    def _links_changed(obj: Any) -> bool:
+        """Whether a relationship of *obj* changed since the last flush: a collection or a reference."""
+        if not instance_state(obj).modified:
+            return False
+        values = obj.__dict__
+        return any(
+            rel.key in values and get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE).has_changes()
+            for rel in plan_of(_mapper(obj)).relationships
+        )
+
     def _remember(self, plan: _Plan, obj: Any) -> None:
         self._identity[(plan.base, plan.key_of(obj))] = obj
         self._loaded[id(obj)] = (obj, _columns(plan, obj))
@@ -643,7 +679,7 @@ class InMemorySession:
             for rel in _mapper(obj).relationships:
                 if rel.direction is not _ONETOMANY or not rel.cascade.delete_orphan or rel.key not in obj.__dict__:
                     continue
-                history = orm_attributes.get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
+                history = get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
                 for child in history.deleted or ():
                     if id(child) in self._loaded and id(child) not in self._deleted:
                         self._deleted[id(child)] = child
@@ -657,7 +693,7 @@ class InMemorySession:
         for rel in _mapper(obj).relationships:
             if rel.key not in values or rel.viewonly:
                 continue
-            history = orm_attributes.get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
+            history = get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
             if not history.has_changes() and id(obj) in self._loaded:
                 continue
             direction = rel.direction
@@ -1065,13 +1101,30 @@ def _restore_object(obj: object, state: dict[str, Any]) -> None:
             setattr(obj, key, value)
 
 
+def _check_modelled(plan: _Plan, unenforced: frozenset[str]) -> None:
+    """Refuse a model that declares what the fake cannot model, unless the unit of work was told to leave it out."""
+    missing = [described for name, described in plan.unmodelled.items() if name not in unenforced]
+    name = plan.mapper.class_.__name__
+    if plan.refused:
+        msg = f"the fake cannot model {'; '.join(plan.refused)}"
+        raise ConfigurationError(msg)
+    if missing:
+        names = ", ".join(repr(each) for each in plan.unmodelled if each not in unenforced)
+        msg = (
+            f"the fake cannot model what {name} declares: {'; '.join(missing)}. A test on the fake would "
+            f"pass where the database may refuse or compute something. Test this against a database, or "
+            f"build the fake with unenforced={{{names}}} to leave it out knowingly"
+        )
+        raise ConfigurationError(msg)
+
+
 class _InMemoryBase(_RepositoryBase[T]):
     """What the sync and async in-memory repositories share: their session."""
 
     def __init__(self, session: InMemorySession, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
-        plan_of(_mapper(model))
+        _check_modelled(plan_of(_mapper(model)), session._database.store.unenforced)
 
     @property
     def _store(self) -> InMemorySession:

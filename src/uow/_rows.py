@@ -26,8 +26,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import ForeignKeyConstraint, Index, Integer, Table, UniqueConstraint
+from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Integer, Table, UniqueConstraint
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm.evaluator import UnevaluatableError, _EvaluatorCompiler
+from sqlalchemy.sql.ddl import DDL
 
 from .errors import FakeDatabaseError
 
@@ -64,6 +66,19 @@ class ForeignKey:
         self.deferred = bool(constraint.initially and constraint.initially.upper() == "DEFERRED")
 
 
+class _RowEvaluator(_EvaluatorCompiler):
+    """SQLAlchemy's Python evaluator of SQL expressions, reading columns from a row instead of an object."""
+
+    def visit_column(self, clause: Any) -> Any:
+        key = clause.key
+        return lambda row: row.get(key)
+
+
+def _evaluate(clause: Any) -> Any:
+    """A function of a row that evaluates *clause* as SQL would; UnevaluatableError if SQLAlchemy cannot."""
+    return _RowEvaluator().process(clause)  # type: ignore[no-untyped-call]
+
+
 class TableSpec:
     """What a table declares that the fake enforces, read once per table."""
 
@@ -94,8 +109,30 @@ class TableSpec:
         )
         #: The foreign keys of other tables that refer to this one; filled in by :func:`spec_of`.
         self.referenced_by: list[ForeignKey] = []
-        #: Literal server defaults, as the column's Python type.
-        self.server_defaults: dict[str, Any] = {}
+        #: CHECK constraints that SQLAlchemy can evaluate in Python: name and test of a row.
+        self.checks: list[tuple[str, Any]] = []
+        #: What the table declares that the fake cannot model: the name an opt-out gives, and what it is.
+        self.unmodelled: list[tuple[str, str]] = []
+        for position, constraint in enumerate(
+            (each for each in table.constraints if isinstance(each, CheckConstraint)), start=1
+        ):
+            name = _name(constraint, f"{table.name}_check" if position == 1 else f"{table.name}_check{position}")
+            try:
+                self.checks.append((name, _evaluate(constraint.sqltext)))
+            except UnevaluatableError:
+                self.unmodelled.append(
+                    (name, f"the CHECK constraint {name!r} of table {table.name!r}, given as SQL text")
+                )
+        for column in table.columns:
+            where = f"{table.name}.{column.key}"
+            if column.computed is not None:
+                self.unmodelled.append((where, f"the computed column {where!r}"))
+            elif column.server_onupdate is not None:
+                self.unmodelled.append((where, f"the server-side ON UPDATE value of {where!r}"))
+        for listener in table.dispatch.after_create:
+            statement = getattr(listener, "statement", None)
+            if isinstance(listener, DDL) and isinstance(statement, str) and "TRIGGER" in statement.upper():
+                self.unmodelled.append((f"{table.name} trigger", f"a trigger created with table {table.name!r}"))
         #: The integer primary key column the database numbers, if any.
         self.generated: str | None = None
         if len(table.primary_key.columns) == 1:
@@ -198,7 +235,9 @@ class _Table:
 class Store:
     """The committed rows of a fake database."""
 
-    def __init__(self) -> None:
+    def __init__(self, unenforced: frozenset[str] = frozenset()) -> None:
+        #: Names of constraints, columns and triggers the fake was told to leave out instead of refusing them.
+        self.unenforced = unenforced
         self.tables: dict[Table, _Table] = {}
         #: The highest integer key each table has held or handed out: the next generated one follows it.
         self.counters: dict[Table, int] = {}
@@ -339,6 +378,7 @@ class Overlay:
         if spec.generated is not None and row.get(spec.generated) is None:
             row[spec.generated] = self.next_key(table)
         self._check_not_null(spec, row, statement)
+        self._check_checks(spec, row, statement)
         key = spec.key_of(row)
         if self.row(table, key) is not None:
             msg = (
@@ -363,6 +403,7 @@ class Overlay:
         if old is None:
             raise sa_exc.OperationalError(statement, None, FakeDatabaseError(f"no row ({_shown(key)}) to update"))
         self._check_not_null(spec, row, statement)
+        self._check_checks(spec, row, statement)
         new_key = spec.key_of(row)
         if new_key != key:
             self._check_not_referenced(spec, old, statement, moving=True)
@@ -421,6 +462,14 @@ class Overlay:
         for name in spec.not_null:
             if row.get(name) is None:
                 msg = f'null value in column "{name}" of relation "{spec.name}" violates not-null constraint'
+                raise _integrity(statement, msg)
+
+    def _check_checks(self, spec: TableSpec, row: Row, statement: str) -> None:
+        for name, test in spec.checks:
+            if name in self.store.unenforced:
+                continue
+            if test(row) is False:  # NULL, unknown, passes as in SQL
+                msg = f'new row for relation "{spec.name}" violates check constraint "{name}"'
                 raise _integrity(statement, msg)
 
     def _check_unique(self, spec: TableSpec, key: Key, row: Row, statement: str, ignore: Key | None = None) -> None:

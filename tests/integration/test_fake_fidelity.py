@@ -170,6 +170,8 @@ class Implementation:
     name: str
     uow: Any
     engine: Engine | None = None
+    #: Builds another unit of work of this implementation, on the same data, with the options given.
+    build: Callable[..., Any] | None = None
 
     def stored_rows(self, sql: str, read: Callable[[Any], list[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
         """Stored rows, sorted: on a database *sql* through a separate connection, on a fake *read* in a new block."""
@@ -221,16 +223,32 @@ def implementation(
     """Each implementation in turn, empty."""
     name: str = request.param
     if name == "fake":
-        yield Implementation(name, FakeFidelityUnitOfWork())
+        fake = FakeFidelityUnitOfWork()
+
+        def build_fake(**options: Any) -> Any:
+            other = FakeFidelityUnitOfWork(**options)
+            other.database = fake.database  # the same data, as a second unit of work on one database
+            return other
+
+        yield Implementation(name, fake, build=build_fake)
     elif name == "async-fake":
         runner = TaskRunner()
+        async_fake = AsyncFakeFidelityUnitOfWork()
+
+        def build_async_fake(**options: Any) -> Any:
+            other = AsyncFakeFidelityUnitOfWork(**options)
+            other.database = async_fake.database
+            return SyncUnit(other, runner)
+
         try:
-            yield Implementation(name, SyncUnit(AsyncFakeFidelityUnitOfWork(), runner))
+            yield Implementation(name, SyncUnit(async_fake, runner), build=build_async_fake)
         finally:
             runner.close()
     else:
         eng = fidelity_engine(name, provisioner, fidelity_engines)
-        yield Implementation(name, SqlFidelityUnitOfWork(eng), eng)
+        yield Implementation(
+            name, SqlFidelityUnitOfWork(eng), eng, build=lambda **options: SqlFidelityUnitOfWork(eng, **options)
+        )
 
 
 def seed(unit: Any, *objs: object) -> None:
@@ -512,6 +530,17 @@ def test_joined_subclass_is_stored_and_returned_whole(implementation: Implementa
     assert [("Ada", "engineer"), ("Bob", "employee")] == implementation.stored(Employee, "name", "kind")
 
 
+def test_autocommit_stores_a_change_to_a_joined_subclass_column(implementation: Implementation) -> None:
+    """With autocommit=True, a change to a column of a joined subclass's own table is committed at the block's end."""
+    seed(implementation.uow, Engineer(name="Ada"))
+    assert implementation.build is not None
+    auto = implementation.build(autocommit=True)
+    with auto:
+        [loaded] = auto.employees.list()
+        loaded.language = "rust"
+    assert [("Ada", "rust")] == implementation.stored(Engineer, "name", "language")
+
+
 def test_single_table_subclass_is_returned_by_the_base_repository(implementation: Implementation) -> None:
     """The base class's repository returns subclass instances of a single-table hierarchy, with their columns."""
     unit = implementation.uow
@@ -565,3 +594,16 @@ def test_fake_errors_name_no_private_module(implementation: Implementation) -> N
     message = str(raised.value)
     assert "uow._" not in message
     assert "_DuplicateKey" not in message
+
+
+def test_autocommit_stores_a_many_to_many_change_alone(implementation: Implementation) -> None:
+    """With autocommit=True, a block whose only change is a many-to-many link commits it at its end."""
+    article, tag = Article(title="uow"), Tag(name="testing")
+    seed(implementation.uow, article, tag)
+    assert implementation.build is not None
+    auto = implementation.build(autocommit=True)
+    with auto:
+        loaded = auto.articles.get(article.id)
+        loaded.tags.append(auto.tags.get(tag.id))
+    with implementation.uow as unit:
+        assert ["testing"] == [each.name for each in unit.articles.get(article.id).tags]

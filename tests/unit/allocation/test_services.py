@@ -6,6 +6,7 @@ from datetime import date
 
 import pytest
 from pytest_mock import MockerFixture
+from sqlalchemy.orm.exc import StaleDataError
 
 from allocation import messagebus, services
 from allocation.domain import AllocationRequired, BatchQuantityChanged, OrderLine, OutOfStock, Product
@@ -183,3 +184,20 @@ def test_events_of_rolled_back_work_are_dropped(uow: FakeAllocationUnitOfWork) -
 
     assert uow.rolled_back
     assert [] == list(uow.collect_new_events())
+
+
+def test_the_fake_refuses_the_loser_of_two_concurrent_allocations(uow: FakeAllocationUnitOfWork) -> None:
+    """Two transactions allocate from one product: the second commit raises StaleDataError, as on the database."""
+    services.add_batch("b1", "TWIN-LAMP", 10, None, uow)
+    with uow:
+        loser = uow.products.get("TWIN-LAMP")
+        assert loser is not None
+        with uow.transaction(propagation="requires_new"):
+            winner = uow.products.get("TWIN-LAMP")
+            assert winner is not None
+            winner.allocate(OrderLine("o1", "TWIN-LAMP", 3))
+            uow.commit()
+        loser.allocate(OrderLine("o2", "TWIN-LAMP", 4))
+        with pytest.raises(StaleDataError):
+            uow.commit()
+    assert {"b1": ["o1"]} == allocations(uow, "TWIN-LAMP")

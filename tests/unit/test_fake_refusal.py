@@ -1,0 +1,218 @@
+"""The fake refuses, loudly and early, what a model declares that it cannot model; an opt-out leaves it out."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from sqlalchemy import (
+    DDL,
+    CheckConstraint,
+    Column,
+    Computed,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    func,
+    literal_column,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import registry, relationship
+
+import uow
+from uow import errors
+
+metadata = MetaData()
+mapper_registry = registry(metadata=metadata)
+
+
+@attrs.define(eq=False, slots=False)
+class Checked:
+    id: int
+    qty: int
+
+
+@attrs.define(eq=False, slots=False)
+class Texted:
+    id: int
+    qty: int
+
+
+@attrs.define(eq=False, slots=False)
+class Computing:
+    id: int
+    qty: int
+    double: int | None = None
+
+
+@attrs.define(eq=False, slots=False)
+class Stamped:
+    id: int
+    created: object = None
+
+
+@attrs.define(eq=False, slots=False)
+class Literal:
+    id: int
+    status: str | None = None
+    level: int | None = None
+
+
+@attrs.define(eq=False, slots=False)
+class Triggered:
+    id: int
+
+
+@attrs.define(eq=False, slots=False)
+class Dynamic:
+    id: int
+
+
+mapper_registry.map_imperatively(
+    Checked,
+    Table(
+        "refusal_checked",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("qty", Integer, nullable=False),
+        CheckConstraint(literal_column("qty") >= 0, name="ck_refusal_qty_positive"),
+    ),
+)
+mapper_registry.map_imperatively(
+    Texted,
+    Table(
+        "refusal_texted",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("qty", Integer, nullable=False),
+        CheckConstraint(text("qty % 2 = 0"), name="ck_refusal_even"),
+    ),
+)
+mapper_registry.map_imperatively(
+    Computing,
+    Table(
+        "refusal_computing",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("qty", Integer, nullable=False),
+        Column("double", Integer, Computed("qty * 2")),
+    ),
+)
+mapper_registry.map_imperatively(
+    Stamped,
+    Table(
+        "refusal_stamped",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("created", DateTime, server_default=func.now()),
+    ),
+)
+mapper_registry.map_imperatively(
+    Literal,
+    Table(
+        "refusal_literal",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("status", String(10), server_default="new"),
+        Column("level", Integer, server_default=text("3")),
+    ),
+)
+triggered = Table("refusal_triggered", metadata, Column("id", Integer, primary_key=True, autoincrement=False))
+event.listen(
+    triggered,
+    "after_create",
+    DDL("CREATE TRIGGER refusal_stamp AFTER INSERT ON refusal_triggered BEGIN SELECT 1; END"),
+)
+mapper_registry.map_imperatively(Triggered, triggered)
+mapper_registry.map_imperatively(
+    Dynamic,
+    Table("refusal_dynamic", metadata, Column("id", Integer, primary_key=True, autoincrement=False)),
+    properties={"children": relationship(Checked, primaryjoin="foreign(Checked.id) == Dynamic.id", lazy="dynamic")},
+)
+
+
+class Refusals(uow.UnitOfWork):
+    checked = uow.repository(Checked)
+    texted = uow.repository(Texted)
+    computing = uow.repository(Computing)
+    stamped = uow.repository(Stamped)
+    literal = uow.repository(Literal)
+    triggered = uow.repository(Triggered)
+    dynamic = uow.repository(Dynamic)
+
+
+class FakeRefusals(uow.FakeUnitOfWork, Refusals):
+    pass
+
+
+def refused(unit: FakeRefusals, name: str) -> str:
+    """The message of the ConfigurationError that building repository *name* raises in a block."""
+    with unit, pytest.raises(errors.ConfigurationError) as caught:
+        getattr(unit, name)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("repository", "named", "opt_out"),
+    [
+        ("texted", "ck_refusal_even", "ck_refusal_even"),
+        ("computing", "refusal_computing.double", "refusal_computing.double"),
+        ("stamped", "refusal_stamped.created", "refusal_stamped.created"),
+        ("triggered", "refusal_triggered trigger", "refusal_triggered trigger"),
+    ],
+)
+def test_an_unmodelled_feature_is_refused_by_name_until_opted_out(repository: str, named: str, opt_out: str) -> None:
+    """SQL-text CHECKs, computed columns, function server defaults and triggers are refused by name unless opted out."""
+    message = refused(FakeRefusals(), repository)
+    assert named in message
+    assert "unenforced=" in message
+    unit = FakeRefusals(unenforced={opt_out})
+    with unit:
+        assert getattr(unit, repository).count() == 0
+
+
+def test_a_dynamic_relationship_is_refused_without_an_opt_out() -> None:
+    """lazy='dynamic' queries the database itself: the fake refuses the model and says what to do."""
+    message = refused(FakeRefusals(unenforced={"anything"}), "dynamic")
+    assert "Dynamic.children" in message
+    assert "lazy='select'" in message
+
+
+def test_a_check_constraint_given_as_an_expression_is_enforced() -> None:
+    """A CHECK that SQLAlchemy can evaluate refuses a violating row with IntegrityError naming it; other rows pass."""
+    unit = FakeRefusals()
+    with unit:
+        unit.checked.add(Checked(1, 0))
+        unit.commit()
+    with unit:
+        unit.checked.add(Checked(2, -1))
+        with pytest.raises(IntegrityError, match="ck_refusal_qty_positive"):
+            unit.commit()
+    assert [{"id": 1, "qty": 0}] == unit.database.rows(Checked)
+
+
+def test_an_enforced_check_constraint_can_be_opted_out_by_name() -> None:
+    """A CHECK named in unenforced= is left unchecked, as the opt-out says."""
+    unit = FakeRefusals(unenforced=("ck_refusal_qty_positive",))
+    with unit:
+        unit.checked.add(Checked(2, -1))
+        unit.commit()
+    assert [{"id": 2, "qty": -1}] == unit.database.rows(Checked)
+
+
+def test_literal_server_defaults_are_applied_at_flush() -> None:
+    """A literal server default, a string or a text() number, fills an unset column at flush, in the column's type."""
+    unit = FakeRefusals()
+    with unit:
+        unit.literal.add(Literal(1))
+        unit.commit()
+    assert [{"id": 1, "status": "new", "level": 3}] == unit.database.rows(Literal)
+
+
+def test_unenforced_refuses_a_single_string() -> None:
+    """unenforced='name' would be read letter by letter: it raises ConfigurationError saying to pass a tuple."""
+    with pytest.raises(errors.ConfigurationError, match=r"\('ck_refusal_even',\)"):
+        FakeRefusals(unenforced="ck_refusal_even")
