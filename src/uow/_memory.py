@@ -80,6 +80,11 @@ class _Plan:
             for table in tables
         )
         self.primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+        #: Per table: the attributes that hold its primary key columns, in their order.
+        self.key_attributes: dict[Table, tuple[str, ...]] = {
+            table: tuple(_attribute_of(mapper, column) or column.key for column in table.primary_key.columns)
+            for table in tables
+        }
         self.pk_columns = tuple(mapper.primary_key)
         self.fields = {prop.key: prop.columns[0] for prop in mapper.column_attrs}
         self.column_keys = tuple(self.fields)
@@ -96,6 +101,7 @@ class _Plan:
             self.polymorphic_on = mapper.polymorphic_on.key
             self.identities = frozenset(each.polymorphic_identity for each in mapper.self_and_descendants)
         self.relationships = tuple(mapper.relationships)
+        self.defaults = _defaults_of(self)
         #: What the fake cannot model, by the name an opt-out gives it, with a description.
         self.unmodelled: dict[str, str] = {}
         #: What the fake cannot model and no opt-out can leave aside.
@@ -126,13 +132,8 @@ class _Plan:
 
     def table_key(self, table: Table, obj: object) -> Key:
         """The key of *obj*'s row in *table*: its columns that map the primary key."""
-        spec = spec_of(table)
         values = obj.__dict__
-        found = []
-        for name in spec.primary_key:
-            attribute = _attribute_of(self.mapper, table.c[name])
-            found.append(values.get(attribute) if attribute is not None else None)
-        return tuple(found)
+        return tuple(values.get(attribute) for attribute in self.key_attributes[table])
 
 
 def _attribute_of(mapper: Mapper[Any], column: Any) -> str | None:
@@ -143,6 +144,17 @@ def _attribute_of(mapper: Mapper[Any], column: Any) -> str | None:
 
 
 _plans: dict[Mapper[Any], _Plan] = {}
+
+
+_class_plans: dict[type[Any], _Plan] = {}
+
+
+def _plan(obj: Any) -> _Plan:
+    """The plan of *obj*'s class, in one lookup once known."""
+    found = _class_plans.get(type(obj))
+    if found is None:
+        found = _class_plans[type(obj)] = plan_of(_mapper(obj))
+    return found
 
 
 def plan_of(mapper: Mapper[Any]) -> _Plan:
@@ -225,25 +237,34 @@ def _server_default(column: Column[Any]) -> Any:
     return converted
 
 
-def _apply_defaults(plan: _Plan, obj: object) -> None:
-    """Fill unset attributes from column defaults, as an INSERT does."""
-    values = obj.__dict__
+def _defaults_of(plan: _Plan) -> list[tuple[str, bool, Any]]:
+    """Per attribute with a default: its name, whether the default is called, and the value or the callable."""
+    found: list[tuple[str, bool, Any]] = []
     for _, columns in plan.columns:
         for _, attribute, column in columns:
-            if attribute is None or values.get(attribute) is not None:
+            if attribute is None or any(name == attribute for name, _, _ in found):
                 continue
             default: Any = column.default
             if default is not None and not getattr(default, "is_sequence", False):
                 if default.is_scalar:
-                    setattr(obj, attribute, default.arg)
+                    found.append((attribute, False, default.arg))
                     continue
                 if default.is_callable:
-                    setattr(obj, attribute, default.arg(None))
+                    found.append((attribute, True, default.arg))
                     continue
             if column.server_default is not None and attribute != plan.generated:
                 literal = _server_default(column)
                 if literal is not _MISSING:
-                    setattr(obj, attribute, literal)
+                    found.append((attribute, False, literal))
+    return found
+
+
+def _apply_defaults(plan: _Plan, obj: object) -> None:
+    """Fill unset attributes from column defaults, as an INSERT does."""
+    values = obj.__dict__
+    for attribute, called, default in plan.defaults:
+        if values.get(attribute) is None:
+            setattr(obj, attribute, default(None) if called else default)
 
 
 # -- the database and its sessions ---------------------------------------------
@@ -412,7 +433,7 @@ class InMemorySession:
         self._check_write(f"{len(objs)} new objects")
         try:
             for obj in objs:
-                plan = plan_of(_mapper(obj))
+                plan = _plan(obj)
                 values = dict(obj.__dict__)
                 if plan.generated is not None and values.get(plan.generated) is None:
                     values[plan.generated] = self._overlay.next_key(plan.table)
@@ -468,31 +489,36 @@ class InMemorySession:
             and not any(self._links_changed(obj) for obj, _ in self._loaded.values())
         ):
             return  # nothing changed, not even a collection
-        self._check_write(f"{len(inserts)} new, {len(dirty)} changed and {len(self._deleted)} deleted objects")
+        if self.check_write is not None:
+            self.check_write(f"{len(inserts)} new, {len(dirty)} changed and {len(self._deleted)} deleted objects")
         overlay = self._overlay
         # Keys first, so that foreign keys can be synchronized to them.
         for obj in inserts:
-            plan = plan_of(_mapper(obj))
+            plan = _plan(obj)
             if plan.generated is not None and obj.__dict__.get(plan.generated) is None:
                 setattr(obj, plan.generated, overlay.next_key(plan.table))
             _apply_defaults(plan, obj)
             self._set_identity(plan, obj)
         links: list[tuple[bool, Table, Row]] = []
+        related = False
         for obj in [*inserts, *(obj for obj, _ in self._loaded.values())]:
-            if id(obj) not in self._deleted:
+            if id(obj) not in self._deleted and _plan(obj).relationships:
+                related = True
                 self._synchronize(obj, links)
         for obj in self._deleted.values():
-            self._release_children(obj)
-        # Recompute: synchronizing foreign keys may have changed loaded objects.
-        dirty = [
-            (obj, snapshot)
-            for obj, snapshot in self._loaded.values()
-            if id(obj) not in self._deleted and self._dirty(obj, snapshot)
-        ]
+            if _plan(obj).relationships:
+                related = True
+                self._release_children(obj)
+        if related:  # synchronizing foreign keys may have changed loaded objects
+            dirty = [
+                (obj, snapshot)
+                for obj, snapshot in self._loaded.values()
+                if id(obj) not in self._deleted and self._dirty(obj, snapshot)
+            ]
         order = _table_order()
         statements: list[tuple[int, int, Callable[[], None]]] = []
         for sequence, obj in enumerate(inserts):
-            plan = plan_of(_mapper(obj))
+            plan = _plan(obj)
             if plan.version is not None and obj.__dict__.get(plan.version) is None:
                 self._first_version(plan, obj)
             for table, row in self._rows_of(plan, obj.__dict__):
@@ -511,7 +537,7 @@ class InMemorySession:
                 self._unlink(table, row)
         deletions: list[tuple[int, int, Callable[[], None]]] = []
         for sequence, obj in enumerate(self._deleted.values()):
-            plan = plan_of(_mapper(obj))
+            plan = _plan(obj)
             snapshot = self._loaded[id(obj)][1]
             self._check_version(plan, obj, snapshot, "DELETE")
             for table in plan.tables:
@@ -521,14 +547,14 @@ class InMemorySession:
             statement()
         # The flush went through: the objects are what their rows hold now.
         for obj in inserts:
-            plan = plan_of(_mapper(obj))
+            plan = _plan(obj)
             self._pending.pop(id(obj), None)
             self._remember(plan, obj)
             self._install_loaders(obj, plan)
         for obj, _ in dirty:
-            self._loaded[id(obj)] = (obj, _columns(plan_of(_mapper(obj)), obj))
+            self._loaded[id(obj)] = (obj, _columns(_plan(obj), obj))
         for obj in self._deleted.values():
-            plan = plan_of(_mapper(obj))
+            plan = _plan(obj)
             self._identity.pop((plan.base, plan.key_of(obj)), None)
             self._loaded.pop(id(obj), None)
         self._pending.clear()
@@ -541,30 +567,21 @@ class InMemorySession:
     def _updates(
         self, obj: Any, snapshot: dict[str, Any], order: Callable[[Table], int]
     ) -> Iterable[tuple[int, Callable[[], None]]]:
-        plan = plan_of(_mapper(obj))
+        plan = _plan(obj)
         values = obj.__dict__
         self._check_version(plan, obj, snapshot, "UPDATE")
         if plan.version is not None and plan.version_generator is not False:
             setattr(obj, plan.version, plan.version_generator(snapshot.get(plan.version)))
-        old_key = tuple(snapshot.get(name) for name in plan.primary_key)
         for table, columns in plan.columns:
-            changed = any(
-                attribute is not None and values.get(attribute, _MISSING) != snapshot.get(attribute, _MISSING)
-                for _, attribute, _ in columns
-            )
-            if not changed:
-                continue
-            spec = spec_of(table)
-            key = tuple(
-                snapshot.get(attribute) if attribute is not None else None
-                for attribute in (_attribute_of(plan.mapper, table.c[name]) for name in spec.primary_key)
-            )
-            if len(old_key) != len(key):
-                key = old_key
+            # Only the columns this transaction changed, as an UPDATE's SET clause names them.
             row = {
-                column_key: values.get(attribute) if attribute is not None else None
+                column_key: values.get(attribute)
                 for column_key, attribute, _ in columns
+                if attribute is not None and values.get(attribute, _MISSING) != snapshot.get(attribute, _MISSING)
             }
+            if not row:
+                continue
+            key = tuple(snapshot.get(attribute) for attribute in plan.key_attributes[table])
 
             def update(table: Table = table, key: Key = key, row: Row = row) -> None:
                 current = self._overlay.row(table, key)
@@ -630,7 +647,7 @@ class InMemorySession:
         values = obj.__dict__
         return any(
             rel.key in values and get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE).has_changes()
-            for rel in plan_of(_mapper(obj)).relationships
+            for rel in _plan(obj).relationships
         )
 
     def _remember(self, plan: _Plan, obj: Any) -> None:
@@ -651,9 +668,9 @@ class InMemorySession:
                 continue
             if key not in loaded:
                 found.setdefault(key, root)
-            state = instance_state(root)
-            if not state.mapper.relationships:
+            if not _plan(root).relationships:
                 continue
+            state = instance_state(root)
             for related, *_ in state.mapper.cascade_iterator("save-update", state):
                 if id(related) not in loaded and id(related) not in deleted:
                     found.setdefault(id(related), related)
@@ -661,10 +678,12 @@ class InMemorySession:
 
     def _cascade_deletes(self) -> None:
         """Add to the deletions what the ``delete`` and ``delete-orphan`` cascades reach."""
+        if not self._deleted and not any(_plan(obj).relationships for obj, _ in self._loaded.values()):
+            return
         queue = list(self._deleted.values())
         while queue:
             obj = queue.pop()
-            for rel in _mapper(obj).relationships:
+            for rel in _plan(obj).relationships:
                 if not rel.cascade.delete:
                     continue
                 for child in _members(getattr(obj, rel.key)):  # loads it, as the ORM does
@@ -676,7 +695,7 @@ class InMemorySession:
         for obj, _ in list(self._loaded.values()):
             if id(obj) in self._deleted:
                 continue
-            for rel in _mapper(obj).relationships:
+            for rel in _plan(obj).relationships:
                 if rel.direction is not _ONETOMANY or not rel.cascade.delete_orphan or rel.key not in obj.__dict__:
                     continue
                 history = get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
@@ -690,7 +709,7 @@ class InMemorySession:
     def _synchronize(self, obj: Any, links: list[tuple[bool, Table, Row]]) -> None:
         """Copy keys along *obj*'s changed relationships into foreign keys, as the ORM's flush does."""
         values = obj.__dict__
-        for rel in _mapper(obj).relationships:
+        for rel in _plan(obj).relationships:
             if rel.key not in values or rel.viewonly:
                 continue
             history = get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
@@ -735,7 +754,7 @@ class InMemorySession:
 
     def _release_children(self, obj: Any) -> None:
         """A parent is deleted: its children not deleted with it lose their foreign key, as the ORM does."""
-        for rel in _mapper(obj).relationships:
+        for rel in _plan(obj).relationships:
             if rel.viewonly or rel.passive_deletes:
                 continue
             if rel.direction is _ONETOMANY and not rel.cascade.delete:

@@ -391,6 +391,21 @@ def test_requires_new_changes_survive_the_outer_commit(implementation: Implement
     assert [("ada@example.com", "Ada Lovelace")] == implementation.stored(Customer, "email", "name")
 
 
+def test_an_update_writes_only_the_columns_it_changed(implementation: Implementation) -> None:
+    """An outer block's update of one column keeps what a requires_new block committed to another column of the row."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        outer = unit.customers.get(customer.id)
+        with unit.transaction(propagation="requires_new"):
+            unit.customers.get(customer.id).email = "lovelace@example.com"
+            unit.commit()
+        outer.name = "Ada Lovelace"
+        unit.commit()
+    assert [("lovelace@example.com", "Ada Lovelace")] == implementation.stored(Customer, "email", "name")
+
+
 # -- generated keys --------------------------------------------------------------
 
 
