@@ -33,7 +33,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapper, RelationshipDirection
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.attributes import get_history, set_committed_value
-from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT, SQL_OK, instance_state, instance_str
+from sqlalchemy.orm.base import (
+    PASSIVE_NO_INITIALIZE,
+    PASSIVE_NO_RESULT,
+    RELATED_OBJECT_OK,
+    SQL_OK,
+    instance_state,
+    instance_str,
+)
 
 from ._repository import AsyncRepository, Repository, _RepositoryBase
 from ._rows import Key, Overlay, Row, Store, is_generated, spec_of
@@ -58,6 +65,7 @@ class _Plan:
     """How objects of one mapped class become rows and back."""
 
     def __init__(self, mapper: Mapper[Any]) -> None:
+        mapper._check_configure()  # relationships, and the delete-orphan cascades that point at this class
         self.mapper = mapper
         self.base = mapper.base_mapper
         chain = list(reversed(list(mapper.iterate_to_root())))
@@ -311,6 +319,8 @@ class InMemorySession:
         self._deleted: dict[int, Any] = {}
         self._failed: BaseException | None = None
         self._flushing = False
+        #: The ids of the objects this transaction inserted: forgotten by a rollback.
+        self._inserted_ids: set[int] = set()
         #: False once the block has ended: lazy loads then raise DetachedInstanceError.
         self.open = True
         #: Called before a flush that writes, with what is pending; raises if writes are forbidden.
@@ -335,18 +345,62 @@ class InMemorySession:
         except BaseException as error:
             self._failed = error
             raise
+        self._inserted_ids = set()
 
     def rollback(self) -> None:
+        """Discard the writes; loaded objects stay, refreshed from the committed rows, as SQLAlchemy reloads them.
+
+        Objects this transaction inserted are forgotten, as the ORM expunges
+        them; an object whose row is gone is forgotten too.
+        """
+        inserted = self._inserted_ids
         self._overlay.end()
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
-        # As a rollback expires every object: what is loaded next comes from the rows again.
-        self._identity.clear()
-        self._loaded.clear()
+        self._inserted_ids = set()
+        self._keep_refreshed(lambda obj: id(obj) not in inserted)
+
+    def _keep_refreshed(self, keep: Callable[[Any], bool]) -> None:
+        """Keep the loaded objects *keep* accepts, with their attributes reloaded from the rows; forget the others."""
+        identity: dict[tuple[Mapper[Any], Key], Any] = {}
+        loaded: dict[int, tuple[Any, dict[str, Any]]] = {}
+        for ident, obj in self._identity.items():
+            if keep(obj) and self._refresh(obj, ident[1]):
+                identity[ident] = obj
+                loaded[id(obj)] = (obj, _columns(_plan(obj), obj))
+        self._identity = identity
+        self._loaded = loaded
+
+    def _refresh(self, obj: Any, key: Key) -> bool:
+        """Reload *obj*'s columns from its rows and unload its relationships; False if its row is gone."""
+        plan = _plan(obj)
+        values = obj.__dict__
+        rows = []
+        for table, columns in plan.columns:
+            row = self._overlay.row(table, tuple(key) if table is plan.table else plan.table_key(table, obj))
+            if row is None:
+                return False
+            rows.append((row, columns))
+        for row, columns in rows:
+            for column_key, attribute, _ in columns:
+                if attribute is not None:
+                    values[attribute] = row.get(column_key)
+        for rel in plan.relationships:
+            values.pop(rel.key, None)
+        instance_state(obj)._commit_all(values)
+        self._install_loaders(obj, plan)
+        return True
 
     def close(self) -> None:
-        self.rollback()
+        """End the transaction: discard the writes and detach every object."""
+        self._overlay.end()
+        self._pending.clear()
+        self._deleted.clear()
+        self._failed = None
+        self._identity.clear()
+        self._loaded.clear()
+        self._inserted_ids = set()
         self.open = False
 
     def watch_changes(self, *, starts: bool) -> None:
@@ -380,6 +434,7 @@ class InMemorySession:
             states={id(obj): (obj, _object_state(obj)) for obj, _ in self._loaded.values()},
             identity=dict(self._identity),
             loaded={key: (obj, dict(snapshot)) for key, (obj, snapshot) in self._loaded.items()},
+            inserted=set(self._inserted_ids),
         )
 
     def end_nested(self, savepoint: _Savepoint, *, release: bool) -> None:
@@ -395,13 +450,26 @@ class InMemorySession:
 
     def _restore(self, savepoint: _Savepoint) -> None:
         # Objects the savepoint knew get their attributes back in place, as a
-        # reload of expired objects would; objects added since are dropped.
+        # reload of expired objects would; objects loaded since are reloaded
+        # from the rows; objects inserted since are forgotten.
         self._overlay.restore(savepoint.mark)
         for obj, state in savepoint.states.values():
             _restore_object(obj, state)
             instance_state(obj)._commit_all(obj.__dict__)
+        known = {id(obj) for obj in savepoint.identity.values()}
+        inserted_since = self._inserted_ids - savepoint.inserted
+        loaded_since = {
+            ident: obj
+            for ident, obj in self._identity.items()
+            if id(obj) not in known and id(obj) not in inserted_since
+        }
         self._identity = dict(savepoint.identity)
         self._loaded = {key: (obj, dict(snapshot)) for key, (obj, snapshot) in savepoint.loaded.items()}
+        self._inserted_ids = set(savepoint.inserted)
+        for ident, obj in loaded_since.items():
+            if self._refresh(obj, ident[1]):
+                self._identity[ident] = obj
+                self._loaded[id(obj)] = (obj, _columns(_plan(obj), obj))
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
@@ -516,18 +584,36 @@ class InMemorySession:
                 if id(obj) not in self._deleted and self._dirty(obj, snapshot)
             ]
         order = _table_order()
-        statements: list[tuple[int, int, Callable[[], None]]] = []
+        # A deleted object whose row a new object takes in this flush: the ORM turns the pair into an UPDATE.
+        doomed = {
+            (table, _plan(obj).table_key(table, obj)): obj
+            for obj in self._deleted.values()
+            for table in _plan(obj).tables
+        }
+        switched: set[tuple[Table, Key]] = set()
+        planned: list[tuple[int, int, Table, Key | None, Row]] = []
         for sequence, obj in enumerate(inserts):
             plan = _plan(obj)
             if plan.version is not None and obj.__dict__.get(plan.version) is None:
                 self._first_version(plan, obj)
             for table, row in self._rows_of(plan, obj.__dict__):
-                statements.append((order(table), sequence, _bind(overlay.insert, table, row)))
+                key = plan.table_key(table, obj)
+                if (table, key) in doomed:
+                    switched.add((table, key))
+                planned.append((order(table), sequence, table, key, row))
+        depths = _depths([(table, key, row) for _, _, table, key, row in planned if key is not None])
+        statements: list[tuple[int, int, int, Callable[[], None]]] = []
+        for position, sequence, target, written_key, written in planned:
+            if written_key is not None and (target, written_key) in switched:
+                statement = _bind(overlay.update, target, written_key, written)
+            else:
+                statement = _bind(overlay.insert, target, written)
+            statements.append((position, depths.get((target, written_key or ()), 0), sequence, statement))
         for sequence, (obj, snapshot) in enumerate(dirty, start=len(inserts)):
             for position, statement in self._updates(obj, snapshot, order):
-                statements.append((position, sequence, statement))
-        statements.sort(key=lambda item: (item[0], item[1]))
-        for _, _, statement in statements:
+                statements.append((position, 0, sequence, statement))
+        statements.sort(key=lambda item: item[:3])
+        for *_, statement in statements:
             statement()
         for adds, table, row in links:
             if adds:
@@ -535,27 +621,46 @@ class InMemorySession:
         for adds, table, row in links:
             if not adds:
                 self._unlink(table, row)
-        deletions: list[tuple[int, int, Callable[[], None]]] = []
-        for sequence, obj in enumerate(self._deleted.values()):
+        doomed_rows = []
+        for obj in self._deleted.values():
             plan = _plan(obj)
             snapshot = self._loaded[id(obj)][1]
             self._check_version(plan, obj, snapshot, "DELETE")
             for table in plan.tables:
-                deletions.append((-order(table), sequence, _bind(overlay.delete, table, plan.table_key(table, obj))))
-        deletions.sort(key=lambda item: (item[0], item[1]))
-        for _, _, statement in deletions:
-            statement()
+                key = plan.table_key(table, obj)
+                if (table, key) not in switched:
+                    current = overlay.row(table, key)
+                    doomed_rows.append((table, key, current if current is not None else {}))
+        depths = _depths(doomed_rows)
+        deletions = sorted(
+            (
+                (-order(table), -depths.get((table, key), 0), sequence, table, key)
+                for sequence, (table, key, _) in enumerate(doomed_rows)
+            ),
+            key=lambda item: item[:3],
+        )
+        for *_, table, key in deletions:
+            overlay.delete(table, key)
         # The flush went through: the objects are what their rows hold now.
         for obj in inserts:
             plan = _plan(obj)
             self._pending.pop(id(obj), None)
             self._remember(plan, obj)
             self._install_loaders(obj, plan)
-        for obj, _ in dirty:
-            self._loaded[id(obj)] = (obj, _columns(_plan(obj), obj))
+            self._inserted_ids.add(id(obj))
+        for obj, snapshot in dirty:
+            plan = _plan(obj)
+            old_key = tuple(snapshot.get(name) for name in plan.primary_key)
+            new_key = plan.key_of(obj)
+            if old_key != new_key:  # the primary key changed: the identity map follows the row
+                if self._identity.get((plan.base, old_key)) is obj:
+                    del self._identity[(plan.base, old_key)]
+                self._identity[(plan.base, new_key)] = obj
+            self._loaded[id(obj)] = (obj, _columns(plan, obj))
         for obj in self._deleted.values():
             plan = _plan(obj)
-            self._identity.pop((plan.base, plan.key_of(obj)), None)
+            if self._identity.get((plan.base, plan.key_of(obj))) is obj:
+                del self._identity[(plan.base, plan.key_of(obj))]
             self._loaded.pop(id(obj), None)
         self._pending.clear()
         self._deleted.clear()
@@ -651,8 +756,21 @@ class InMemorySession:
         )
 
     def _remember(self, plan: _Plan, obj: Any) -> None:
-        self._identity[(plan.base, plan.key_of(obj))] = obj
+        key = plan.key_of(obj)
+        self._identity[(plan.base, key)] = obj
         self._loaded[id(obj)] = (obj, _columns(plan, obj))
+        # Persistent, as the ORM marks a loaded or flushed object: its parents are then known to be
+        # there until a collection or a reference lets go of it, which makes it an orphan.
+        instance_state(obj).key = (plan.base.class_, key, None)
+
+    def _identity_target(self, obj: Any, rel: Any) -> Any:
+        """The object a many-to-one of *obj* refers to, if it is in the identity map; None otherwise."""
+        target = plan_of(rel.mapper)
+        wanted = {remote.key: _get_column(obj, local) for remote, local in rel.synchronize_pairs}
+        if tuple(column.key for column in target.pk_columns) != tuple(wanted):
+            return None
+        found = self._identity.get((target.base, tuple(wanted.values())))
+        return None if found is None or id(found) in self._deleted else found
 
     # -- cascades and relationships ------------------------------------------
 
@@ -678,7 +796,9 @@ class InMemorySession:
 
     def _cascade_deletes(self) -> None:
         """Add to the deletions what the ``delete`` and ``delete-orphan`` cascades reach."""
-        if not self._deleted and not any(_plan(obj).relationships for obj, _ in self._loaded.values()):
+        if not self._deleted and not any(
+            _plan(obj).relationships or _mapper(obj)._delete_orphans for obj, _ in self._loaded.values()
+        ):
             return
         queue = list(self._deleted.values())
         while queue:
@@ -694,6 +814,11 @@ class InMemorySession:
                         del self._pending[id(child)]
         for obj, _ in list(self._loaded.values()):
             if id(obj) in self._deleted:
+                continue
+            mapper = _mapper(obj)
+            if mapper._delete_orphans and mapper._is_orphan(instance_state(obj)):
+                self._deleted[id(obj)] = obj  # no parent holds it any more: the delete-orphan cascade
+                queue.append(obj)
                 continue
             for rel in _plan(obj).relationships:
                 if rel.direction is not _ONETOMANY or not rel.cascade.delete_orphan or rel.key not in obj.__dict__:
@@ -717,14 +842,15 @@ class InMemorySession:
                 continue
             direction = rel.direction
             if direction is _MANYTOONE:
-                target = values[rel.key]
-                if target is None:
-                    if history.deleted:
-                        for _, local in rel.synchronize_pairs:
-                            _set_column(obj, local, None)
-                    continue
-                for remote, local in rel.synchronize_pairs:
-                    _set_column(obj, local, _get_column(target, remote))
+                # As the ORM's many-to-one dependency: an added target (or None) sets (or clears) the key;
+                # a removed one with nothing added clears it.
+                if history.added:
+                    target = history.added[-1]
+                    for remote, local in rel.synchronize_pairs:
+                        _set_column(obj, local, None if target is None else _get_column(target, remote))
+                elif history.deleted:
+                    for _, local in rel.synchronize_pairs:
+                        _set_column(obj, local, None)
             elif direction is _ONETOMANY:
                 added = history.added or () if id(obj) in self._loaded else _members(values[rel.key])
                 for child in added:
@@ -750,7 +876,9 @@ class InMemorySession:
                             row[column.key] = _get_column(obj, parent_column)
                         for target_column, column in rel.secondary_synchronize_pairs or ():
                             row[column.key] = _get_column(target, target_column)
-                        links.append((adds, secondary, row))
+                        link = (adds, secondary, row)
+                        if link not in links:  # both sides of a back_populates pair report the same link
+                            links.append(link)
 
     def _release_children(self, obj: Any) -> None:
         """A parent is deleted: its children not deleted with it lose their foreign key, as the ORM does."""
@@ -963,6 +1091,11 @@ class _Loader:
         session = self.session
         obj = state.obj()
         if not passive & SQL_OK:
+            # As the ORM's many-to-one loader by primary key: the identity map answers without a query.
+            if passive & RELATED_OBJECT_OK and session.open and self.rel.direction is _MANYTOONE:
+                found = session._identity_target(obj, self.rel)
+                if found is not None:
+                    return found
             return PASSIVE_NO_RESULT
         if not session.open:
             raise _detached(obj, self.rel.key)
@@ -989,6 +1122,42 @@ def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], None]:
 
 
 _positions: dict[Table, int] = {}
+
+
+def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], int]:
+    """For rows of tables that refer to themselves: how many of the other *rows* each one hangs below.
+
+    Parents are written before their children and deleted after them, as the
+    ORM sorts the rows of a self-referential table.
+    """
+    by_table: dict[Table, dict[Key, Row]] = {}
+    for table, key, row in rows:
+        by_table.setdefault(table, {})[key] = row
+    depths: dict[tuple[Table, Key], int] = {}
+    for table, batch in by_table.items():
+        spec = spec_of(table)
+        own = [fk for fk in spec.foreign_keys if fk.target is table and fk.target_columns == spec.primary_key]
+        if not own or len(batch) < 2:
+            continue
+        for key in batch:
+            depth, current, seen = 0, key, {key}
+            while True:
+                row = batch[current]
+                parent = next(
+                    (
+                        values
+                        for values in (tuple(row.get(name) for name in fk.columns) for fk in own)
+                        if values in batch and values not in seen
+                    ),
+                    None,
+                )
+                if parent is None:
+                    break
+                depth += 1
+                seen.add(parent)
+                current = parent
+            depths[(table, key)] = depth
+    return depths
 
 
 def _table_order() -> Callable[[Table], int]:
@@ -1058,7 +1227,7 @@ def _sort_key(key: Key) -> tuple[Any, ...]:
 
 
 class _Savepoint:
-    __slots__ = ("identity", "loaded", "mark", "session", "states")
+    __slots__ = ("identity", "inserted", "loaded", "mark", "session", "states")
 
     def __init__(
         self,
@@ -1068,7 +1237,9 @@ class _Savepoint:
         states: dict[int, tuple[Any, dict[str, Any]]],
         identity: dict[tuple[Mapper[Any], Key], Any],
         loaded: dict[int, tuple[Any, dict[str, Any]]],
+        inserted: set[int],
     ) -> None:
+        self.inserted = inserted
         self.session = session
         self.mark = mark
         self.states = states

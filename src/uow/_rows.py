@@ -63,6 +63,7 @@ class ForeignKey:
         self.target_columns = tuple(column.key for column in target_columns)
         self.name = _name(constraint, f"{table.name}_{'_'.join(self.columns)}_fkey")
         self.ondelete = (constraint.ondelete or "NO ACTION").upper()
+        self.onupdate = (constraint.onupdate or "NO ACTION").upper()
         self.deferred = bool(constraint.initially and constraint.initially.upper() == "DEFERRED")
 
 
@@ -129,6 +130,11 @@ class TableSpec:
                 self.unmodelled.append((where, f"the computed column {where!r}"))
             elif column.server_onupdate is not None:
                 self.unmodelled.append((where, f"the server-side ON UPDATE value of {where!r}"))
+        for fk in self.foreign_keys:
+            if fk.onupdate not in ("NO ACTION", "RESTRICT"):
+                self.unmodelled.append((fk.name, f"ON UPDATE {fk.onupdate} of the foreign key {fk.name!r}"))
+            if fk.ondelete == "SET DEFAULT":
+                self.unmodelled.append((fk.name, f"ON DELETE SET DEFAULT of the foreign key {fk.name!r}"))
         for listener in table.dispatch.after_create:
             statement = getattr(listener, "statement", None)
             if isinstance(listener, DDL) and isinstance(statement, str) and "TRIGGER" in statement.upper():
@@ -379,6 +385,13 @@ class Overlay:
             row[spec.generated] = self.next_key(table)
         self._check_not_null(spec, row, statement)
         self._check_checks(spec, row, statement)
+        if not spec.primary_key:  # a table without a primary key: each row gets a hidden key of its own
+            key: Key = (self.next_key(table),)
+            self._check_unique(spec, key, row, statement)
+            self._check_references(spec, row, None, statement)
+            self.inserted.add((table, key))
+            self._write(table, key, row)
+            return key
         key = spec.key_of(row)
         if self.row(table, key) is not None:
             msg = (
@@ -537,6 +550,18 @@ class Overlay:
                             f"DETAIL:  Key ({', '.join(columns)})=({_shown(values)}) already exists."
                         )
                         raise _integrity(statement, msg)
+        # Foreign keys again, against what others committed meanwhile: a parent deleted under a new child,
+        # or a child added under a deleted parent, is refused as the database's row locks would refuse it.
+        for table, written in self.writes.items():
+            spec = written.spec
+            statement = f"COMMIT (in-memory fake, table {spec.name})"
+            for key, row in written.rows.items():
+                if row is None:
+                    stored_row = store.tables[table].rows.get(key) if table in store.tables else None
+                    if stored_row is not None:
+                        self._check_not_referenced(spec, stored_row, statement, moving=False)
+                else:
+                    self._check_references(spec, row, None, statement)
         wrote = False
         for table, written in self.writes.items():
             stored = store.table(table)

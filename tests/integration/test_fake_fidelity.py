@@ -29,6 +29,7 @@ from tests.support.fidelity import (
     Address,
     Article,
     AsyncFakeFidelityUnitOfWork,
+    Course,
     Customer,
     Employee,
     Engineer,
@@ -36,11 +37,13 @@ from tests.support.fidelity import (
     Invoice,
     Line,
     Memo,
+    Node,
     Order,
     Product,
     Slot,
     SqlFidelityUnitOfWork,
     Stock,
+    Student,
     Tag,
     Truck,
     Vehicle,
@@ -154,6 +157,9 @@ class SyncUnit:
 
     def transaction(self, **kwargs: Any) -> SyncBlock:
         return SyncBlock(self.wrapped.transaction(**kwargs), self)
+
+    def savepoint(self) -> SyncBlock:
+        return SyncBlock(self.wrapped.savepoint(), self)
 
     def __getattr__(self, name: str) -> Any:
         attr = self.runner.run(_read(self.wrapped, name))  # the repositories answer only in the owner's task
@@ -622,3 +628,138 @@ def test_autocommit_stores_a_many_to_many_change_alone(implementation: Implement
         loaded.tags.append(auto.tags.get(tag.id))
     with implementation.uow as unit:
         assert ["testing"] == [each.name for each in unit.articles.get(article.id).tags]
+
+
+# -- what a cold review found ----------------------------------------------------
+
+
+def test_a_reference_set_to_none_unread_clears_the_foreign_key(implementation: Implementation) -> None:
+    """Setting a many-to-one to None without reading it first clears the foreign key at the flush."""
+    unit = implementation.uow
+    root = Node(name="root", children=[Node(name="leaf")])
+    seed(unit, root)
+    with unit:
+        [leaf] = unit.nodes.list(name="leaf")
+        leaf.parent = None
+        unit.commit()
+    assert [("leaf", None), ("root", None)] == implementation.stored(Node, "name", "parent_id")
+
+
+def test_a_loaded_child_let_go_by_its_parent_is_deleted_as_an_orphan(implementation: Implementation) -> None:
+    """A child whose loaded parent reference is set to None is an orphan: delete-orphan deletes it."""
+    unit = implementation.uow
+    seed(unit, Node(name="root", children=[Node(name="leaf")]))
+    with unit:
+        [leaf] = unit.nodes.list(name="leaf")
+        assert leaf.parent is not None
+        leaf.parent = None
+        unit.commit()
+    assert [("root", None)] == implementation.stored(Node, "name", "parent_id")
+
+
+def test_an_object_loaded_before_a_rollback_still_saves_its_changes(implementation: Implementation) -> None:
+    """After rollback(), an object loaded before it is reloaded, and a change made to it then is committed."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        loaded = unit.customers.get(customer.id)
+        loaded.name = "discarded"
+        unit.rollback()
+        assert "Ada" == loaded.name
+        loaded.name = "Ada Lovelace"
+        unit.commit()
+    assert [("Ada Lovelace",)] == implementation.stored(Customer, "name")
+
+
+def test_an_object_first_loaded_in_a_rolled_back_savepoint_still_saves_its_changes(
+    implementation: Implementation,
+) -> None:
+    """An object loaded inside a savepoint that rolls back stays in the block, and its later change is committed."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        with contextlib.suppress(RuntimeError), unit.savepoint():
+            loaded = unit.customers.get(customer.id)
+            loaded.name = "discarded"
+            raise RuntimeError
+        loaded.name = "Ada Lovelace"
+        unit.commit()
+    assert [("Ada Lovelace",)] == implementation.stored(Customer, "name")
+
+
+def test_a_changed_primary_key_moves_the_object_in_the_identity_map(implementation: Implementation) -> None:
+    """After a flush that changed a key, get(new key) returns the same object and get(old key) None."""
+    unit = implementation.uow
+    seed(unit, Tag(id=1, name="one"))
+    with unit:
+        tag = unit.tags.get(1)
+        tag.id = 10
+        unit.tags.count()  # flushes
+        assert (unit.tags.get(10), unit.tags.get(1)) == (tag, None)
+        unit.commit()
+    assert [(10, "one")] == implementation.stored(Tag, "id", "name")
+
+
+def test_many_to_many_on_both_sides_through_a_table_without_a_key(implementation: Implementation) -> None:
+    """Links through a table without a primary key, from either side of back_populates, are one row each."""
+    unit = implementation.uow
+    ada, bob, maths = Student(name="Ada"), Student(name="Bob"), Course(title="maths")
+    seed(unit, ada, bob, maths)
+    with unit:
+        unit.students.get(ada.id).courses.append(unit.courses.get(maths.id))
+        unit.courses.get(maths.id).students.append(unit.students.get(bob.id))
+        unit.commit()
+    with unit:
+        assert ["Ada", "Bob"] == sorted(student.name for student in unit.courses.get(maths.id).students)
+        unit.courses.get(maths.id).students.remove(unit.students.get(ada.id))
+        unit.commit()
+    with unit:
+        assert [["maths"], []] == [
+            [course.title for course in unit.students.get(each.id).courses] for each in (bob, ada)
+        ]
+
+
+def test_removing_and_adding_the_same_key_in_one_flush_replaces_the_row(implementation: Implementation) -> None:
+    """remove() then add() of an object with the same key, committed together, leaves the new row."""
+    unit = implementation.uow
+    seed(unit, Tag(id=1, name="old"))
+    with unit:
+        unit.tags.remove(unit.tags.get(1))
+        unit.tags.add(Tag(id=1, name="new"))
+        unit.commit()
+    assert [(1, "new")] == implementation.stored(Tag, "id", "name")
+
+
+def test_a_tree_is_inserted_and_deleted_in_one_flush(implementation: Implementation) -> None:
+    """A three-level tree added through its leaf is inserted parents first; deleting the root deletes it all."""
+    unit = implementation.uow
+    root, middle, leaf = Node(name="root"), Node(name="middle"), Node(name="leaf")
+    middle.children.append(leaf)
+    root.children.append(middle)
+    with unit:
+        unit.nodes.add(leaf)
+        unit.commit()
+    assert 3 == len(implementation.stored(Node, "name"))
+    with unit:
+        unit.nodes.remove(unit.nodes.get(root.id))
+        unit.commit()
+    assert [] == implementation.stored(Node, "name")
+
+
+@pytest.mark.parametrize("implementation", FAKES, indirect=True)
+def test_a_child_committed_under_a_parent_deleted_meanwhile_is_refused(implementation: Implementation) -> None:
+    """A child flushed under a parent that a requires_new block deletes and commits is refused at the outer commit."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        unit.invoices.add(Invoice(total=10, customer_id=customer.id))
+        unit.invoices.count()  # flushed: on a database its row lock would make the delete below wait
+        with unit.transaction(propagation="requires_new"):
+            unit.customers.remove(unit.customers.get(customer.id))
+            unit.commit()
+        with pytest.raises(IntegrityError):
+            unit.commit()
+    assert ([], []) == (implementation.stored(Customer, "email"), implementation.stored(Invoice, "total"))

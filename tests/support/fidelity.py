@@ -217,6 +217,45 @@ class Truck(Vehicle):
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "truck"}
 
 
+class Node(Base):
+    """A tree: a self-referential foreign key, children with ``delete-orphan``, a parent by ``remote_side``."""
+
+    __tablename__ = "fid_nodes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("fid_nodes.id"))
+    children: Mapped[list[Node]] = relationship(back_populates="parent", cascade="all, delete-orphan")
+    parent: Mapped[Node | None] = relationship(back_populates="children", remote_side=[id])
+
+
+#: An association table without a primary key, as SQLAlchemy's documentation writes one.
+enrolments = Table(
+    "fid_enrolments",
+    metadata,
+    Column("student_id", ForeignKey("fid_students.id"), nullable=False),
+    Column("course_id", ForeignKey("fid_courses.id"), nullable=False),
+)
+
+
+class Student(Base):
+    """Many-to-many with ``back_populates`` on both sides, through a table without a primary key."""
+
+    __tablename__ = "fid_students"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    courses: Mapped[list[Course]] = relationship(secondary=enrolments, back_populates="students")
+
+
+class Course(Base):
+    __tablename__ = "fid_courses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    students: Mapped[list[Student]] = relationship(secondary=enrolments, back_populates="courses")
+
+
 class FidelityUnitOfWork(uow.UnitOfWork):
     customers = uow.repository(Customer)
     memos = uow.repository(Memo)
@@ -231,6 +270,9 @@ class FidelityUnitOfWork(uow.UnitOfWork):
     articles = uow.repository(Article)
     employees = uow.repository(Employee)
     vehicles = uow.repository(Vehicle)
+    nodes = uow.repository(Node)
+    students = uow.repository(Student)
+    courses = uow.repository(Course)
 
 
 class SqlFidelityUnitOfWork(uow.SqlAlchemyUnitOfWork, FidelityUnitOfWork):
@@ -255,6 +297,9 @@ class AsyncFidelityUnitOfWork(uow.AsyncUnitOfWork):
     articles = uow.repository(Article)
     employees = uow.repository(Employee)
     vehicles = uow.repository(Vehicle)
+    nodes = uow.repository(Node)
+    students = uow.repository(Student)
+    courses = uow.repository(Course)
 
 
 class AsyncFakeFidelityUnitOfWork(uow.AsyncFakeUnitOfWork, AsyncFidelityUnitOfWork):
@@ -278,6 +323,9 @@ REPOSITORIES: dict[type[Any], str] = {
     Engineer: "employees",
     Vehicle: "vehicles",
     Truck: "vehicles",
+    Node: "nodes",
+    Student: "students",
+    Course: "courses",
 }
 
 

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Column,
     Computed,
     DateTime,
+    ForeignKey,
     Integer,
     MetaData,
     String,
@@ -134,6 +135,28 @@ mapper_registry.map_imperatively(
 )
 
 
+@attrs.define(eq=False, slots=False)
+class Cascading:
+    id: int
+    checked_id: int
+
+
+mapper_registry.map_imperatively(
+    Cascading,
+    Table(
+        "refusal_cascading",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column(
+            "checked_id",
+            Integer,
+            ForeignKey("refusal_checked.id", onupdate="CASCADE", name="fk_refusal_cascading"),
+            nullable=False,
+        ),
+    ),
+)
+
+
 class Refusals(uow.UnitOfWork):
     checked = uow.repository(Checked)
     texted = uow.repository(Texted)
@@ -142,6 +165,7 @@ class Refusals(uow.UnitOfWork):
     literal = uow.repository(Literal)
     triggered = uow.repository(Triggered)
     dynamic = uow.repository(Dynamic)
+    cascading = uow.repository(Cascading)
 
 
 class FakeRefusals(uow.FakeUnitOfWork, Refusals):
@@ -162,10 +186,11 @@ def refused(unit: FakeRefusals, name: str) -> str:
         ("computing", "refusal_computing.double", "refusal_computing.double"),
         ("stamped", "refusal_stamped.created", "refusal_stamped.created"),
         ("triggered", "refusal_triggered trigger", "refusal_triggered trigger"),
+        ("cascading", "ON UPDATE CASCADE", "fk_refusal_cascading"),
     ],
 )
 def test_an_unmodelled_feature_is_refused_by_name_until_opted_out(repository: str, named: str, opt_out: str) -> None:
-    """SQL-text CHECKs, computed columns, function server defaults and triggers are refused by name unless opted out."""
+    """SQL-text CHECKs, computed columns, function defaults, triggers, ON UPDATE actions: refused unless opted out."""
     message = refused(FakeRefusals(), repository)
     assert named in message
     assert "unenforced=" in message
