@@ -109,6 +109,8 @@ class _Plan:
             self.polymorphic_on = mapper.polymorphic_on.key
             self.identities = frozenset(each.polymorphic_identity for each in mapper.self_and_descendants)
         self.relationships = tuple(mapper.relationships)
+        #: Whether a delete could cascade from or to its objects: relationships, or a delete-orphan parent.
+        self.cascades = bool(self.relationships or mapper._delete_orphans)
         self.defaults = _defaults_of(self)
         #: What the fake cannot model, by the name an opt-out gives it, with a description.
         self.unmodelled: dict[str, str] = {}
@@ -796,9 +798,7 @@ class InMemorySession:
 
     def _cascade_deletes(self) -> None:
         """Add to the deletions what the ``delete`` and ``delete-orphan`` cascades reach."""
-        if not self._deleted and not any(
-            _plan(obj).relationships or _mapper(obj)._delete_orphans for obj, _ in self._loaded.values()
-        ):
+        if not self._deleted and not any(_plan(obj).cascades for obj, _ in self._loaded.values()):
             return
         queue = list(self._deleted.values())
         while queue:
@@ -1132,7 +1132,8 @@ def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], i
     """
     by_table: dict[Table, dict[Key, Row]] = {}
     for table, key, row in rows:
-        by_table.setdefault(table, {})[key] = row
+        if spec_of(table).self_referencing:
+            by_table.setdefault(table, {})[key] = row
     depths: dict[tuple[Table, Key], int] = {}
     for table, batch in by_table.items():
         spec = spec_of(table)

@@ -108,6 +108,8 @@ class TableSpec:
             for constraint in table.constraints
             if isinstance(constraint, ForeignKeyConstraint)
         )
+        #: Whether a foreign key of this table refers to the table itself (a tree).
+        self.self_referencing = any(fk.target is table for fk in self.foreign_keys)
         #: The foreign keys of other tables that refer to this one; filled in by :func:`spec_of`.
         self.referenced_by: list[ForeignKey] = []
         #: CHECK constraints that SQLAlchemy can evaluate in Python: name and test of a row.
