@@ -1099,7 +1099,8 @@ class _Loader:
             return PASSIVE_NO_RESULT
         if not session.open:
             raise _detached(obj, self.rel.key)
-        if session._failed is None and not session._flushing:
+        session._check_usable()  # a failed flush leaves nothing to load from until the rollback
+        if not session._flushing:
             session.flush()  # autoflush, as a lazy load's query does
         return session._related(obj, self.rel)
 

@@ -763,3 +763,19 @@ def test_a_child_committed_under_a_parent_deleted_meanwhile_is_refused(implement
         with pytest.raises(IntegrityError):
             unit.commit()
     assert ([], []) == (implementation.stored(Customer, "email"), implementation.stored(Invoice, "total"))
+
+
+def test_a_lazy_load_after_a_failed_flush_needs_the_rollback(implementation: Implementation) -> None:
+    """After a flush failed, reading an unloaded relationship raises PendingRollbackError until the rollback."""
+    unit = implementation.uow
+    order = Order(ref="o1", lines=[Line(sku="lamp", qty=1)])
+    seed(unit, order, Customer(email="ada@example.com", name="Ada"))
+    with unit:
+        loaded = unit.orders.get(order.id)
+        unit.customers.add(Customer(email="ada@example.com", name="Ada again"))
+        with pytest.raises(IntegrityError):
+            unit.customers.count()
+        with pytest.raises(PendingRollbackError):
+            _ = loaded.lines
+        unit.rollback()
+        assert ["lamp"] == [line.sku for line in loaded.lines]
