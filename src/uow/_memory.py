@@ -321,6 +321,7 @@ class InMemorySession:
         self._deleted: dict[int, Any] = {}
         self._failed: BaseException | None = None
         self._flushing = False
+        self._links_seen: dict[tuple[bool, Table, frozenset[int]], Any] = {}
         #: The ids of the objects this transaction inserted: forgotten by a rollback.
         self._inserted_ids: set[int] = set()
         #: False once the block has ended: lazy loads then raise DetachedInstanceError.
@@ -390,7 +391,9 @@ class InMemorySession:
                     values[attribute] = row.get(column_key)
         for rel in plan.relationships:
             values.pop(rel.key, None)
-        instance_state(obj)._commit_all(values)
+        state = instance_state(obj)
+        state._commit_all(values)
+        state.parents = {}  # which collections hold it is read again, as after the ORM's expiry
         self._install_loaders(obj, plan)
         return True
 
@@ -495,6 +498,11 @@ class InMemorySession:
                 "nor was given in this block; load it through the repository first"
             )
             raise NotInRepositoryError(msg)
+        if _plan(obj).relationships:
+            # As Session.delete(): the delete cascade loads what it reaches now, so that it stays readable.
+            state = instance_state(obj)
+            for _ in state.mapper.cascade_iterator("delete", state):
+                pass
         self._deleted[id(obj)] = obj
 
     def insert_now(self, objs: builtins.list[Any]) -> None:
@@ -570,6 +578,7 @@ class InMemorySession:
             _apply_defaults(plan, obj)
             self._set_identity(plan, obj)
         links: list[tuple[bool, Table, Row]] = []
+        self._links_seen = {}
         related = False
         for obj in [*inserts, *(obj for obj, _ in self._loaded.values())]:
             if id(obj) not in self._deleted and _plan(obj).relationships:
@@ -596,6 +605,12 @@ class InMemorySession:
         planned: list[tuple[int, int, Table, Key | None, Row]] = []
         for sequence, obj in enumerate(inserts):
             plan = _plan(obj)
+            replaced = doomed.get((plan.table, plan.table_key(plan.table, obj))) if doomed else None
+            if replaced is not None:
+                self._check_version(_plan(replaced), replaced, self._loaded[id(replaced)][1], "UPDATE")
+            if replaced is not None and plan.version is not None and plan.version_generator is not False:
+                # The ORM's row switch is an UPDATE of the old row: its version counter goes on from there.
+                setattr(obj, plan.version, plan.version_generator(self._loaded[id(replaced)][1].get(plan.version)))
             if plan.version is not None and obj.__dict__.get(plan.version) is None:
                 self._first_version(plan, obj)
             for table, row in self._rows_of(plan, obj.__dict__):
@@ -604,17 +619,26 @@ class InMemorySession:
                     switched.add((table, key))
                 planned.append((order(table), sequence, table, key, row))
         depths = _depths([(table, key, row) for _, _, table, key, row in planned if key is not None])
-        statements: list[tuple[int, int, int, Callable[[], None]]] = []
+        # Per table, as the ORM saves a mapper's objects: the new ones in the order they were added, then
+        # the changed ones in primary-key order.
+        statements: list[tuple[int, int, int, int, Callable[[], None]]] = []
         for position, sequence, target, written_key, written in planned:
             if written_key is not None and (target, written_key) in switched:
                 statement = _bind(overlay.update, target, written_key, written)
             else:
                 statement = _bind(overlay.insert, target, written)
-            statements.append((position, depths.get((target, written_key or ()), 0), sequence, statement))
-        for sequence, (obj, snapshot) in enumerate(dirty, start=len(inserts)):
+            statements.append((position, 0, depths.get((target, written_key or ()), 0), sequence, statement))
+        by_key = sorted(
+            dirty,
+            key=lambda item: (
+                order(_plan(item[0]).table),
+                _sort_key(tuple(item[1].get(name) for name in _plan(item[0]).primary_key)),
+            ),
+        )
+        for sequence, (obj, snapshot) in enumerate(by_key):
             for position, statement in self._updates(obj, snapshot, order):
-                statements.append((position, 0, sequence, statement))
-        statements.sort(key=lambda item: item[:3])
+                statements.append((position, 1, 0, sequence, statement))
+        statements.sort(key=lambda item: item[:4])
         for *_, statement in statements:
             statement()
         for adds, table, row in links:
@@ -627,7 +651,8 @@ class InMemorySession:
         for obj in self._deleted.values():
             plan = _plan(obj)
             snapshot = self._loaded[id(obj)][1]
-            self._check_version(plan, obj, snapshot, "DELETE")
+            if (plan.table, plan.table_key(plan.table, obj)) not in switched:
+                self._check_version(plan, obj, snapshot, "DELETE")
             for table in plan.tables:
                 key = plan.table_key(table, obj)
                 if (table, key) not in switched:
@@ -825,7 +850,11 @@ class InMemorySession:
                     continue
                 history = get_history(obj, rel.key, passive=PASSIVE_NO_INITIALIZE)
                 for child in history.deleted or ():
-                    if id(child) in self._loaded and id(child) not in self._deleted:
+                    if (
+                        id(child) in self._loaded
+                        and id(child) not in self._deleted
+                        and _mapper(child)._is_orphan(instance_state(child))  # not moved to another parent
+                    ):
                         self._deleted[id(child)] = child
                         queue.append(child)
         if queue:
@@ -876,9 +905,10 @@ class InMemorySession:
                             row[column.key] = _get_column(obj, parent_column)
                         for target_column, column in rel.secondary_synchronize_pairs or ():
                             row[column.key] = _get_column(target, target_column)
-                        link = (adds, secondary, row)
-                        if link not in links:  # both sides of a back_populates pair report the same link
-                            links.append(link)
+                        pair = (adds, secondary, frozenset((id(obj), id(target))))
+                        if self._links_seen.setdefault(pair, rel) is not rel:
+                            continue  # the other side of a back_populates pair reported this link already
+                        links.append((adds, secondary, row))
 
     def _release_children(self, obj: Any) -> None:
         """A parent is deleted: its children not deleted with it lose their foreign key, as the ORM does."""
@@ -904,7 +934,11 @@ class InMemorySession:
     def _unlink(self, table: Table, row: Row) -> None:
         """DELETE the association row that links what *row* names, whatever its own key."""
         match = {name: value for name, value in row.items() if value is not None}
-        for key, _ in self._overlay.find(table, match)[:1]:
+        found = self._overlay.find(table, match)[:1]
+        if not found:
+            msg = f"DELETE statement on table '{spec_of(table).name}' expected to delete 1 row(s); Only 0 were matched."
+            raise orm_exc.StaleDataError(msg)
+        for key, _ in found:
             self._overlay.delete(table, key)
 
     def _install_loaders(self, obj: Any, plan: _Plan) -> None:

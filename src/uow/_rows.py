@@ -45,7 +45,7 @@ def _integrity(statement: str, message: str) -> sa_exc.IntegrityError:
 
 def _name(constraint: Any, default: str) -> str:
     name = constraint.name
-    return name if isinstance(name, str) and name and type(name) is str else default
+    return str(name) if isinstance(name, str) and name else default  # quoted_name and conv are names too
 
 
 def _shown(values: Key) -> str:
