@@ -322,6 +322,10 @@ class InMemorySession:
         self._failed: BaseException | None = None
         self._flushing = False
         self._links_seen: dict[tuple[bool, Table, frozenset[int]], Any] = {}
+        #: The objects this transaction deleted, flushed: a rollback brings them back, as the ORM does.
+        self._gone: dict[tuple[Mapper[Any], Key], tuple[Any, dict[str, Any]]] = {}
+        #: The ids of the loaded objects whose values a rollback or a failed flush expired.
+        self._expired: set[int] = set()
         #: The ids of the objects this transaction inserted: forgotten by a rollback.
         self._inserted_ids: set[int] = set()
         #: False once the block has ended: lazy loads then raise DetachedInstanceError.
@@ -346,9 +350,10 @@ class InMemorySession:
         try:
             self._overlay.commit()
         except BaseException as error:
-            self._failed = error
+            self._fail(error)
             raise
         self._inserted_ids = set()
+        self._gone = {}
 
     def rollback(self) -> None:
         """Discard the writes; loaded objects stay, refreshed from the committed rows, as SQLAlchemy reloads them.
@@ -362,40 +367,63 @@ class InMemorySession:
         self._deleted.clear()
         self._failed = None
         self._inserted_ids = set()
+        self._revive()
         self._keep_refreshed(lambda obj: id(obj) not in inserted)
 
     def _keep_refreshed(self, keep: Callable[[Any], bool]) -> None:
-        """Keep the loaded objects *keep* accepts, with their attributes reloaded from the rows; forget the others."""
+        """Keep the loaded objects *keep* accepts, expired as SQLAlchemy expires them; forget the others."""
         identity: dict[tuple[Mapper[Any], Key], Any] = {}
         loaded: dict[int, tuple[Any, dict[str, Any]]] = {}
         for ident, obj in self._identity.items():
-            if keep(obj) and self._refresh(obj, ident[1]):
+            if keep(obj):
+                self._expire(obj)
                 identity[ident] = obj
-                loaded[id(obj)] = (obj, _columns(_plan(obj), obj))
+                loaded[id(obj)] = self._loaded.get(id(obj), (obj, _columns(_plan(obj), obj)))
         self._identity = identity
         self._loaded = loaded
 
-    def _refresh(self, obj: Any, key: Key) -> bool:
-        """Reload *obj*'s columns from its rows and unload its relationships; False if its row is gone."""
+    def _expire(self, obj: Any) -> None:
+        """Forget *obj*'s loaded values but its key: the next read reloads them, as after the ORM's expiry."""
         plan = _plan(obj)
         values = obj.__dict__
-        rows = []
-        for table, columns in plan.columns:
-            row = self._overlay.row(table, tuple(key) if table is plan.table else plan.table_key(table, obj))
-            if row is None:
-                return False
-            rows.append((row, columns))
-        for row, columns in rows:
-            for column_key, attribute, _ in columns:
-                if attribute is not None:
-                    values[attribute] = row.get(column_key)
+        state = instance_state(obj)
+        if type(state.callables) is not dict:
+            state.callables = dict(state.callables)
+        keep = set(plan.primary_key)
+        for name in plan.column_keys:
+            if name not in keep:
+                values.pop(name, None)
+                state.callables[name] = _Refresher(self, name)
         for rel in plan.relationships:
             values.pop(rel.key, None)
-        state = instance_state(obj)
         state._commit_all(values)
-        state.parents = {}  # which collections hold it is read again, as after the ORM's expiry
+        state.parents = {}  # which collections hold it is read again too
         self._install_loaders(obj, plan)
-        return True
+        self._expired.add(id(obj))
+
+    def _unexpire(self, obj: Any) -> None:
+        """Reload an expired object's columns from its rows; ObjectDeletedError if its row is gone."""
+        if id(obj) not in self._expired:
+            return
+        plan = _plan(obj)
+        values = obj.__dict__
+        key = plan.key_of(obj)
+        fresh: dict[str, Any] = {}
+        for table, columns in plan.columns:
+            row = self._overlay.row(table, key if table is plan.table else plan.table_key(table, obj))
+            if row is None:
+                raise orm_exc.ObjectDeletedError(instance_state(obj))
+            for column_key, attribute, _ in columns:
+                if attribute is not None:
+                    fresh.setdefault(attribute, row.get(column_key))
+        callables = instance_state(obj).callables
+        for name, value in fresh.items():
+            if name not in values:
+                values[name] = value
+            if isinstance(callables.get(name), _Refresher):
+                del callables[name]
+        self._expired.discard(id(obj))
+        self._loaded[id(obj)] = (obj, fresh)
 
     def close(self) -> None:
         """End the transaction: discard the writes and detach every object."""
@@ -406,6 +434,8 @@ class InMemorySession:
         self._identity.clear()
         self._loaded.clear()
         self._inserted_ids = set()
+        self._expired = set()
+        self._gone = {}
         self.open = False
 
     def watch_changes(self, *, starts: bool) -> None:
@@ -461,6 +491,7 @@ class InMemorySession:
         for obj, state in savepoint.states.values():
             _restore_object(obj, state)
             instance_state(obj)._commit_all(obj.__dict__)
+            self._expired.discard(id(obj))
         known = {id(obj) for obj in savepoint.identity.values()}
         inserted_since = self._inserted_ids - savepoint.inserted
         loaded_since = {
@@ -468,13 +499,14 @@ class InMemorySession:
             for ident, obj in self._identity.items()
             if id(obj) not in known and id(obj) not in inserted_since
         }
+        previous = self._loaded
         self._identity = dict(savepoint.identity)
         self._loaded = {key: (obj, dict(snapshot)) for key, (obj, snapshot) in savepoint.loaded.items()}
         self._inserted_ids = set(savepoint.inserted)
         for ident, obj in loaded_since.items():
-            if self._refresh(obj, ident[1]):
-                self._identity[ident] = obj
-                self._loaded[id(obj)] = (obj, _columns(_plan(obj), obj))
+            self._identity[ident] = obj
+            self._loaded[id(obj)] = previous.get(id(obj), (obj, _columns(_plan(obj), obj)))
+            self._expire(obj)
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
@@ -523,8 +555,22 @@ class InMemorySession:
                 for table, row in self._rows_of(plan, shadow.__dict__):
                     self._overlay.insert(table, row)
         except BaseException as error:
-            self._failed = error
+            self._fail(error)
             raise
+
+    def _fail(self, error: BaseException) -> None:
+        """A flush or a commit failed: refuse work until the rollback, and expire what was loaded, as the ORM does."""
+        self._failed = error
+        self._revive()
+        for obj, _ in list(self._loaded.values()):
+            self._expire(obj)
+
+    def _revive(self) -> None:
+        """Objects deleted by a flush of a transaction that will not commit are loaded objects again."""
+        for ident, (obj, snapshot) in self._gone.items():
+            self._identity.setdefault(ident, obj)
+            self._loaded.setdefault(id(obj), (obj, snapshot))
+        self._gone = {}
 
     def _check_write(self, pending: str) -> None:
         if self.check_write is not None:
@@ -538,7 +584,7 @@ class InMemorySession:
         try:
             self._flush()
         except BaseException as error:
-            self._failed = error
+            self._fail(error)
             raise
         finally:
             self._flushing = False
@@ -683,12 +729,13 @@ class InMemorySession:
                 if self._identity.get((plan.base, old_key)) is obj:
                     del self._identity[(plan.base, old_key)]
                 self._identity[(plan.base, new_key)] = obj
-            self._loaded[id(obj)] = (obj, _columns(plan, obj))
+            values = obj.__dict__
+            self._loaded[id(obj)] = (obj, {name: values.get(name, old) for name, old in snapshot.items()})
         for obj in self._deleted.values():
             plan = _plan(obj)
             if self._identity.get((plan.base, plan.key_of(obj))) is obj:
                 del self._identity[(plan.base, plan.key_of(obj))]
-            self._loaded.pop(id(obj), None)
+            self._gone[(plan.base, plan.key_of(obj))] = self._loaded.pop(id(obj))
         self._pending.clear()
         self._deleted.clear()
         for obj, _ in self._loaded.values():
@@ -709,7 +756,9 @@ class InMemorySession:
             row = {
                 column_key: values.get(attribute)
                 for column_key, attribute, _ in columns
-                if attribute is not None and values.get(attribute, _MISSING) != snapshot.get(attribute, _MISSING)
+                if attribute is not None
+                and attribute in values
+                and values[attribute] != snapshot.get(attribute, _MISSING)
             }
             if not row:
                 continue
@@ -769,7 +818,7 @@ class InMemorySession:
 
     def _dirty(self, obj: Any, snapshot: dict[str, Any]) -> bool:
         values = obj.__dict__
-        return any(values.get(name, _MISSING) != value for name, value in snapshot.items())
+        return any(name in values and values[name] != value for name, value in snapshot.items())
 
     @staticmethod
     def _links_changed(obj: Any) -> bool:
@@ -1023,11 +1072,16 @@ class InMemorySession:
         parts = key if isinstance(key, tuple) and len(plan.primary_key) > 1 else (key,)
         parts = tuple(coerce(column, part) for column, part in zip(plan.pk_columns, parts, strict=False))
         obj = self._identity.get((plan.base, parts))
-        if obj is None:
+        if obj is None or id(obj) in self._expired:  # an expired object is queried again, after the autoflush
             self.flush()
             obj = self._identity.get((plan.base, parts))
             if obj is None:
                 obj = self._load(plan, parts)
+            elif id(obj) in self._expired:
+                try:
+                    self._unexpire(obj)
+                except orm_exc.ObjectDeletedError:
+                    return None  # its row is gone: get() finds nothing, as its query would
         if obj is None or id(obj) in self._deleted or not isinstance(obj, model):
             return None
         return obj
@@ -1092,6 +1146,8 @@ class InMemorySession:
             obj = self._identity.get((plan.base, key))
             if obj is None:
                 obj = self._load(base, key, row)
+            elif id(obj) in self._expired:
+                self._unexpire(obj)  # a query's rows refresh the expired objects it returns
             if obj is None or id(obj) in self._deleted or not isinstance(obj, mapper.class_):
                 continue
             if later and not all(obj.__dict__.get(name) == value for name, value in later):
@@ -1136,7 +1192,36 @@ class _Loader:
         session._check_usable()  # a failed flush leaves nothing to load from until the rollback
         if not session._flushing:
             session.flush()  # autoflush, as a lazy load's query does
+        session._unexpire(obj)
         return session._related(obj, self.rel)
+
+
+class _Refresher:
+    """Reloads the columns of an expired object when one is first read, while its block runs."""
+
+    __slots__ = ("name", "session")
+
+    def __init__(self, session: InMemorySession, name: str) -> None:
+        self.session = session
+        self.name = name
+
+    def __call__(self, state: Any, passive: Any) -> Any:
+        if not passive & SQL_OK:
+            return PASSIVE_NO_RESULT
+        session = self.session
+        obj = state.obj()
+        if not session.open:
+            msg = (
+                f"Instance {instance_str(obj)} is not bound to a Session; attribute refresh operation cannot "
+                "proceed: it was expired by a rollback in a unit of work block that has ended. Load it again "
+                "in a block"
+            )
+            raise orm_exc.DetachedInstanceError(msg)
+        session._check_usable()
+        if not session._flushing:
+            session.flush()  # autoflush, as the refresh's query does
+        session._unexpire(obj)
+        return obj.__dict__.get(self.name)
 
 
 def _raiser(rel: Any) -> Callable[[Any, Any], Any]:

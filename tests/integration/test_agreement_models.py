@@ -14,13 +14,6 @@ a natural label that the machine makes unique (an email, a code, a ref, a
 title...), actions find objects by label on each side, and committed rows
 are compared with each foreign key replaced by the label of the row it
 refers to.
-
-One difference is still open and kept out of the machine: SQLAlchemy expires
-the objects of a transaction that rolls back or whose flush fails, so that
-reading them raises ``PendingRollbackError`` in the failed block and
-``DetachedInstanceError`` after it, and ``get()`` of one queries (and so
-flushes) again; the fake keeps their values readable. The machine does not
-read an object it held across a failed flush or a rollback.
 """
 
 from __future__ import annotations
@@ -236,8 +229,6 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             #: Whether the last step raised an error that leaves the transaction to be rolled back:
             #: until a rollback, only the rules that end or probe the transaction run.
             self.poisoned = False
-            #: Whether the held order lived through a failed flush or a rollback, which expires it in SQLAlchemy.
-            self.held_expired = False
             self.counter = 0
             #: The committed rows both sides had at the last comparison, and whether a step committed since.
             self.agreed: dict[str, list[tuple[Any, ...]]] | None = None
@@ -325,7 +316,6 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             assert fake == real
             if raised(fake) in POISONING:
                 self.poisoned = True
-                self.held_expired = True
             return fake
 
         def write(self, action: Callable[[Side], Any]) -> Any:
@@ -351,16 +341,12 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
             self.in_block = False
             self.stocks_seen.clear()
             assert self.sides[0].unit.rolled_back == self.sides[1].unit.rolled_back
-            if self.sides[1].unit.rolled_back:
-                self.held_expired = True
 
         @precondition(lambda self: self.in_block)
         @rule(commit=st.booleans())
         def end_transaction(self, commit: bool) -> None:
             """Commit or roll back; the block goes on in a new transaction."""
             result = self.both(lambda side: side.unit.commit() if commit else side.unit.rollback())
-            if raised(result) or not commit:
-                self.held_expired = True
             if not raised(result):
                 self.committed = self.committed or (commit and self.wrote)
                 self.wrote = False
@@ -636,7 +622,6 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
                 found = side.unit.orders.get_by(ref=ref)
                 if hold:
                     side.held = found
-                    self.held_expired = False
                 return None if found is None else order_shown(found)
 
             self.both(action)
@@ -649,18 +634,17 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
 
             def action(side: Side) -> Any:
                 side.held = side.unit.orders.get_by(ref=ref)
-                self.held_expired = False
                 return side.held is not None
 
             self.both(action)
 
-        @precondition(lambda self: self.holding and not self.held_expired)
+        @precondition(lambda self: self.holding)
         @rule()
         def read_held(self) -> None:
             """Read the held order, in its block, in a later transaction, or after its block."""
             self.both(lambda side: None if side.held is None else order_shown(side.held))
 
-        @precondition(lambda self: self.holding and not self.held_expired)
+        @precondition(lambda self: self.holding)
         @rule()
         def rename_held(self) -> None:
             """Change the held order: stored by its block's commit, ignored after its block."""
@@ -673,7 +657,7 @@ def make_machine(engine: Engine) -> type[RuleBasedStateMachine]:
 
             self.write(action)
 
-        @precondition(lambda self: self.ready and self.holding and not self.held_expired)
+        @precondition(lambda self: self.ready and self.holding)
         @rule()
         def remove_held(self) -> None:
             def action(side: Side) -> Any:

@@ -779,3 +779,31 @@ def test_a_lazy_load_after_a_failed_flush_needs_the_rollback(implementation: Imp
             _ = loaded.lines
         unit.rollback()
         assert ["lamp"] == [line.sku for line in loaded.lines]
+
+
+def test_an_object_expired_by_a_rollback_is_unreadable_after_the_block(implementation: Implementation) -> None:
+    """An object loaded before a rollback and not read since raises DetachedInstanceError after the block."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        loaded = unit.customers.get(customer.id)
+        unit.rollback()
+    with pytest.raises(DetachedInstanceError):
+        _ = loaded.name
+
+
+def test_a_loaded_column_after_a_failed_flush_needs_the_rollback(implementation: Implementation) -> None:
+    """After a flush failed, reading a column of a loaded object raises PendingRollbackError until the rollback."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    with unit:
+        loaded = unit.customers.get(customer.id)
+        unit.customers.add(Customer(email="ada@example.com", name="Ada again"))
+        with pytest.raises(IntegrityError):
+            unit.customers.count()
+        with pytest.raises(PendingRollbackError):
+            _ = loaded.name
+        unit.rollback()
+        assert "Ada" == loaded.name
