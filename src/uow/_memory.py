@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Boolean, Column, Float, Integer, Numeric, String, Table, inspect
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, Numeric, String, Table, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapper, RelationshipDirection
 from sqlalchemy.orm import exc as orm_exc
@@ -103,10 +103,11 @@ class _Plan:
         self.version: str | None = None if version is None else mapper.get_property_by_column(version).key
         self.version_column: str = "" if version is None else str(version.key)
         self.version_generator: Any = mapper.version_id_generator
+        #: The discriminator column of a hierarchy, and the identities of this class and its subclasses.
         self.polymorphic_on: str | None = None
-        self.identities: frozenset[Any] | None = None
+        self.identities: frozenset[Any] = frozenset()
         if mapper.polymorphic_on is not None:
-            self.polymorphic_on = mapper.polymorphic_on.key
+            self.polymorphic_on = str(mapper.polymorphic_on.key)
             self.identities = frozenset(each.polymorphic_identity for each in mapper.self_and_descendants)
         self.relationships = tuple(mapper.relationships)
         #: Whether a delete could cascade from or to its objects: relationships, or a delete-orphan parent.
@@ -640,7 +641,7 @@ class InMemorySession:
                 for obj, snapshot in self._loaded.values()
                 if id(obj) not in self._deleted and self._dirty(obj, snapshot)
             ]
-        order = _table_order()
+        order = _position
         # A deleted object whose row a new object takes in this flush: the ORM turns the pair into an UPDATE.
         doomed = {
             (table, _plan(obj).table_key(table, obj)): obj
@@ -1095,9 +1096,7 @@ class InMemorySession:
                 return None
         actual = base
         if base.polymorphic_on is not None:
-            discriminator = _column_key(base.mapper, base.mapper.polymorphic_on)
-            identity = row.get(discriminator)
-            mapper = base.mapper.polymorphic_map.get(identity)
+            mapper = base.mapper.polymorphic_map.get(row.get(base.polymorphic_on))
             if mapper is not None:
                 actual = plan_of(mapper)
         obj = actual.mapper.class_manager.new_instance()
@@ -1129,14 +1128,11 @@ class InMemorySession:
                 table_filters.append((column.key, converted))
             else:
                 later.append((name, converted))
-        discriminator = ""
-        identities: frozenset[Any] | None = None
-        if plan.mapper is not plan.base and base.polymorphic_on is not None:
-            discriminator = _column_key(base.mapper, base.mapper.polymorphic_on)
-            identities = frozenset(each.polymorphic_identity for each in plan.mapper.self_and_descendants)
+        # A subclass of a hierarchy reads only the rows of its own identities, as its query's WHERE does.
+        discriminator = plan.polymorphic_on if plan.mapper is not plan.base else None
         keys = []
         for key, row in self._overlay.rows(base.table):
-            if identities is not None and row.get(discriminator) not in identities:
+            if discriminator is not None and row.get(discriminator) not in plan.identities:
                 continue
             if all(row.get(name) == value for name, value in table_filters):
                 keys.append((key, row))
@@ -1241,7 +1237,7 @@ def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], None]:
     return statement
 
 
-_positions: dict[Table, int] = {}
+_positions: dict[MetaData, tuple[int, dict[Table, int]]] = {}
 
 
 def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], int]:
@@ -1281,22 +1277,20 @@ def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], i
     return depths
 
 
-def _table_order() -> Callable[[Table], int]:
-    """The position of a table in its metadata's dependency order: parents before the tables that refer to them."""
-    return _position
-
-
 def _position(table: Table) -> int:
-    found = _positions.get(table)
-    if found is None:
-        for position, each in enumerate(table.metadata.sorted_tables):
-            _positions[each] = position
-        found = _positions.setdefault(table, 0)
-    return found
+    """The position of *table* in its metadata's dependency order: parents before the tables that refer to them.
 
-
-def _column_key(mapper: Mapper[Any], column: Any) -> str:
-    return str(column.key)
+    Read again whenever the metadata has gained tables, so that every
+    position comes from one sort.
+    """
+    metadata = table.metadata
+    known = _positions.get(metadata)
+    if known is None or known[0] != len(metadata.tables):
+        known = _positions[metadata] = (
+            len(metadata.tables),
+            {each: position for position, each in enumerate(metadata.sorted_tables)},
+        )
+    return known[1].get(table, 0)
 
 
 def _get_column(obj: Any, column: Any) -> Any:

@@ -64,7 +64,6 @@ class ForeignKey:
         self.name = _name(constraint, f"{table.name}_{'_'.join(self.columns)}_fkey")
         self.ondelete = (constraint.ondelete or "NO ACTION").upper()
         self.onupdate = (constraint.onupdate or "NO ACTION").upper()
-        self.deferred = bool(constraint.initially and constraint.initially.upper() == "DEFERRED")
 
 
 class _RowEvaluator(_EvaluatorCompiler):
@@ -251,8 +250,6 @@ class Store:
         self.counters: dict[Table, int] = {}
         #: The rows that an open transaction has written: locked against the others until it ends.
         self.locks: dict[tuple[Table, Key], Overlay] = {}
-        #: Incremented by every commit that wrote.
-        self.version = 0
 
     def table(self, table: Table) -> _Table:
         found = self.tables.get(table)
@@ -299,7 +296,7 @@ class Overlay:
 
     def referring(self, fk: ForeignKey, values: Key) -> list[Key]:
         """The keys of the rows of *fk*'s table that refer to *values* through it."""
-        position = fk.table is not None and spec_of(fk.table).foreign_keys.index(fk)
+        position = spec_of(fk.table).foreign_keys.index(fk)
         found: set[Key] = set()
         stored = self.store.tables.get(fk.table)
         written = self.writes.get(fk.table)
@@ -309,7 +306,7 @@ class Overlay:
                     found.add(key)
         if written is not None:
             found.update(written.indexes.refs[position].get(values, ()))
-        return sorted(found, key=_order)
+        return sorted(found)
 
     def find(self, table: Table, match: dict[str, Any]) -> list[tuple[Key, Row]]:
         """The rows of *table* whose columns equal *match*, through a foreign key's index where one fits."""
@@ -421,7 +418,7 @@ class Overlay:
         self._check_checks(spec, row, statement)
         new_key = spec.key_of(row)
         if new_key != key:
-            self._check_not_referenced(spec, old, statement, moving=True)
+            self._check_not_referenced(spec, old, statement)
             if self.row(table, new_key) is not None:
                 msg = (
                     f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
@@ -467,7 +464,7 @@ class Overlay:
             else:
                 raise _integrity(statement, _still_referenced(spec, fk, values))
 
-    def _check_not_referenced(self, spec: TableSpec, old: Row, statement: str, *, moving: bool) -> None:
+    def _check_not_referenced(self, spec: TableSpec, old: Row, statement: str) -> None:
         for fk in spec.referenced_by:
             values = tuple(old[name] for name in fk.target_columns)
             if None not in values and self.referring(fk, values):
@@ -561,20 +558,16 @@ class Overlay:
                 if row is None:
                     stored_row = store.tables[table].rows.get(key) if table in store.tables else None
                     if stored_row is not None:
-                        self._check_not_referenced(spec, stored_row, statement, moving=False)
+                        self._check_not_referenced(spec, stored_row, statement)
                 else:
                     self._check_references(spec, row, None, statement)
-        wrote = False
         for table, written in self.writes.items():
             stored = store.table(table)
             for key, row in written.rows.items():
                 stored.put(key, row)
-                wrote = True
         for table, counter in self.counters.items():
             if counter > store.counters.get(table, 0):
                 store.counters[table] = counter
-        if wrote:
-            store.version += 1
         self.end()
 
     def end(self) -> None:
@@ -626,7 +619,3 @@ def _still_referenced(spec: TableSpec, fk: ForeignKey, values: Key) -> str:
         f'"{referring}"\nDETAIL:  Key ({", ".join(fk.target_columns)})=({_shown(values)}) is still referenced '
         f'from table "{referring}".'
     )
-
-
-def _order(key: Key) -> tuple[Any, ...]:
-    return key
