@@ -642,12 +642,13 @@ class InMemorySession:
                 if id(obj) not in self._deleted and self._dirty(obj, snapshot)
             ]
         order = _position
+        deleted = self._deleted
         # A deleted object whose row a new object takes in this flush: the ORM turns the pair into an UPDATE.
-        doomed = {
-            (table, _plan(obj).table_key(table, obj)): obj
-            for obj in self._deleted.values()
-            for table in _plan(obj).tables
-        }
+        doomed = (
+            {(table, _plan(obj).table_key(table, obj)): obj for obj in deleted.values() for table in _plan(obj).tables}
+            if deleted
+            else {}
+        )
         switched: set[tuple[Table, Key]] = set()
         planned: list[tuple[int, int, Table, Key | None, Row]] = []
         for sequence, obj in enumerate(inserts):
@@ -660,34 +661,48 @@ class InMemorySession:
                 setattr(obj, plan.version, plan.version_generator(self._loaded[id(replaced)][1].get(plan.version)))
             if plan.version is not None and obj.__dict__.get(plan.version) is None:
                 self._first_version(plan, obj)
-            for table, row in self._rows_of(plan, obj.__dict__):
+            values = obj.__dict__
+            for table, columns in plan.columns:
+                row = {
+                    column_key: values.get(attribute) if attribute is not None else None
+                    for column_key, attribute, _ in columns
+                }
                 key = plan.table_key(table, obj)
-                if (table, key) in doomed:
+                if doomed and (table, key) in doomed:
                     switched.add((table, key))
                 planned.append((order(table), sequence, table, key, row))
-        depths = _depths([(table, key, row) for _, _, table, key, row in planned if key is not None])
-        # Per table, as the ORM saves a mapper's objects: the new ones in the order they were added, then
-        # the changed ones in primary-key order.
-        statements: list[tuple[int, int, int, int, Callable[[], None]]] = []
-        for position, sequence, target, written_key, written in planned:
-            if written_key is not None and (target, written_key) in switched:
-                statement = _bind(overlay.update, target, written_key, written)
-            else:
-                statement = _bind(overlay.insert, target, written)
-            statements.append((position, 0, depths.get((target, written_key or ()), 0), sequence, statement))
-        by_key = sorted(
-            dirty,
-            key=lambda item: (
-                order(_plan(item[0]).table),
-                _sort_key(tuple(item[1].get(name) for name in _plan(item[0]).primary_key)),
-            ),
+        depths = (
+            _depths([(table, key, row) for _, _, table, key, row in planned if key is not None])
+            if any(spec_of(table).self_referencing for _, _, table, _, _ in planned)
+            else {}
         )
-        for sequence, (obj, snapshot) in enumerate(by_key):
-            for position, statement in self._updates(obj, snapshot, order):
-                statements.append((position, 1, 0, sequence, statement))
-        statements.sort(key=lambda item: item[:4])
-        for *_, statement in statements:
-            statement()
+        # Per table, as the ORM saves a mapper's objects: the new ones in the order they were added, then
+        # the changed ones in primary-key order. Each statement is a method and its arguments.
+        statements: list[tuple[int, int, int, int, Callable[..., Any], tuple[Any, ...]]] = []
+        for position, sequence, target, written_key, written in planned:
+            if switched and written_key is not None and (target, written_key) in switched:
+                statement: tuple[Callable[..., Any], tuple[Any, ...]] = (
+                    overlay.update,
+                    (target, written_key, written),
+                )
+            else:
+                statement = (overlay.insert, (target, written))
+            depth = depths.get((target, written_key or ()), 0) if depths else 0
+            statements.append((position, 0, depth, sequence, *statement))
+        if len(dirty) > 1:
+            dirty.sort(
+                key=lambda item: (
+                    order(_plan(item[0]).table),
+                    _sort_key(tuple(item[1].get(name) for name in _plan(item[0]).primary_key)),
+                )
+            )
+        for sequence, (obj, snapshot) in enumerate(dirty):
+            for position, function, arguments in self._updates(obj, snapshot, order):
+                statements.append((position, 1, 0, sequence, function, arguments))
+        if len(statements) > 1:
+            statements.sort(key=lambda item: item[:4])
+        for *_, function, arguments in statements:
+            function(*arguments)
         for adds, table, row in links:
             if adds:
                 overlay.insert(table, row)
@@ -746,7 +761,7 @@ class InMemorySession:
 
     def _updates(
         self, obj: Any, snapshot: dict[str, Any], order: Callable[[Table], int]
-    ) -> Iterable[tuple[int, Callable[[], None]]]:
+    ) -> Iterable[tuple[int, Callable[..., Any], tuple[Any, ...]]]:
         plan = _plan(obj)
         values = obj.__dict__
         self._check_version(plan, obj, snapshot, "UPDATE")
@@ -764,20 +779,17 @@ class InMemorySession:
             if not row:
                 continue
             key = tuple(snapshot.get(attribute) for attribute in plan.key_attributes[table])
+            yield order(table), self._update, (table, key, row)
 
-            def update(table: Table = table, key: Key = key, row: Row = row) -> None:
-                current = self._overlay.row(table, key)
-                merged = dict(current) if current is not None else {}
-                merged.update(row)
-                if current is None:
-                    msg = (
-                        f"UPDATE statement on table '{spec_of(table).name}' expected to update 1 row(s); "
-                        "0 were matched."
-                    )
-                    raise orm_exc.StaleDataError(msg)
-                self._overlay.update(table, key, merged)
-
-            yield order(table), update
+    def _update(self, table: Table, key: Key, row: Row) -> None:
+        """UPDATE the columns in *row* of the row with *key*, which must still be there."""
+        current = self._overlay.row(table, key)
+        if current is None:
+            msg = f"UPDATE statement on table '{spec_of(table).name}' expected to update 1 row(s); 0 were matched."
+            raise orm_exc.StaleDataError(msg)
+        merged = dict(current)
+        merged.update(row)
+        self._overlay.update(table, key, merged)
 
     def _check_version(self, plan: _Plan, obj: Any, snapshot: dict[str, Any], verb: str) -> None:
         """Raise StaleDataError if *obj*'s row changed since it was loaded, as the version counter's WHERE would."""
@@ -1228,13 +1240,6 @@ def _raiser(rel: Any) -> Callable[[Any, Any], Any]:
         raise sa_exc.InvalidRequestError(msg)
 
     return refuse
-
-
-def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], None]:
-    def statement() -> None:
-        function(*args)
-
-    return statement
 
 
 _positions: dict[MetaData, tuple[int, dict[Table, int]]] = {}

@@ -107,6 +107,14 @@ class TableSpec:
             for constraint in table.constraints
             if isinstance(constraint, ForeignKeyConstraint)
         )
+        #: The columns of each unique constraint and of each foreign key, in the order of the two above.
+        self.unique_columns = tuple(columns for _, columns in self.uniques)
+        self.fk_columns = tuple(fk.columns for fk in self.foreign_keys)
+        #: What an error names as the statement that failed.
+        self.insert_statement = f"INSERT INTO {self.name} (in-memory fake)"
+        self.update_statement = f"UPDATE {self.name} (in-memory fake)"
+        self.delete_statement = f"DELETE FROM {self.name} (in-memory fake)"
+        self.commit_statement = f"COMMIT (in-memory fake, table {self.name})"
         #: Whether a foreign key of this table refers to the table itself (a tree).
         self.self_referencing = any(fk.target is table for fk in self.foreign_keys)
         #: The foreign keys of other tables that refer to this one; filled in by :func:`spec_of`.
@@ -195,22 +203,26 @@ class _Indexes:
         self.refs: list[dict[Key, set[Key]]] = [{} for _ in spec.foreign_keys]
 
     def add(self, spec: TableSpec, key: Key, row: Row) -> None:
-        for index, (_, columns) in zip(self.unique, spec.uniques, strict=True):
+        for index, columns in zip(self.unique, spec.unique_columns, strict=True):
             values = tuple(row[name] for name in columns)
             if None not in values:
                 index[values] = key
-        for refs, fk in zip(self.refs, spec.foreign_keys, strict=True):
-            values = tuple(row[name] for name in fk.columns)
+        for refs, columns in zip(self.refs, spec.fk_columns, strict=True):
+            values = tuple(row[name] for name in columns)
             if None not in values:
-                refs.setdefault(values, set()).add(key)
+                holders = refs.get(values)
+                if holders is None:
+                    refs[values] = {key}
+                else:
+                    holders.add(key)
 
     def remove(self, spec: TableSpec, key: Key, row: Row) -> None:
-        for index, (_, columns) in zip(self.unique, spec.uniques, strict=True):
+        for index, columns in zip(self.unique, spec.unique_columns, strict=True):
             values = tuple(row[name] for name in columns)
             if index.get(values) == key:
                 del index[values]
-        for refs, fk in zip(self.refs, spec.foreign_keys, strict=True):
-            values = tuple(row[name] for name in fk.columns)
+        for refs, columns in zip(self.refs, spec.fk_columns, strict=True):
+            values = tuple(row[name] for name in columns)
             holders = refs.get(values)
             if holders is not None:
                 holders.discard(key)
@@ -229,14 +241,17 @@ class _Table:
         self.indexes = _Indexes(spec)
 
     def put(self, key: Key, row: Row | None) -> None:
-        old = self.rows.get(key)
-        if old is not None:
+        rows = self.rows
+        old = rows.get(key)
+        indexed = self.indexes.unique or self.indexes.refs
+        if old is not None and indexed:
             self.indexes.remove(self.spec, key, old)
         if row is None:
-            self.rows.pop(key, None)
+            rows.pop(key, None)
         else:
-            self.rows[key] = row
-            self.indexes.add(self.spec, key, row)
+            rows[key] = row
+            if indexed:
+                self.indexes.add(self.spec, key, row)
 
 
 class Store:
@@ -250,6 +265,9 @@ class Store:
         self.counters: dict[Table, int] = {}
         #: The rows that an open transaction has written: locked against the others until it ends.
         self.locks: dict[tuple[Table, Key], Overlay] = {}
+        #: How many commits have written rows: a transaction that began after the last one needs no
+        #: second check at its commit, since every statement was checked against the rows stored now.
+        self.generation = 0
 
     def table(self, table: Table) -> _Table:
         found = self.tables.get(table)
@@ -271,6 +289,8 @@ class Overlay:
         #: The keys this transaction inserted that were not in the store when it did.
         self.inserted: set[tuple[Table, Key]] = set()
         self.counters: dict[Table, int] = {}
+        #: The store's generation when this transaction began.
+        self.generation = store.generation
 
     # -- reading ---------------------------------------------------------------
 
@@ -356,11 +376,11 @@ class Overlay:
         if len(key) == 1 and isinstance(key[0], int) and key[0] > self.counters.get(table, 0):
             self.counters[table] = key[0]
 
-    def _write(self, table: Table, key: Key, row: Row | None) -> None:
+    def _write(self, spec: TableSpec, key: Key, row: Row | None) -> None:
+        table = spec.table
         lock = (table, key)
         holder = self.store.locks.get(lock)
         if holder is not None and holder is not self:
-            spec = spec_of(table)
             msg = (
                 f'row ({_shown(key)}) of table "{spec.name}" is locked by another open transaction of this '
                 "fake, which has written it and not ended: a database would wait for that transaction, "
@@ -370,7 +390,7 @@ class Overlay:
             raise sa_exc.OperationalError(f"UPDATE {spec.name} (in-memory fake)", None, FakeDatabaseError(msg))
         written = self.writes.get(table)
         if written is None:
-            written = self.writes[table] = _Table(spec_of(table))
+            written = self.writes[table] = _Table(spec)
         written.put(key, row)
         if row is None:
             written.rows[key] = None  # type: ignore[assignment]  # a deletion
@@ -379,7 +399,7 @@ class Overlay:
     def insert(self, table: Table, row: Row) -> Key:
         """INSERT *row*, complete with defaults and its key; return the key."""
         spec = spec_of(table)
-        statement = f"INSERT INTO {spec.name} (in-memory fake)"
+        statement = spec.insert_statement
         if spec.generated is not None and row.get(spec.generated) is None:
             row[spec.generated] = self.next_key(table)
         self._check_not_null(spec, row, statement)
@@ -389,7 +409,7 @@ class Overlay:
             self._check_unique(spec, key, row, statement)
             self._check_references(spec, row, None, statement)
             self.inserted.add((table, key))
-            self._write(table, key, row)
+            self._write(spec, key, row)
             return key
         key = spec.key_of(row)
         if self.row(table, key) is not None:
@@ -404,13 +424,13 @@ class Overlay:
         if stored is None or key not in stored.rows:
             self.inserted.add((table, key))
         self._seen_key(table, key)
-        self._write(table, key, row)
+        self._write(spec, key, row)
         return key
 
     def update(self, table: Table, key: Key, row: Row) -> None:
         """UPDATE the row with *key* to *row*; a changed key moves it."""
         spec = spec_of(table)
-        statement = f"UPDATE {spec.name} (in-memory fake)"
+        statement = spec.update_statement
         old = self.row(table, key)
         if old is None:
             raise sa_exc.OperationalError(statement, None, FakeDatabaseError(f"no row ({_shown(key)}) to update"))
@@ -428,9 +448,9 @@ class Overlay:
         self._check_unique(spec, new_key, row, statement, ignore=key)
         self._check_references(spec, row, old, statement)
         if new_key != key:
-            self._write(table, key, None)
+            self._write(spec, key, None)
             self.inserted.add((table, new_key))
-        self._write(table, new_key, row)
+        self._write(spec, new_key, row)
 
     def delete(self, table: Table, key: Key) -> None:
         """DELETE the row with *key*, with each foreign key's ON DELETE action; a missing row is no error."""
@@ -438,8 +458,8 @@ class Overlay:
         old = self.row(table, key)
         if old is None:
             return
-        statement = f"DELETE FROM {spec.name} (in-memory fake)"
-        self._write(table, key, None)
+        statement = spec.delete_statement
+        self._write(spec, key, None)
         # A failed flush leaves the whole transaction to be rolled back, as the ORM does: no undo here.
         self._on_delete(spec, old, statement)
 
@@ -527,10 +547,28 @@ class Overlay:
     def commit(self) -> None:
         """Check the writes against what others committed meanwhile, then store them."""
         store = self.store
+        if not self.writes:
+            self.end()
+            return
+        if store.generation != self.generation:
+            self._check_against_store()
+        for table, written in self.writes.items():
+            stored = store.table(table)
+            for key, row in written.rows.items():
+                stored.put(key, row)
+        for table, counter in self.counters.items():
+            if counter > store.counters.get(table, 0):
+                store.counters[table] = counter
+        store.generation += 1
+        self.end()
+
+    def _check_against_store(self) -> None:
+        """Refuse writes that conflict with what other transactions committed since this one began."""
+        store = self.store
         for table, written in self.writes.items():
             spec = written.spec
             stored = store.table(table)
-            statement = f"COMMIT (in-memory fake, table {spec.name})"
+            statement = spec.commit_statement
             for key, row in written.rows.items():
                 if row is None:
                     continue
@@ -553,7 +591,7 @@ class Overlay:
         # or a child added under a deleted parent, is refused as the database's row locks would refuse it.
         for table, written in self.writes.items():
             spec = written.spec
-            statement = f"COMMIT (in-memory fake, table {spec.name})"
+            statement = spec.commit_statement
             for key, row in written.rows.items():
                 if row is None:
                     stored_row = store.tables[table].rows.get(key) if table in store.tables else None
@@ -561,14 +599,6 @@ class Overlay:
                         self._check_not_referenced(spec, stored_row, statement)
                 else:
                     self._check_references(spec, row, None, statement)
-        for table, written in self.writes.items():
-            stored = store.table(table)
-            for key, row in written.rows.items():
-                stored.put(key, row)
-        for table, counter in self.counters.items():
-            if counter > store.counters.get(table, 0):
-                store.counters[table] = counter
-        self.end()
 
     def end(self) -> None:
         """Forget the writes and give up the locks: after a commit, or as a rollback."""
@@ -580,6 +610,7 @@ class Overlay:
         self.writes = {}
         self.inserted = set()
         self.counters = {}
+        self.generation = self.store.generation
 
     # -- savepoints ------------------------------------------------------------
 
