@@ -1413,6 +1413,8 @@ def _restore_object(obj: object, state: dict[str, Any]) -> None:
 
 def _check_modelled(plan: _Plan, unenforced: frozenset[str]) -> None:
     """Refuse a model that declares what the fake cannot model, unless the unit of work was told to leave it out."""
+    if not plan.refused and not plan.unmodelled:
+        return
     missing = [described for name, described in plan.unmodelled.items() if name not in unenforced]
     name = plan.mapper.class_.__name__
     if plan.refused:
