@@ -23,12 +23,10 @@ stored.
 from __future__ import annotations
 
 import builtins
-import decimal
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Boolean, Column, Float, Integer, MetaData, Numeric, String, Table, inspect
+from sqlalchemy import Boolean, Column, Integer, MetaData, Numeric, Table, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapper, RelationshipDirection
 from sqlalchemy.orm import exc as orm_exc
@@ -42,8 +40,9 @@ from sqlalchemy.orm.base import (
     instance_str,
 )
 
+from ._query import Order, Query, matcher, sort_rows
 from ._repository import AsyncRepository, Repository, _RepositoryBase
-from ._rows import Key, Overlay, Row, Store, is_generated, spec_of
+from ._rows import Key, Overlay, Row, Store, coerce, is_generated, spec_of
 from .errors import ConfigurationError, NotInRepositoryError
 
 __all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
@@ -187,42 +186,6 @@ def _mapper(obj_or_cls: Any) -> Mapper[Any]:
 
 
 # -- defaults and conversions ---------------------------------------------------
-
-_INTEGER = re.compile(r"[+-]?\d+\Z")
-
-
-def coerce(column: Any, value: Any) -> Any:
-    """*value* as the column compares it, following SQLite's type affinity: ``'3'`` is 3 in an integer column."""
-    if value is None:
-        return None
-    kind = column.type
-    if isinstance(kind, Boolean):
-        return value
-    if isinstance(kind, Integer):
-        if isinstance(value, str) and _INTEGER.match(value.strip()):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
-            return int(value)
-        return value
-    if isinstance(kind, Float):
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value
-        return value
-    if isinstance(kind, Numeric):
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            try:
-                return decimal.Decimal(str(value))
-            except decimal.InvalidOperation:
-                return value
-        return value
-    if isinstance(kind, String) and isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
-        return str(value)
-    return value
 
 
 def _server_default(column: Column[Any]) -> Any:
@@ -1126,8 +1089,15 @@ class InMemorySession:
         state.manager.dispatch.load(state, None)  # the "load" event, and @reconstructor methods
         return obj
 
-    def _select(self, model: Any, filters: dict[str, Any]) -> builtins.list[Any]:
-        """Objects of *model* whose attributes equal *filters*, converted by column type, in primary-key order."""
+    def _select(
+        self,
+        model: Any,
+        filters: dict[str, Any],
+        where: Sequence[Any] = (),
+        order: Sequence[Order] = (),
+    ) -> builtins.list[Any]:
+        """Objects of *model* whose attributes equal *filters*, converted by column type, for which every
+        *where* clause holds, in *order* (primary-key order if none is given)."""
         mapper = _mapper(model) if not isinstance(model, Mapper) else model
         plan = plan_of(mapper)
         base = plan_of(plan.base)
@@ -1148,7 +1118,14 @@ class InMemorySession:
                 continue
             if all(row.get(name) == value for name, value in table_filters):
                 keys.append((key, row))
-        keys.sort(key=lambda item: _sort_key(item[0]))
+        if where or order:
+            rows = self._joined_rows(plan, keys)
+            if where:
+                matches = matcher(frozenset(mapper.tables), where)
+                keys = [item for item in keys if matches(rows[item[0]])]
+            sort_rows(keys, order, lambda item: rows[item[0]])
+        else:
+            keys.sort(key=lambda item: _sort_key(item[0]))
         found = []
         for key, row in keys:
             obj = self._identity.get((plan.base, key))
@@ -1163,10 +1140,26 @@ class InMemorySession:
             found.append(obj)
         return found
 
-    def query(self, model: type[Any], filters: dict[str, Any], limit: int | None) -> builtins.list[Any]:
+    def _joined_rows(self, plan: _Plan, keys: Sequence[tuple[Key, Row]]) -> dict[Key, Row]:
+        """The row of each base-table key, merged with its rows in the other tables of *plan*'s class."""
+        others = [table for table, _ in plan.columns if table is not plan_of(plan.base).table]
+        if not others:
+            return dict(keys)
+        merged: dict[Key, Row] = {}
+        for key, row in keys:
+            joined = dict(row)
+            for table in others:
+                joined.update(self._overlay.row(table, key) or {})
+            merged[key] = joined
+        return merged
+
+    def query(self, model: type[Any], query: Query) -> builtins.list[Any]:
+        """What a SELECT of *model* with *query* returns, after the autoflush."""
         self.flush()
-        found = self._select(model, filters)
-        return found if limit is None else found[:limit]
+        found = self._select(model, query.filters, query.where, query.order)
+        if query.limit is None:
+            return found[query.offset :]
+        return found[query.offset : query.offset + query.limit]
 
 
 class _Shadow:
@@ -1466,11 +1459,14 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
         found: T | None = self._store.get(self.model, key)
         return found
 
-    def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
-        return self._store.query(self.model, filters, limit)
+    def _list(self, query: Query) -> Sequence[T]:
+        return self._store.query(self.model, query)
 
-    def _count(self, filters: dict[str, Any]) -> int:
-        return len(self._store.query(self.model, filters, None))
+    def _count(self, query: Query) -> int:
+        return len(self._store.query(self.model, query))
+
+    def _exists(self, query: Query) -> bool:
+        return bool(self._store.query(self.model, query))
 
     def _remove(self, obj: T) -> None:
         self._store.delete(obj)
@@ -1494,11 +1490,14 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
         found: T | None = self._store.get(self.model, key)
         return found
 
-    async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
-        return self._store.query(self.model, filters, limit)
+    async def _list(self, query: Query) -> Sequence[T]:
+        return self._store.query(self.model, query)
 
-    async def _count(self, filters: dict[str, Any]) -> int:
-        return len(self._store.query(self.model, filters, None))
+    async def _count(self, query: Query) -> int:
+        return len(self._store.query(self.model, query))
+
+    async def _exists(self, query: Query) -> bool:
+        return bool(self._store.query(self.model, query))
 
     async def _remove(self, obj: T) -> None:
         self._store.delete(obj)

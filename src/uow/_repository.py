@@ -12,14 +12,26 @@ from __future__ import annotations
 import abc
 import builtins
 from collections.abc import Iterable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
+
+from sqlalchemy.orm import QueryableAttribute
+from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
+from ._query import Query, build_query
 from .errors import InactiveUnitOfWorkError, MultipleResultsError
 
 __all__ = ["AsyncRepository", "Repository"]
 
 T = TypeVar("T")
+
+#: A where clause: a SQLAlchemy boolean expression on the model's attributes or its table's columns.
+#: ``bool`` is accepted by the type only so that comparisons of imperatively mapped attributes, which
+#: type checkers see as plain values, type-check; a plain Python bool is refused when the query runs.
+Where: TypeAlias = "ColumnElement[bool] | bool"
+#: One ordering term: a mapped attribute or a column, or its ``.desc()``, ``.nulls_first()``, ....
+OrderTerm: TypeAlias = "ColumnElement[Any] | QueryableAttribute[Any]"
+OrderBy: TypeAlias = "OrderTerm | Sequence[OrderTerm] | None"
 
 
 class _RepositoryBase(Generic[T]):
@@ -87,6 +99,16 @@ class _RepositoryBase(Generic[T]):
             self._info.check_instance(obj, "add_all")
         return result
 
+    def _query(
+        self,
+        where: Sequence[Where],
+        filters: dict[str, Any],
+        order_by: OrderBy = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Query:
+        return build_query(self._info, where, filters, order_by, limit, offset)
+
     def _one_or_none(self, found: Sequence[T], filters: dict[str, Any]) -> T | None:
         if len(found) > 1:
             shown = ", ".join(f"{name}={value!r}" for name, value in filters.items())
@@ -149,20 +171,33 @@ class Repository(_RepositoryBase[T], abc.ABC):
         Raises :class:`~uow.errors.MultipleResultsError` if several match.
         """
         self._use()
-        self._info.check_filters(filters)
-        return self._one_or_none(self._list(filters, 2), filters)
+        return self._one_or_none(self._list(self._query((), filters, limit=2)), filters)
 
-    def list(self, **filters: Any) -> builtins.list[T]:
-        """The objects whose attributes equal *filters*, in primary-key order."""
-        self._use()
-        self._info.check_filters(filters)
-        return self._track_all(self._list(filters, None))
+    def list(
+        self,
+        *where: Where,
+        order_by: OrderBy = None,
+        limit: int | None = None,
+        offset: int = 0,
+        **filters: Any,
+    ) -> builtins.list[T]:
+        """The objects for which every *where* clause holds and whose attributes equal *filters*.
 
-    def count(self, **filters: Any) -> int:
-        """How many objects have attributes equal to *filters*."""
+        They come in *order_by* order, then in primary-key order, which also
+        breaks ties; *limit* and *offset* take a page of them.
+        """
         self._use()
-        self._info.check_filters(filters)
-        return self._count(filters)
+        return self._track_all(self._list(self._query(where, filters, order_by, limit, offset)))
+
+    def count(self, *where: Where, **filters: Any) -> int:
+        """How many objects :meth:`list` would return for the same clauses and filters, without a page."""
+        self._use()
+        return self._count(self._query(where, filters))
+
+    def exists(self, *where: Where, **filters: Any) -> bool:
+        """Whether :meth:`list` would return any object for the same clauses and filters."""
+        self._use()
+        return self._exists(self._query(where, filters))
 
     def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
@@ -183,10 +218,13 @@ class Repository(_RepositoryBase[T], abc.ABC):
     def _get(self, key: Any) -> T | None: ...
 
     @abc.abstractmethod
-    def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]: ...
+    def _list(self, query: Query) -> Sequence[T]: ...
 
     @abc.abstractmethod
-    def _count(self, filters: dict[str, Any]) -> int: ...
+    def _count(self, query: Query) -> int: ...
+
+    @abc.abstractmethod
+    def _exists(self, query: Query) -> bool: ...
 
     @abc.abstractmethod
     def _remove(self, obj: T) -> None: ...
@@ -221,20 +259,29 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
     async def get_by(self, **filters: Any) -> T | None:
         """The one object whose attributes equal *filters*, or ``None``."""
         self._use()
-        self._info.check_filters(filters)
-        return self._one_or_none(await self._list(filters, 2), filters)
+        return self._one_or_none(await self._list(self._query((), filters, limit=2)), filters)
 
-    async def list(self, **filters: Any) -> builtins.list[T]:
-        """The objects whose attributes equal *filters*, in primary-key order."""
+    async def list(
+        self,
+        *where: Where,
+        order_by: OrderBy = None,
+        limit: int | None = None,
+        offset: int = 0,
+        **filters: Any,
+    ) -> builtins.list[T]:
+        """The objects :meth:`Repository.list` returns, awaited."""
         self._use()
-        self._info.check_filters(filters)
-        return self._track_all(await self._list(filters, None))
+        return self._track_all(await self._list(self._query(where, filters, order_by, limit, offset)))
 
-    async def count(self, **filters: Any) -> int:
-        """How many objects have attributes equal to *filters*."""
+    async def count(self, *where: Where, **filters: Any) -> int:
+        """How many objects :meth:`list` would return for the same clauses and filters, without a page."""
         self._use()
-        self._info.check_filters(filters)
-        return await self._count(filters)
+        return await self._count(self._query(where, filters))
+
+    async def exists(self, *where: Where, **filters: Any) -> bool:
+        """Whether :meth:`list` would return any object for the same clauses and filters."""
+        self._use()
+        return await self._exists(self._query(where, filters))
 
     async def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
@@ -255,10 +302,13 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
     async def _get(self, key: Any) -> T | None: ...
 
     @abc.abstractmethod
-    async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]: ...
+    async def _list(self, query: Query) -> Sequence[T]: ...
 
     @abc.abstractmethod
-    async def _count(self, filters: dict[str, Any]) -> int: ...
+    async def _count(self, query: Query) -> int: ...
+
+    @abc.abstractmethod
+    async def _exists(self, query: Query) -> bool: ...
 
     @abc.abstractmethod
     async def _remove(self, obj: T) -> None: ...

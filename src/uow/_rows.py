@@ -23,17 +23,30 @@ transaction is locked against the others until it ends.
 
 from __future__ import annotations
 
+import decimal
+import re
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Integer, Table, UniqueConstraint
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Table,
+    UniqueConstraint,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm.evaluator import UnevaluatableError, _EvaluatorCompiler
 from sqlalchemy.sql.ddl import DDL
 
 from .errors import FakeDatabaseError
 
-__all__ = ["Overlay", "Store", "TableSpec", "spec_of"]
+__all__ = ["Overlay", "Store", "TableSpec", "coerce", "spec_of"]
 
 Row = dict[str, Any]
 Key = tuple[Any, ...]
@@ -169,6 +182,43 @@ def is_generated(column: Any) -> bool:
     if default is not None:
         return bool(getattr(default, "is_sequence", False))
     return column.server_default is None and column.autoincrement in ("auto", True)
+
+
+_INTEGER = re.compile(r"[+-]?\d+\Z")
+
+
+def coerce(column: Any, value: Any) -> Any:
+    """*value* as the column compares it, following SQLite's type affinity: ``'3'`` is 3 in an integer column."""
+    if value is None:
+        return None
+    kind = column.type
+    if isinstance(kind, Boolean):
+        return value
+    if isinstance(kind, Integer):
+        if isinstance(value, str) and _INTEGER.match(value.strip()):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, decimal.Decimal) and value == value.to_integral_value():
+            return int(value)
+        return value
+    if isinstance(kind, Float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+    if isinstance(kind, Numeric):
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            try:
+                return decimal.Decimal(str(value))
+            except decimal.InvalidOperation:
+                return value
+        return value
+    if isinstance(kind, String) and isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 _specs: dict[Table, TableSpec] = {}

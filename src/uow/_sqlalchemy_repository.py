@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, func, inspect, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
+from ._query import Query
 from ._repository import AsyncRepository, Repository
 from .errors import NotInRepositoryError
 
@@ -22,17 +24,44 @@ __all__ = ["AsyncSqlAlchemyRepository", "SqlAlchemyRepository"]
 T = TypeVar("T")
 
 
-def _list_statement(info: ModelInfo, filters: dict[str, Any], limit: int | None) -> Select[Any]:
-    stmt = select(info.model)
-    if filters:
-        stmt = stmt.filter_by(**filters)
-    stmt = stmt.order_by(*info.mapper.primary_key)
-    return stmt if limit is None else stmt.limit(limit)
+def _where(stmt: Select[Any], query: Query) -> Select[Any]:
+    if query.where:
+        stmt = stmt.where(*query.where)
+    return stmt.filter_by(**query.filters) if query.filters else stmt
 
 
-def _count_statement(info: ModelInfo, filters: dict[str, Any]) -> Select[Any]:
-    stmt = select(func.count()).select_from(info.model)
-    return stmt.filter_by(**filters) if filters else stmt
+def _list_statement(info: ModelInfo, query: Query, dialect: str) -> Select[Any]:
+    stmt = _where(select(info.model), query).order_by(*_ordering(query, dialect))
+    if query.limit is not None:
+        stmt = stmt.limit(query.limit)
+    return stmt.offset(query.offset) if query.offset else stmt
+
+
+def _ordering(query: Query, dialect: str) -> list[ColumnElement[Any]]:
+    """ORDER BY terms; MySQL and MariaDB have no NULLS FIRST/LAST, so a NULL test goes before the column there."""
+    if dialect not in ("mysql", "mariadb"):
+        return list(query.clauses)
+    terms: list[ColumnElement[Any]] = []
+    for order, clause in zip(query.order, query.clauses, strict=True):
+        if order.nulls is not None:
+            # NULLs come first there ascending, last descending; a NULL test first puts them where asked.
+            terms.append(order.column.is_(None).desc() if order.nulls == "first" else order.column.is_(None).asc())
+            terms.append(order.column.desc() if order.descending else order.column.asc())
+        else:
+            terms.append(clause)
+    return terms
+
+
+def _count_statement(info: ModelInfo, query: Query) -> Select[Any]:
+    return _where(select(func.count()).select_from(info.model), query)
+
+
+def _exists_statement(info: ModelInfo, query: Query) -> Select[Any]:
+    return select(_where(select(info.model), query).exists())
+
+
+def _dialect(session: Session, info: ModelInfo) -> str:
+    return session.get_bind(info.mapper).dialect.name
 
 
 def _check_removable(session: Session, obj: object, model: type[Any]) -> bool:
@@ -104,11 +133,15 @@ class SqlAlchemyRepository(Repository[T]):
             return None
         return found
 
-    def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
-        return self._session.scalars(_list_statement(self._info, filters, limit)).all()
+    def _list(self, query: Query) -> Sequence[T]:
+        session = self._session
+        return session.scalars(_list_statement(self._info, query, _dialect(session, self._info))).all()
 
-    def _count(self, filters: dict[str, Any]) -> int:
-        return int(self._session.scalar(_count_statement(self._info, filters)) or 0)
+    def _count(self, query: Query) -> int:
+        return int(self._session.scalar(_count_statement(self._info, query)) or 0)
+
+    def _exists(self, query: Query) -> bool:
+        return bool(self._session.scalar(_exists_statement(self._info, query)))
 
     def _remove(self, obj: T) -> None:
         session = self._session
@@ -149,11 +182,16 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
             return None
         return found
 
-    async def _list(self, filters: dict[str, Any], limit: int | None) -> Sequence[T]:
-        return (await self._session.scalars(_list_statement(self._info, filters, limit))).all()
+    async def _list(self, query: Query) -> Sequence[T]:
+        session = self._session
+        dialect = _dialect(session.sync_session, self._info)
+        return (await session.scalars(_list_statement(self._info, query, dialect))).all()
 
-    async def _count(self, filters: dict[str, Any]) -> int:
-        return int(await self._session.scalar(_count_statement(self._info, filters)) or 0)
+    async def _count(self, query: Query) -> int:
+        return int(await self._session.scalar(_count_statement(self._info, query)) or 0)
+
+    async def _exists(self, query: Query) -> bool:
+        return bool(await self._session.scalar(_exists_statement(self._info, query)))
 
     async def _remove(self, obj: T) -> None:
         session = self._session

@@ -26,6 +26,7 @@ __all__ = [
     "MultipleResultsError",
     "NotInRepositoryError",
     "OwnershipError",
+    "QueryError",
     "ReadOnlyError",
     "RollbackOnlyError",
     "UnknownFieldError",
@@ -91,6 +92,10 @@ class ReadOnlyError(UowError, RuntimeError):
 
 class UnknownFieldError(UowError, TypeError):
     """A repository filter named something that is not a column attribute."""
+
+
+class QueryError(UowError, TypeError):
+    """A repository query used something that the repositories cannot answer alike on every implementation."""
 
 
 class ModelTypeError(UowError, TypeError):

@@ -12,6 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from tests.support.contract import Contract
 from tests.support.databases import Database
 from tests.support.harness import Shop, sql_reader
+from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
 from tests.support.uows import AsyncSqlAlchemyShopUnitOfWork, SqlAlchemyShopUnitOfWork
@@ -76,3 +77,7 @@ class TestDatabaseScopes(ScopeContract):
 
 class TestAsyncDatabaseScopes(AsyncScopeContract):
     """Timeouts work around the commit, rollback and blocks of async SQLAlchemy units of work."""
+
+
+class TestDatabaseQueries(QueryContract):
+    """SQLAlchemy repositories answer queries on every backend."""

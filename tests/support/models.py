@@ -103,6 +103,9 @@ class Note(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     text: Mapped[str] = mapped_column(String(100))
     pinned: Mapped[bool] = mapped_column(default=False)
+    #: Nullable columns, for queries that meet NULL.
+    rank: Mapped[int | None] = mapped_column(default=None)
+    tag: Mapped[str | None] = mapped_column(String(20), default=None)
 
 
 TABLES = (lines, orders, items, skus, pairs, Note.__table__)

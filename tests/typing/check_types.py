@@ -10,6 +10,7 @@ import abc
 from collections.abc import Coroutine
 from typing import Any
 
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from typing_extensions import assert_type
 
 import uow
@@ -171,3 +172,29 @@ def current_and_transaction(unit: AllocationUnitOfWork, fake: FakeAllocationUnit
 async def async_transaction(unit: AsyncProductUnitOfWork) -> None:
     async with unit.transaction(read_only=True) as entered:
         assert_type(entered, AsyncProductUnitOfWork)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Ticket(Base):
+    __tablename__ = "tickets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rank: Mapped[int | None]
+
+
+class TicketUnitOfWork(uow.UnitOfWork):
+    tickets = uow.repository(Ticket)
+
+
+def queries(unit: TicketUnitOfWork) -> None:
+    """Where clauses and ordering terms are SQLAlchemy expressions on the model's attributes."""
+    with unit:
+        found = unit.tickets.list(Ticket.rank > 3, order_by=Ticket.rank.desc().nulls_last(), limit=20, offset=20)
+        assert_type(found, list[Ticket])
+        assert_type(unit.tickets.list(order_by=[Ticket.rank, Ticket.id.desc()]), list[Ticket])
+        assert_type(unit.tickets.count(Ticket.rank.in_([1, 2])), int)
+        assert_type(unit.tickets.exists(Ticket.rank.is_(None)), bool)
+        unit.tickets.list(limit="20")  # type: ignore[arg-type]
+        unit.tickets.list(order_by="rank")  # type: ignore[arg-type]

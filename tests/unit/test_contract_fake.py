@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.contract import Contract
 from tests.support.harness import Shop, fake_shop
+from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
 from tests.support.uows import AsyncFakeShopUnitOfWork, FakeShopUnitOfWork
@@ -37,3 +38,7 @@ class TestFakeScopes(ScopeContract):
 
 class TestAsyncFakeScopes(AsyncScopeContract):
     """Timeouts work around the async fake's commit, rollback and blocks."""
+
+
+class TestFakeQueries(QueryContract):
+    """The fakes answer queries as the databases do."""

@@ -1,0 +1,321 @@
+"""Queries a repository answers: where clauses, ordering and pages, the same on every implementation.
+
+A query is written with SQLAlchemy's own expressions, on the model's mapped
+attributes (``Batch.qty > 3``) or its table's columns (``batches.c.qty > 3``).
+:func:`build_query` checks it once, in the public method that every
+implementation shares, so that the fake and the database accept exactly the
+same queries:
+
+* every column belongs to one of the tables the model is mapped to;
+* every operator is one the fake evaluates as SQL does: comparisons, ``in_``
+  and ``not_in``, ``is_`` and ``is_not``, ``like``, ``ilike``,
+  ``startswith``, ``endswith``, ``contains``, ``between``, and ``and_``,
+  ``or_`` and ``not_``, with SQL's three-valued logic for NULL.
+
+The database runs the query as SQL. The fake evaluates it on rows with
+SQLAlchemy's evaluator (the one behind ``synchronize_session="evaluate"``),
+which this module extends with LIKE and BETWEEN, and with the conversion of
+values by column type that :func:`~uow._rows.coerce` does everywhere else.
+
+Ordering appends the primary key, so that ties come out in the same order on
+every implementation and pages never overlap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+from sqlalchemy import Column, Table
+from sqlalchemy.orm.evaluator import UnevaluatableError
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
+
+from ._model import ModelInfo
+from ._rows import _RowEvaluator, coerce
+from .errors import QueryError
+
+__all__ = ["Order", "Query", "build_query"]
+
+Row = dict[str, Any]
+
+#: The modifiers of an ordering term: ascending or descending, and where NULLs go.
+_DESCENDING = {operators.desc_op}
+_NULLS = {operators.nulls_first_op: "first", operators.nulls_last_op: "last"}
+
+
+@attrs.frozen
+class Order:
+    """One ordering term: a column, its direction, and where NULLs go (None: where the database puts them)."""
+
+    column: Column[Any]
+    descending: bool
+    nulls: str | None
+
+
+@attrs.frozen
+class Query:
+    """A checked query: where clauses, equality filters, ordering and a page."""
+
+    where: tuple[ColumnElement[bool], ...]
+    filters: dict[str, Any]
+    order: tuple[Order, ...]
+    limit: int | None
+    offset: int
+
+    @property
+    def clauses(self) -> tuple[ColumnElement[Any], ...]:
+        """The ordering as SQLAlchemy ORDER BY terms, with the direction and NULL placement written out."""
+        terms: list[ColumnElement[Any]] = []
+        for order in self.order:
+            term: ColumnElement[Any] = order.column.desc() if order.descending else order.column.asc()
+            if order.nulls == "first":
+                term = term.nulls_first()
+            elif order.nulls == "last":
+                term = term.nulls_last()
+            terms.append(term)
+        return tuple(terms)
+
+
+def _tables(info: ModelInfo) -> frozenset[Table]:
+    return frozenset(table for table in info.mapper.tables if isinstance(table, Table))
+
+
+def build_query(
+    info: ModelInfo,
+    where: Sequence[Any],
+    filters: dict[str, Any],
+    order_by: Any,
+    limit: int | None,
+    offset: int,
+) -> Query:
+    """Check a query once for every implementation; raise :class:`~uow.errors.QueryError` naming what is wrong."""
+    info.check_filters(filters)
+    tables = _tables(info)
+    for clause in where:
+        _check_where(info, tables, clause)
+    terms = () if order_by is None else (order_by if isinstance(order_by, list | tuple) else (order_by,))
+    order = tuple(_order(info, tables, term) for term in terms)
+    pk_columns = tuple(column for column in info.mapper.primary_key if isinstance(column, Column))
+    named = {(each.column.table, each.column.key) for each in order}
+    order += tuple(Order(column, False, None) for column in pk_columns if (column.table, column.key) not in named)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        msg = f"limit must be a whole number of at least 0, or None for every row; got {limit!r}"
+        raise QueryError(msg)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        msg = f"offset must be a whole number of at least 0; got {offset!r}"
+        raise QueryError(msg)
+    return Query(tuple(where), filters, order, limit, offset)
+
+
+def _check_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None:
+    name = info.model.__name__
+    if isinstance(clause, bool) or not isinstance(clause, ColumnElement):
+        msg = (
+            f"a where clause of a query on {name} must be a SQLAlchemy expression such as "
+            f"`{name}.qty > 3` or `table.c.qty > 3`; got {clause!r}. A plain Python value here usually "
+            "means the attribute compared is not a mapped column"
+        )
+        raise QueryError(msg)
+    evaluator = _QueryEvaluator(tables)
+    try:
+        evaluator.compile(clause)
+    except UnevaluatableError as error:
+        msg = (
+            f"the query on {name} uses something a repository cannot answer the same way on every "
+            f"implementation: {error}. Use comparisons, in_/not_in, is_/is_not, like/ilike, startswith, "
+            "endswith, contains, between, and and_/or_/not_ on columns of "
+            f"{name}'s own tables, or write this query in a custom repository method"
+        )
+        raise QueryError(msg) from None
+
+
+def _order(info: ModelInfo, tables: frozenset[Table], term: Any) -> Order:
+    descending = False
+    nulls: str | None = None
+    element = getattr(term, "__clause_element__", None)
+    clause = element() if element is not None else term
+    while isinstance(clause, UnaryExpression):
+        if clause.modifier in _NULLS:
+            nulls = nulls or _NULLS[clause.modifier]
+        elif clause.modifier in _DESCENDING:
+            descending = True
+        elif clause.modifier is not operators.asc_op:
+            break
+        clause = clause.element
+    column = _column_of(clause)
+    if column is None or column.table not in tables:
+        msg = (
+            f"order_by of a query on {info.model.__name__} takes columns of its own tables, such as "
+            f"`{info.model.__name__}.eta`, `.desc()` and `.nulls_last()` of them; got {term!r}"
+        )
+        raise QueryError(msg)
+    return Order(column, descending, nulls)
+
+
+def _column_of(clause: Any) -> Column[Any] | None:
+    """The table column an ORM attribute or a column expression stands for."""
+    element = getattr(clause, "__clause_element__", None)
+    if element is not None:
+        clause = element()
+    if isinstance(clause, Column) and isinstance(clause.table, Table):
+        return clause
+    return None
+
+
+# -- the fake's evaluation ------------------------------------------------------
+
+
+def _like_pattern(pattern: str, *, prefix: str = "", suffix: str = "", escape: str | None = None) -> re.Pattern[str]:
+    """SQL LIKE as a regular expression: ``%`` any run of characters, ``_`` one, *escape* quoting the next."""
+    parts: list[str] = []
+    characters = iter(prefix + pattern + suffix)
+    for char in characters:
+        if escape is not None and char == escape:
+            quoted = next(characters, "")
+            parts.append(re.escape(quoted))
+        elif char == "%":
+            parts.append(".*")
+        elif char == "_":
+            parts.append(".")
+        else:
+            parts.append(re.escape(char))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+class _QueryEvaluator(_RowEvaluator):
+    """SQLAlchemy's evaluator over rows, for the columns of *tables*, with LIKE, BETWEEN and typed values."""
+
+    def __init__(self, tables: frozenset[Table]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.tables = tables
+
+    def compile(self, clause: Any) -> Any:
+        """A function of a row that evaluates *clause*; UnevaluatableError if it cannot."""
+        return self.process(clause)  # type: ignore[no-untyped-call]
+
+    def visit_column(self, clause: Any) -> Any:
+        column = _column_of(clause)
+        if column is None or column.table not in self.tables:
+            raise UnevaluatableError(f"the column {clause} is not one of the model's own tables")
+        key = column.key
+        return lambda row: row.get(key)
+
+    def visit_binary(self, clause: Any) -> Any:
+        operator = clause.operator
+        if operator in (operators.between_op, operators.not_between_op):
+            low, high = clause.right.clauses
+            test = self._between(self.compile(clause.left), self.compile(low), self.compile(high))
+            return test if operator is operators.between_op else _negate(test)
+        like = _LIKES.get(operator)
+        if like is not None:
+            return self._like(clause, *like)
+        if operator in (operators.in_op, operators.not_in_op):
+            negated = operator is operators.not_in_op
+            return self._membership(self.compile(clause.left), self.compile(clause.right), negated=negated)
+        return super().visit_binary(clause)  # type: ignore[no-untyped-call]
+
+    def visit_bindparam(self, clause: Any) -> Any:
+        value = clause.effective_value
+        if isinstance(value, list | tuple) and clause.expanding:
+            converted: Any = [coerce(clause, each) for each in value]
+        else:
+            converted = coerce(clause, value)
+        return lambda row: converted
+
+    @staticmethod
+    def _between(value: Any, low: Any, high: Any) -> Callable[[Row], bool | None]:
+        def test(row: Row) -> bool | None:
+            found, first, last = value(row), low(row), high(row)
+            if found is None or first is None or last is None:
+                return None
+            return bool(first <= found <= last)
+
+        return test
+
+    @staticmethod
+    def _membership(value: Any, members: Any, *, negated: bool) -> Callable[[Row], bool | None]:
+        """IN, or NOT IN if *negated*, as SQL evaluates it: NULL among the members makes a miss unknown."""
+
+        def test(row: Row) -> bool | None:
+            found, among = value(row), members(row)
+            if not among:
+                return negated  # of nothing: false, or true for NOT IN, even for NULL, as SQLAlchemy renders it
+            if found is None:
+                return None
+            if found in among:
+                return not negated
+            return None if None in among else negated
+
+        return test
+
+    def _like(self, clause: Any, negated: bool, folded: bool, prefix: str, suffix: str) -> Any:
+        value = self.compile(clause.left)
+        pattern = self.compile(clause.right)
+        escape = clause.modifiers.get("escape")
+
+        def test(row: Row) -> bool | None:
+            found, wanted = value(row), pattern(row)
+            if found is None or wanted is None:
+                return None
+            if folded:
+                found, wanted = str(found).lower(), str(wanted).lower()
+            matched = _like_pattern(str(wanted), prefix=prefix, suffix=suffix, escape=escape).fullmatch(str(found))
+            return (matched is None) if negated else (matched is not None)
+
+        return test
+
+
+def _negate(test: Callable[[Row], bool | None]) -> Callable[[Row], bool | None]:
+    def negated(row: Row) -> bool | None:
+        result = test(row)
+        return None if result is None else not result
+
+    return negated
+
+
+#: LIKE-family operators: negated, case-folded, and what SQLAlchemy adds around the pattern.
+_LIKES: dict[Any, tuple[bool, bool, str, str]] = {
+    operators.like_op: (False, False, "", ""),
+    operators.not_like_op: (True, False, "", ""),
+    operators.ilike_op: (False, True, "", ""),
+    operators.not_ilike_op: (True, True, "", ""),
+    operators.startswith_op: (False, False, "", "%"),
+    operators.not_startswith_op: (True, False, "", "%"),
+    operators.endswith_op: (False, False, "%", ""),
+    operators.not_endswith_op: (True, False, "%", ""),
+    operators.contains_op: (False, False, "%", "%"),
+    operators.not_contains_op: (True, False, "%", "%"),
+}
+
+
+def matcher(tables: frozenset[Any], where: Iterable[ColumnElement[bool]]) -> Callable[[Row], bool]:
+    """A test of a row (its columns by key, across *tables*) that every where clause holds for."""
+    evaluator = _QueryEvaluator(frozenset(table for table in tables if isinstance(table, Table)))
+    tests = [evaluator.compile(clause) for clause in where]
+
+    def matches(row: Row) -> bool:
+        return all(test(row) is True for test in tests)
+
+    return matches
+
+
+def sort_rows(items: list[Any], order: Sequence[Order], row_of: Callable[[Any], Row]) -> None:
+    """Sort *items* in place by *order*, reading each one's columns through *row_of*.
+
+    NULLs go where PostgreSQL puts them unless the term says: after every
+    value ascending, before every value descending.
+    """
+    for term in reversed(order):
+        key = term.column.key
+        nulls_last = term.nulls == "last" if term.nulls is not None else not term.descending
+        # In a descending sort the largest key comes first: NULLs are made the largest to come first.
+        null_rank = 1 if nulls_last != term.descending else 0
+
+        def sort_key(item: Any, key: str = key, null_rank: int = null_rank) -> tuple[int, Any]:
+            value = row_of(item).get(key)
+            return (null_rank, 0) if value is None else (1 - null_rank, value)
+
+        items.sort(key=sort_key, reverse=term.descending)

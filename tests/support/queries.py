@@ -1,0 +1,195 @@
+"""The query contract: where clauses, ordering, pages, ``count`` and ``exists``, the same on every implementation.
+
+Run by the fakes' and the databases' contract modules, like :mod:`tests.support.contract`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import and_, func, not_, or_
+
+from uow import errors
+
+from .harness import Shop
+from .models import Item, Note, Sku, items, skus
+
+
+async def notes(shop: Shop, *rows: tuple[str, int | None, str | None]) -> None:
+    """Commit a note per (text, rank, tag)."""
+    uow = shop.uow()
+    async with uow:
+        await uow.notes.add_all([Note(text=text, rank=rank, tag=tag) for text, rank, tag in rows])
+        await uow.commit()
+
+
+ROWS = (
+    ("a", 3, "red"),
+    ("b", None, "Blue"),
+    ("c", 1, None),
+    ("d", 3, "blue"),
+    ("e", 2, "red_x"),
+)
+
+
+async def texts(shop: Shop, *where: Any, **options: Any) -> list[str]:
+    """The texts of the notes a query lists."""
+    uow = shop.uow()
+    async with uow:
+        return [note.text for note in await uow.notes.list(*where, **options)]
+
+
+class QueryContract:
+    """Queries every repository answers alike."""
+
+    async def test_where_clauses_combine_with_keyword_filters(self, shop: Shop) -> None:
+        """Comparisons on mapped attributes combine with equality filters, in primary-key order by default."""
+        await notes(shop, *ROWS)
+        assert ["a", "d"] == await texts(shop, Note.rank >= 3)
+        assert ["c", "e"] == await texts(shop, Note.rank < 3)
+        assert ["a"] == await texts(shop, Note.rank != 2, tag="red")
+        assert ["e"] == await texts(shop, Note.rank > 1, Note.rank <= 2)
+
+    async def test_null_follows_three_valued_logic(self, shop: Shop) -> None:
+        """A comparison with NULL is unknown: neither it nor its negation lists the row; is_(None) does."""
+        await notes(shop, *ROWS)
+        assert ["a", "c", "d", "e"] == await texts(shop, or_(Note.rank == 3, Note.rank != 3))
+        assert ["c", "e"] == await texts(shop, not_(Note.rank >= 3))
+        assert ["b"] == await texts(shop, Note.rank.is_(None))
+        assert ["b"] == await texts(shop, Note.rank == None)  # noqa: E711 - SQLAlchemy makes this IS NULL
+        assert ["a", "c", "d", "e"] == await texts(shop, Note.rank.is_not(None))
+
+    async def test_in_and_not_in_as_sql_evaluates_them(self, shop: Shop) -> None:
+        """in_ and not_in list what SQL does, including an empty list and a NULL among the values."""
+        await notes(shop, *ROWS)
+        assert ["a", "c", "d"] == await texts(shop, Note.rank.in_([1, 3]))
+        assert ["e"] == await texts(shop, Note.rank.not_in([1, 3]))
+        assert [] == await texts(shop, Note.rank.in_([]))
+        assert ["a", "b", "c", "d", "e"] == await texts(shop, Note.rank.not_in([]))
+        assert [] == await texts(shop, Note.rank.not_in([1, None]))
+        assert ["c"] == await texts(shop, Note.rank.in_([1, None]))
+
+    async def test_ranges_with_between_and_composition(self, shop: Shop) -> None:
+        """between is inclusive; and_, or_ and not_ compose clauses."""
+        await notes(shop, *ROWS)
+        assert ["c", "e"] == await texts(shop, Note.rank.between(1, 2))
+        assert ["a", "b", "d"] == await texts(shop, or_(Note.rank.is_(None), not_(Note.rank.between(1, 2))))
+        assert ["a", "c"] == await texts(shop, or_(and_(Note.rank == 3, Note.tag == "red"), Note.tag.is_(None)))
+
+    async def test_string_matching_with_lowercase_patterns(self, shop: Shop) -> None:
+        """like, startswith, endswith and contains match alike where case does not differ."""
+        await notes(shop, *ROWS)
+        assert ["a", "e"] == await texts(shop, Note.tag.like("red%"))
+        assert ["e"] == await texts(shop, Note.tag.like("red_%"))
+        assert ["a", "e"] == await texts(shop, Note.tag.startswith("re"))
+        assert ["b", "d"] == await texts(shop, Note.tag.endswith("lue"))
+        assert ["e"] == await texts(shop, Note.tag.contains("d_"))
+        assert ["e"] == await texts(shop, Note.tag.like("red\\_%", escape="\\"))
+        assert ["b", "c", "d"] == await texts(shop, or_(Note.tag.not_like("red%"), Note.tag.is_(None)))
+
+    async def test_ilike_ignores_case(self, shop: Shop) -> None:
+        """ilike matches regardless of case on every implementation."""
+        await notes(shop, *ROWS)
+        assert ["b", "d"] == await texts(shop, Note.tag.ilike("BLUE"))
+        assert ["b", "d"] == await texts(shop, Note.tag.ilike("%lu%"))
+
+    async def test_order_by_several_terms_then_the_primary_key(self, shop: Shop) -> None:
+        """order_by sorts by each term in turn, descending where asked; the primary key breaks ties."""
+        await notes(shop, ("x", 2, "p"), ("y", 1, "q"), ("z", 2, "p"), ("w", 1, "p"))
+        assert ["y", "w", "x", "z"] == await texts(shop, order_by=Note.rank)
+        assert ["x", "z", "w", "y"] == await texts(shop, order_by=[Note.rank.desc(), Note.tag])
+        assert ["y", "w", "z", "x"] == await texts(shop, order_by=[Note.tag.desc(), Note.id.desc()])
+
+    async def test_explicit_null_placement_is_honoured(self, shop: Shop) -> None:
+        """nulls_first() and nulls_last() place NULLs as asked on every implementation."""
+        await notes(shop, *ROWS)
+        assert ["b", "c", "e", "a", "d"] == await texts(shop, order_by=Note.rank.asc().nulls_first())
+        assert ["c", "e", "a", "d", "b"] == await texts(shop, order_by=Note.rank.nulls_last())
+        assert ["a", "d", "e", "c", "b"] == await texts(shop, order_by=Note.rank.desc().nulls_last())
+        assert ["b", "a", "d", "e", "c"] == await texts(shop, order_by=Note.rank.desc().nulls_first())
+
+    async def test_limit_and_offset_take_a_page(self, shop: Shop) -> None:
+        """limit and offset take a page of the ordered objects, and count ignores them."""
+        await notes(shop, *ROWS)
+        assert ["c", "d"] == await texts(shop, order_by=Note.text, limit=2, offset=2)
+        assert ["e"] == await texts(shop, order_by=Note.text, limit=2, offset=4)
+        assert [] == await texts(shop, order_by=Note.text, offset=9)
+        assert ["d", "e"] == await texts(shop, order_by=Note.text, offset=3)
+        assert [] == await texts(shop, limit=0)
+        uow = shop.uow()
+        async with uow:
+            assert 2 == await uow.notes.count(Note.rank >= 3)
+            assert 5 == await uow.notes.count()
+
+    async def test_exists_answers_whether_any_object_matches(self, shop: Shop) -> None:
+        """exists() is true when list() would return something for the same clauses."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            assert await uow.notes.exists(Note.rank == 2)
+            assert not await uow.notes.exists(Note.rank > 3)
+            assert await uow.notes.exists(tag="red")
+            assert not await uow.notes.exists(Note.rank == 2, tag="red")
+
+    async def test_table_columns_query_imperatively_mapped_classes(self, shop: Shop) -> None:
+        """Columns of the mapped table work where type checkers see an imperative attribute as a plain value."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.add_all([Sku("a", stock=5), Sku("b", stock=1), Sku("c", stock=9)])
+            await uow.commit()
+        async with uow:
+            found = await uow.skus.list(skus.c.stock > 2, order_by=skus.c.stock.desc())
+            assert ["c", "a"] == [sku.code for sku in found]
+            assert ["b"] == [sku.code for sku in await uow.skus.list(Sku.stock < 2)]  # type: ignore[arg-type]
+
+    async def test_values_are_converted_by_column_type(self, shop: Shop) -> None:
+        """A value given as text compares as the integer column holds it, as SQLite does."""
+        uow = shop.uow()
+        async with uow:
+            await uow.items.add_all([Item("a", qty=3), Item("b", qty=12)])
+            await uow.commit()
+        async with uow:
+            assert ["b"] == [item.name for item in await uow.items.list(items.c.qty > 5)]
+            assert 1 == await uow.items.count(items.c.qty.in_([3, 4]))
+
+    async def test_queries_see_unflushed_changes(self, shop: Shop) -> None:
+        """A query autoflushes first, so it answers from what the block changed."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            first = await uow.notes.get_by(text="a")
+            first.rank = 0
+            await uow.notes.add(Note(text="f", rank=0))
+            assert ["a", "f"] == [note.text for note in await uow.notes.list(Note.rank == 0)]
+
+    async def test_unsupported_queries_are_refused_alike(self, shop: Shop) -> None:
+        """A plain bool, another model's column, a function, or a bad page raise QueryError everywhere."""
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.QueryError, match="SQLAlchemy expression"):
+                await uow.notes.list(True)
+            with pytest.raises(errors.QueryError, match="cannot answer the same way"):
+                await uow.notes.list(Sku.stock > 3)  # type: ignore[arg-type]
+            with pytest.raises(errors.QueryError, match="cannot answer the same way"):
+                await uow.notes.list(func.lower(Note.text) == "a")
+            with pytest.raises(errors.QueryError, match="order_by"):
+                await uow.notes.list(order_by=skus.c.code)
+            with pytest.raises(errors.QueryError, match="limit"):
+                await uow.notes.list(limit=-1)
+            with pytest.raises(errors.QueryError, match="offset"):
+                await uow.notes.list(offset=-2)
+            with pytest.raises(errors.UnknownFieldError):
+                await uow.notes.list(Note.rank > 1, colour="red")
+
+    async def test_case_and_default_null_order_follow_each_database(self, shop: Shop) -> None:
+        """The fake compares and orders as PostgreSQL does; SQLite's LIKE and MariaDB's collation ignore case."""
+        await notes(shop, *ROWS)
+        backend = shop.name.split("-")[0]
+        like_ignores_case = backend in ("sqlite", "mariadb")
+        equality_ignores_case = backend == "mariadb"
+        assert (["b", "d"] if like_ignores_case else ["d"]) == await texts(shop, Note.tag.like("blue"))
+        assert (["b", "d"] if equality_ignores_case else ["d"]) == await texts(shop, Note.tag == "blue")
+        nulls_first = backend in ("sqlite", "mariadb")  # NULL is the smallest value there, the largest elsewhere
+        ascending = await texts(shop, order_by=Note.rank)
+        assert (["b", "c", "e", "a", "d"] if nulls_first else ["c", "e", "a", "d", "b"]) == ascending
