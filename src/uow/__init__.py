@@ -15,6 +15,7 @@ from ._declare import repository
 from ._fake import AsyncFakeUnitOfWork, FakeUnitOfWork
 from ._memory import AsyncInMemoryRepository, InMemoryRepository
 from ._ownership import current
+from ._query import Page
 from ._repository import AsyncRepository, Repository
 from ._sqlalchemy import SqlAlchemyUnitOfWork
 from ._sqlalchemy_repository import AsyncSqlAlchemyRepository, SqlAlchemyRepository
@@ -34,6 +35,7 @@ __all__ = [
     "FakeUnitOfWork",
     "InMemoryRepository",
     "NEW_UOW",
+    "Page",
     "Repository",
     "Retry",
     "SqlAlchemyRepository",

@@ -26,6 +26,7 @@ import builtins
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import attrs
 from sqlalchemy import Boolean, Column, Integer, MetaData, Numeric, Table, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapper, RelationshipDirection
@@ -1156,7 +1157,7 @@ class InMemorySession:
     def query(self, model: type[Any], query: Query) -> builtins.list[Any]:
         """What a SELECT of *model* with *query* returns, after the autoflush."""
         self.flush()
-        found = self._select(model, query.filters, query.where, query.order)
+        found = self._select(model, query.filters, query.conditions, query.order)
         if query.limit is None:
             return found[query.offset :]
         return found[query.offset : query.offset + query.limit]
@@ -1468,6 +1469,11 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
     def _exists(self, query: Query) -> bool:
         return bool(self._store.query(self.model, query))
 
+    def _page(self, query: Query) -> tuple[Sequence[T], int]:
+        found = self._store.query(self.model, attrs.evolve(query, limit=None, offset=0))
+        end = None if query.limit is None else query.offset + query.limit
+        return found[query.offset : end], len(found)
+
     def _remove(self, obj: T) -> None:
         self._store.delete(obj)
 
@@ -1498,6 +1504,11 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
 
     async def _exists(self, query: Query) -> bool:
         return bool(self._store.query(self.model, query))
+
+    async def _page(self, query: Query) -> tuple[Sequence[T], int]:
+        found = self._store.query(self.model, attrs.evolve(query, limit=None, offset=0))
+        end = None if query.limit is None else query.offset + query.limit
+        return found[query.offset : end], len(found)
 
     async def _remove(self, obj: T) -> None:
         self._store.delete(obj)

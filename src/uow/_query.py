@@ -23,12 +23,18 @@ every implementation and pages never overlap.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
+import decimal
+import json
 import re
+import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, Table, and_, or_
 from sqlalchemy.orm.evaluator import UnevaluatableError
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import ColumnElement, UnaryExpression
@@ -37,7 +43,9 @@ from ._model import ModelInfo
 from ._rows import _RowEvaluator, coerce
 from .errors import QueryError
 
-__all__ = ["Order", "Query", "build_query"]
+__all__ = ["Order", "Page", "Query", "build_query"]
+
+T = TypeVar("T")
 
 Row = dict[str, Any]
 
@@ -64,6 +72,17 @@ class Query:
     order: tuple[Order, ...]
     limit: int | None
     offset: int
+    #: Where a keyset page starts: the rows after a cursor's object, or None.
+    start: ColumnElement[bool] | None = None
+
+    @property
+    def conditions(self) -> tuple[ColumnElement[bool], ...]:
+        """The where clauses, with the start of a keyset page."""
+        return self.where if self.start is None else (*self.where, self.start)
+
+    def whole(self) -> Query:
+        """The same query without its page: every matching row."""
+        return attrs.evolve(self, limit=None, offset=0, start=None)
 
     @property
     def clauses(self) -> tuple[ColumnElement[Any], ...]:
@@ -79,6 +98,19 @@ class Query:
         return tuple(terms)
 
 
+@attrs.frozen
+class Page(Generic[T]):
+    """One page of a listing: its objects, how many match in all, and the cursor of the page after it.
+
+    ``next`` is None on the last page. Pass it as ``after=`` to get the page
+    that follows, whatever page this one was.
+    """
+
+    items: list[T]
+    total: int
+    next: str | None
+
+
 def _tables(info: ModelInfo) -> frozenset[Table]:
     return frozenset(table for table in info.mapper.tables if isinstance(table, Table))
 
@@ -90,8 +122,13 @@ def build_query(
     order_by: Any,
     limit: int | None,
     offset: int,
+    after: str | None = None,
 ) -> Query:
-    """Check a query once for every implementation; raise :class:`~uow.errors.QueryError` naming what is wrong."""
+    """Check a query once for every implementation; raise :class:`~uow.errors.QueryError` naming what is wrong.
+
+    *after* is a cursor from :func:`cursor_after`: the query then starts
+    after the object it was made from.
+    """
     info.check_filters(filters)
     tables = _tables(info)
     for clause in where:
@@ -107,7 +144,15 @@ def build_query(
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         msg = f"offset must be a whole number of at least 0; got {offset!r}"
         raise QueryError(msg)
-    return Query(tuple(where), filters, order, limit, offset)
+    if after is None:
+        return Query(tuple(where), filters, order, limit, offset)
+    if offset:
+        msg = "a page starts either after a cursor or at an offset: pass after= or offset=, not both"
+        raise QueryError(msg)
+    position = _read_cursor(info, order, after)
+    if isinstance(position, int):
+        return Query(tuple(where), filters, order, limit, position)
+    return Query(tuple(where), filters, order, limit, 0, _after(order, position))
 
 
 def _check_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None:
@@ -163,6 +208,106 @@ def _column_of(clause: Any) -> Column[Any] | None:
     if isinstance(clause, Column) and isinstance(clause.table, Table):
         return clause
     return None
+
+
+# -- cursors -------------------------------------------------------------------
+
+
+def keyset(order: Sequence[Order]) -> bool:
+    """Whether a cursor can hold the ordering values themselves: no column of the ordering takes NULL."""
+    return not any(term.column.nullable for term in order)
+
+
+def _fingerprint(order: Sequence[Order]) -> list[str]:
+    return [f"{term.column.table.name}.{term.column.key}:{'d' if term.descending else 'a'}" for term in order]
+
+
+_TAGS: dict[str, Callable[[str], Any]] = {
+    "d": datetime.date.fromisoformat,
+    "t": datetime.datetime.fromisoformat,
+    "h": datetime.time.fromisoformat,
+    "n": decimal.Decimal,
+    "u": uuid.UUID,
+    "b": base64.urlsafe_b64decode,
+}
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, datetime.datetime):
+        return {"t": value.isoformat()}
+    if isinstance(value, datetime.date):
+        return {"d": value.isoformat()}
+    if isinstance(value, datetime.time):
+        return {"h": value.isoformat()}
+    if isinstance(value, decimal.Decimal):
+        return {"n": str(value)}
+    if isinstance(value, uuid.UUID):
+        return {"u": str(value)}
+    if isinstance(value, bytes):
+        return {"b": base64.urlsafe_b64encode(value).decode()}
+    msg = f"a cursor cannot hold a {type(value).__name__} value; order by columns of plain types, or page by offset"
+    raise QueryError(msg)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        ((tag, text),) = value.items()
+        return _TAGS[tag](text)
+    return value
+
+
+def cursor_after(info: ModelInfo, query: Query, last: object, position: int) -> str:
+    """An opaque cursor for the page after *last*, the object at *position* (counted from 0) of the whole listing.
+
+    On an ordering whose columns take no NULL, the cursor holds *last*'s
+    ordering values, so that the next page starts after that object even if
+    rows were added or removed before it. Otherwise it holds the position.
+    """
+    payload: dict[str, Any] = {"o": _fingerprint(query.order)}
+    if keyset(query.order):
+        mapper = info.mapper
+        payload["k"] = [_encode(getattr(last, mapper.get_property_by_column(term.column).key)) for term in query.order]
+    else:
+        payload["n"] = position + 1
+    text = json.dumps(payload, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _read_cursor(info: ModelInfo, order: Sequence[Order], cursor: Any) -> int | list[Any]:
+    wrong = (
+        f"after= takes the `next` cursor of a page of the same query on {info.model.__name__}, with the same "
+        f"order_by; this one is not: {cursor!r}"
+    )
+    if not isinstance(cursor, str):
+        raise QueryError(wrong)
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if payload["o"] != _fingerprint(order):
+            raise QueryError(wrong)
+        if "n" in payload:
+            position = payload["n"]
+            if not isinstance(position, int) or position < 0:
+                raise QueryError(wrong)
+            return position
+        values = [_decode(value) for value in payload["k"]]
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise QueryError(wrong) from None
+    if len(values) != len(order) or not keyset(order):
+        raise QueryError(wrong)
+    return values
+
+
+def _after(order: Sequence[Order], values: Sequence[Any]) -> ColumnElement[bool]:
+    """Rows after *values* in *order*: ahead on the first column that differs, equal on those before it."""
+    alternatives = []
+    for position, term in enumerate(order):
+        equal = [order[before].column == values[before] for before in range(position)]
+        column = term.column
+        ahead = column < values[position] if term.descending else column > values[position]
+        alternatives.append(and_(*equal, ahead))
+    return or_(*alternatives)
 
 
 # -- the fake's evaluation ------------------------------------------------------

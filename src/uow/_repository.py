@@ -18,8 +18,8 @@ from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
-from ._query import Query, build_query
-from .errors import InactiveUnitOfWorkError, MultipleResultsError
+from ._query import Page, Query, build_query, cursor_after
+from .errors import InactiveUnitOfWorkError, MultipleResultsError, QueryError
 
 __all__ = ["AsyncRepository", "Repository"]
 
@@ -106,8 +106,30 @@ class _RepositoryBase(Generic[T]):
         order_by: OrderBy = None,
         limit: int | None = None,
         offset: int = 0,
+        after: str | None = None,
     ) -> Query:
-        return build_query(self._info, where, filters, order_by, limit, offset)
+        return build_query(self._info, where, filters, order_by, limit, offset, after)
+
+    def _page_query(
+        self,
+        where: Sequence[Where],
+        filters: dict[str, Any],
+        order_by: OrderBy,
+        limit: int,
+        offset: int,
+        after: str | None,
+    ) -> Query:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            msg = f"page() needs limit= of at least 1, the most objects a page holds; got {limit!r}"
+            raise QueryError(msg)
+        return self._query(where, filters, order_by, limit, offset, after)
+
+    def _paged(self, query: Query, found: Sequence[T], matching: int, total: int) -> Page[T]:
+        """The page of *found*, which are *matching* rows from the page's start on or in all, of *total*."""
+        items = self._track_all(found)
+        more = matching > len(items) if query.start is not None else query.offset + len(items) < total
+        cursor = cursor_after(self._info, query, items[-1], query.offset + len(items) - 1) if more and items else None
+        return Page(items, total, cursor)
 
     def _one_or_none(self, found: Sequence[T], filters: dict[str, Any]) -> T | None:
         if len(found) > 1:
@@ -194,6 +216,27 @@ class Repository(_RepositoryBase[T], abc.ABC):
         self._use()
         return self._count(self._query(where, filters))
 
+    def page(
+        self,
+        *where: Where,
+        limit: int,
+        order_by: OrderBy = None,
+        offset: int = 0,
+        after: str | None = None,
+        **filters: Any,
+    ) -> Page[T]:
+        """A page of what :meth:`list` returns, with how many objects match in all and a cursor to the next page.
+
+        Start at *offset*, or *after* the ``next`` cursor of a previous page
+        of the same query. The objects and the total come in one query where
+        the database can count in a window.
+        """
+        self._use()
+        query = self._page_query(where, filters, order_by, limit, offset, after)
+        found, matching = self._page(query)
+        total = matching if query.start is None else self._count(query.whole())
+        return self._paged(query, found, matching, total)
+
     def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
         self._use()
@@ -225,6 +268,10 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     def _exists(self, query: Query) -> bool: ...
+
+    @abc.abstractmethod
+    def _page(self, query: Query) -> tuple[Sequence[T], int]:
+        """The objects of the page, and how many rows match from its start on (with no limit or offset)."""
 
     @abc.abstractmethod
     def _remove(self, obj: T) -> None: ...
@@ -278,6 +325,22 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         self._use()
         return await self._count(self._query(where, filters))
 
+    async def page(
+        self,
+        *where: Where,
+        limit: int,
+        order_by: OrderBy = None,
+        offset: int = 0,
+        after: str | None = None,
+        **filters: Any,
+    ) -> Page[T]:
+        """A page, as :meth:`Repository.page` returns it, awaited."""
+        self._use()
+        query = self._page_query(where, filters, order_by, limit, offset, after)
+        found, matching = await self._page(query)
+        total = matching if query.start is None else await self._count(query.whole())
+        return self._paged(query, found, matching, total)
+
     async def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
         self._use()
@@ -309,6 +372,10 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     async def _exists(self, query: Query) -> bool: ...
+
+    @abc.abstractmethod
+    async def _page(self, query: Query) -> tuple[Sequence[T], int]:
+        """The objects of the page, and how many rows match from its start on (with no limit or offset)."""
 
     @abc.abstractmethod
     async def _remove(self, obj: T) -> None: ...

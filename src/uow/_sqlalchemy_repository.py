@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import attrs
 from sqlalchemy import Select, func, inspect, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -25,13 +26,15 @@ T = TypeVar("T")
 
 
 def _where(stmt: Select[Any], query: Query) -> Select[Any]:
-    if query.where:
-        stmt = stmt.where(*query.where)
+    if query.conditions:
+        stmt = stmt.where(*query.conditions)
     return stmt.filter_by(**query.filters) if query.filters else stmt
 
 
-def _list_statement(info: ModelInfo, query: Query, dialect: str) -> Select[Any]:
-    stmt = _where(select(info.model), query).order_by(*_ordering(query, dialect))
+def _list_statement(info: ModelInfo, query: Query, dialect: str, *, counted: bool = False) -> Select[Any]:
+    """The SELECT of *query*; *counted* adds how many rows match in all, as a window over the same rows."""
+    entities: tuple[Any, ...] = (info.model, func.count().over()) if counted else (info.model,)
+    stmt = _where(select(*entities), query).order_by(*_ordering(query, dialect))
     if query.limit is not None:
         stmt = stmt.limit(query.limit)
     return stmt.offset(query.offset) if query.offset else stmt
@@ -143,6 +146,15 @@ class SqlAlchemyRepository(Repository[T]):
     def _exists(self, query: Query) -> bool:
         return bool(self._session.scalar(_exists_statement(self._info, query)))
 
+    def _page(self, query: Query) -> tuple[Sequence[T], int]:
+        session = self._session
+        stmt = _list_statement(self._info, query, _dialect(session, self._info), counted=True)
+        rows = session.execute(stmt).all()
+        if rows:
+            return [row[0] for row in rows], int(rows[0][1])
+        # Past the last row, the window counted nothing: a count says how many match.
+        return [], self._count(attrs.evolve(query, limit=None, offset=0)) if query.offset else 0
+
     def _remove(self, obj: T) -> None:
         session = self._session
         if _check_removable(session, obj, self.model):
@@ -192,6 +204,14 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
 
     async def _exists(self, query: Query) -> bool:
         return bool(await self._session.scalar(_exists_statement(self._info, query)))
+
+    async def _page(self, query: Query) -> tuple[Sequence[T], int]:
+        session = self._session
+        stmt = _list_statement(self._info, query, _dialect(session.sync_session, self._info), counted=True)
+        rows = (await session.execute(stmt)).all()
+        if rows:
+            return [row[0] for row in rows], int(rows[0][1])
+        return [], await self._count(attrs.evolve(query, limit=None, offset=0)) if query.offset else 0
 
     async def _remove(self, obj: T) -> None:
         session = self._session

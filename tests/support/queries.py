@@ -193,3 +193,58 @@ class QueryContract:
         nulls_first = backend in ("sqlite", "mariadb")  # NULL is the smallest value there, the largest elsewhere
         ascending = await texts(shop, order_by=Note.rank)
         assert (["b", "c", "e", "a", "d"] if nulls_first else ["c", "e", "a", "d", "b"]) == ascending
+
+    async def test_a_page_holds_its_objects_the_total_and_the_next_cursor(self, shop: Shop) -> None:
+        """page() returns a slice of the ordered listing, how many match in all, and a cursor while more follow."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            first = await uow.notes.page(Note.text != "c", order_by=Note.text.desc(), limit=2)
+            assert (["e", "d"], 4) == ([note.text for note in first.items], first.total)
+            assert first.next is not None
+            second = await uow.notes.page(Note.text != "c", order_by=Note.text.desc(), limit=2, after=first.next)
+            assert (["b", "a"], 4, None) == ([note.text for note in second.items], second.total, second.next)
+            by_offset = await uow.notes.page(order_by=Note.text, limit=2, offset=4)
+            assert (["e"], 5, None) == ([note.text for note in by_offset.items], by_offset.total, by_offset.next)
+            past = await uow.notes.page(order_by=Note.text, limit=2, offset=7)
+            assert ([], 5, None) == (past.items, past.total, past.next)
+
+    async def test_keyset_cursor_survives_rows_added_before_it(self, shop: Shop) -> None:
+        """A cursor on NOT NULL columns starts after its object, even when rows are inserted before it."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            first = await uow.notes.page(order_by=Note.text, limit=2)
+            assert ["a", "b"] == [note.text for note in first.items]
+        await notes(shop, ("aa", 9, None), ("ab", 9, None))
+        async with uow:
+            second = await uow.notes.page(order_by=Note.text, limit=2, after=first.next)
+            assert (["c", "d"], 7) == ([note.text for note in second.items], second.total)
+
+    async def test_a_nullable_ordering_pages_by_position(self, shop: Shop) -> None:
+        """On a column that takes NULL the cursor holds a position, and the pages still cover every object once."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        seen: list[str] = []
+        async with uow:
+            page = await uow.notes.page(order_by=Note.rank.nulls_last(), limit=2)
+            seen += [note.text for note in page.items]
+            while page.next is not None:
+                page = await uow.notes.page(order_by=Note.rank.nulls_last(), limit=2, after=page.next)
+                seen += [note.text for note in page.items]
+        assert ["c", "e", "a", "d", "b"] == seen
+
+    async def test_cursors_belong_to_their_query(self, shop: Shop) -> None:
+        """A cursor of another ordering, a forged one, a cursor with an offset, or no limit raise QueryError."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            cursor = (await uow.notes.page(order_by=Note.text, limit=1)).next
+            with pytest.raises(errors.QueryError, match="same query"):
+                await uow.notes.page(order_by=Note.id, limit=1, after=cursor)
+            with pytest.raises(errors.QueryError, match="same query"):
+                await uow.notes.page(order_by=Note.text, limit=1, after="not-a-cursor")
+            with pytest.raises(errors.QueryError, match="not both"):
+                await uow.notes.page(order_by=Note.text, limit=1, offset=1, after=cursor)
+            with pytest.raises(errors.QueryError, match="limit"):
+                await uow.notes.page(order_by=Note.text, limit=0)

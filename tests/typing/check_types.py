@@ -196,5 +196,10 @@ def queries(unit: TicketUnitOfWork) -> None:
         assert_type(unit.tickets.list(order_by=[Ticket.rank, Ticket.id.desc()]), list[Ticket])
         assert_type(unit.tickets.count(Ticket.rank.in_([1, 2])), int)
         assert_type(unit.tickets.exists(Ticket.rank.is_(None)), bool)
+        page = unit.tickets.page(Ticket.rank > 3, order_by=Ticket.id, limit=20)
+        assert_type(page, uow.Page[Ticket])
+        assert_type(page.items, list[Ticket])
+        assert_type(unit.tickets.page(limit=20, after=page.next).next, str | None)
+        unit.tickets.page(Ticket.rank > 3)  # type: ignore[call-arg]
         unit.tickets.list(limit="20")  # type: ignore[arg-type]
         unit.tickets.list(order_by="rank")  # type: ignore[arg-type]
