@@ -4,6 +4,11 @@ Plain attrs classes with no knowledge of SQLAlchemy; :mod:`allocation.orm`
 maps them imperatively. ``slots=False`` leaves room for the attributes that
 the mapping adds, and ``eq=False`` keeps identity equality, which the session
 relies on to tell objects apart.
+
+Quantities are checked where they enter the domain: an order line and a new
+batch hold at least one unit, and a batch's quantity can change to zero (the
+stock was lost: its lines are reallocated) but never below. Anything else
+raises :class:`InvalidQuantity`, which the HTTP apps answer with a 400.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ __all__ = [
     "Batch",
     "BatchQuantityChanged",
     "Event",
+    "InvalidQuantity",
     "OrderLine",
     "OutOfStock",
     "Product",
@@ -25,6 +31,16 @@ __all__ = [
 
 class Event:
     """Base class of the domain events."""
+
+
+class InvalidQuantity(ValueError):
+    """A quantity that the domain refuses: fewer than one unit for an order line or a new batch, or fewer than none."""
+
+
+def _check_quantity(what: str, qty: int, least: int) -> None:
+    if qty < least:
+        msg = f"the quantity of {what} must be at least {least}, not {qty}"
+        raise InvalidQuantity(msg)
 
 
 @attrs.frozen
@@ -59,6 +75,9 @@ class OrderLine:
     sku: str
     qty: int
 
+    def __attrs_post_init__(self) -> None:
+        _check_quantity(f"order line {self.orderid}", self.qty, 1)
+
 
 @attrs.define(eq=False, slots=False)
 class Batch:
@@ -69,6 +88,9 @@ class Batch:
     purchased_quantity: int
     eta: date | None
     allocations: list[OrderLine] = attrs.field(factory=list, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        _check_quantity(f"batch {self.reference}", self.purchased_quantity, 1)
 
     @property
     def allocated_quantity(self) -> int:
@@ -128,12 +150,15 @@ class Product:
 
         If the batch no longer holds its allocations, lines come off it until
         it does, each with an :class:`AllocationRequired` event so that it is
-        allocated again elsewhere.
+        allocated again elsewhere. A line that comes off is deleted from the
+        database (see :mod:`allocation.orm`); its reallocation writes it anew.
+        Raise :class:`InvalidQuantity` if *qty* is negative.
         """
         batch = next((b for b in self.batches if b.reference == ref), None)
         if batch is None:
             msg = f"product {self.sku} has no batch {ref}"
             raise LookupError(msg)
+        _check_quantity(f"batch {ref}", qty, 0)
         batch.purchased_quantity = qty
         self.version_number += 1
         while batch.available_quantity < 0:

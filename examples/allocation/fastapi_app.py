@@ -13,15 +13,20 @@ commit of its own.
 The endpoints and their answers are those of :mod:`allocation.flask_app`:
 
 * ``POST /add_batch`` with ``ref``, ``sku``, ``qty`` and ``eta`` (a date or
-  ``null``): 201 ``{"ref": ...}``.
+  ``null``): 201 ``{"ref": ...}``; 409 for a reference that exists already,
+  400 for a quantity under 1.
 * ``POST /allocate`` with ``orderid``, ``sku`` and ``qty``: 201
   ``{"batchref": ...}``, ``null`` when no batch can take the line; 400 for an
-  unknown SKU.
+  unknown SKU or a quantity under 1.
 * ``POST /change_batch_quantity`` with ``ref`` and ``qty``: 200
-  ``{"ref": ..., "qty": ...}``; 404 for an unknown batch.
+  ``{"ref": ..., "qty": ...}``; 404 for an unknown batch, 400 for a negative
+  quantity.
 
-Errors come as ``{"message": ...}``, except for a body that does not match,
-which gets FastAPI's 422.
+A commit that the database refuses because a concurrent request got there
+first (a unique constraint, or the product's version counter) gives a 409.
+Errors, including FastAPI's own 404, 405 and 500, come as
+``{"message": ...}``, except for a body that does not match, which gets
+FastAPI's 422 with its ``detail``.
 
 The app builds its engine when it is created; its lifespan creates the
 tables if they are missing, as ``python -m allocation`` does, and disposes
@@ -39,10 +44,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from . import config, messagebus, orm, services
-from .domain import AllocationRequired, BatchQuantityChanged
+from .domain import AllocationRequired, BatchQuantityChanged, InvalidQuantity
 from .unit_of_work import AllocationUnitOfWork, SqlAlchemyAllocationUnitOfWork
 
 __all__ = ["UnitOfWork", "create_app", "new_uow", "router"]
@@ -67,7 +75,16 @@ def create_app(database_url: str | None = None) -> FastAPI:
     app.state.engine = engine
     app.include_router(router)
     app.add_exception_handler(services.InvalidSku, _error_handler(400))
+    app.add_exception_handler(InvalidQuantity, _error_handler(400))
     app.add_exception_handler(services.UnknownBatch, _error_handler(404))
+    app.add_exception_handler(services.DuplicateBatch, _error_handler(409))
+    # The services commit in the endpoint, so what the database refuses at COMMIT reaches these handlers.
+    for conflict in (IntegrityError, StaleDataError):
+        app.add_exception_handler(
+            conflict, _error_handler(409, "the request conflicts with a concurrent change; try again")
+        )
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(500, _error_handler(500, "internal server error"))
     return app
 
 
@@ -118,10 +135,16 @@ def change_batch_quantity(change: BatchQuantityIn, uow: UnitOfWork) -> dict[str,
     return {"ref": change.ref, "qty": change.qty}
 
 
-def _error_handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
-    """An exception handler that answers *status* with the error's message."""
+def _error_handler(status: int, message: str | None = None) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """An exception handler that answers *status* with *message*, or else the error's own."""
 
     async def handler(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"message": str(error)}, status_code=status)
+        return JSONResponse({"message": str(error) if message is None else message}, status_code=status)
 
     return handler
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's own errors (an unknown path, a wrong method) as ``{"message": ...}``."""
+    assert isinstance(error, HTTPException), error
+    return JSONResponse({"message": error.detail}, status_code=error.status_code, headers=error.headers)

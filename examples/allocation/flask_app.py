@@ -4,7 +4,9 @@ Each request has a unit of work of its own, given by
 :class:`uow.flask.UnitOfWorkExtension` with the ``on_success`` policy. The
 views pass it to the services and to the message bus, whose ``with uow:``
 blocks join it: a request commits once, when its response is a 2xx or a 3xx,
-and rolls back otherwise. A commit that fails gives a 500.
+and rolls back otherwise. A commit that fails gives a 500, or a 409 when
+the database refused it because a concurrent request got there first (a
+unique constraint, or the product's version counter).
 
 Domain events go to the bus after that commit. While the request runs, the
 services' commits are part of the request's transaction, so no event is
@@ -14,15 +16,17 @@ a batch shrinks, for instance, the request commits the change, and then the
 bus reallocates the order lines that came off it.
 
 * ``POST /add_batch`` with ``ref``, ``sku``, ``qty`` and ``eta`` (a date or
-  ``null``): 201 ``{"ref": ...}``.
+  ``null``): 201 ``{"ref": ...}``; 409 for a reference that exists already,
+  400 for a quantity under 1.
 * ``POST /allocate`` with ``orderid``, ``sku`` and ``qty``: 201
   ``{"batchref": ...}``, ``null`` when no batch can take the line; 400 for an
-  unknown SKU.
+  unknown SKU or a quantity under 1.
 * ``POST /change_batch_quantity`` with ``ref`` and ``qty``: 200
-  ``{"ref": ..., "qty": ...}``; 404 for an unknown batch.
+  ``{"ref": ..., "qty": ...}``; 404 for an unknown batch, 400 for a negative
+  quantity.
 
-A body that is not a JSON object with these fields gets a 400. Errors come
-as ``{"message": ...}``.
+A body that is not a JSON object with these fields gets a 400. Errors,
+including Flask's own (404, 405, 500), come as ``{"message": ...}``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ from typing import TypeVar
 from flask import Blueprint, Flask, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import Engine
-from werkzeug.exceptions import BadRequest
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 
 from uow.flask import UnitOfWorkExtension
 
 from . import config, messagebus, orm, services
-from .domain import AllocationRequired, BatchQuantityChanged, Event
+from .domain import AllocationRequired, BatchQuantityChanged, Event, InvalidQuantity
 from .unit_of_work import AllocationUnitOfWork, SqlAlchemyAllocationUnitOfWork
 
 __all__ = ["api", "create_app", "ext"]
@@ -101,8 +107,14 @@ def change_batch_quantity() -> ResponseReturnValue:
     return {"ref": ref, "qty": qty}, 200
 
 
+#: What the database refuses when a concurrent request got there first; trying again may succeed.
+_CONFLICTS = (IntegrityError, StaleDataError)
+_CONFLICT_MESSAGE = "the request conflicts with a concurrent change; try again"
+
+
 @api.errorhandler(services.InvalidSku)
-def invalid_sku(error: services.InvalidSku) -> ResponseReturnValue:
+@api.errorhandler(InvalidQuantity)
+def invalid_request(error: Exception) -> ResponseReturnValue:
     return {"message": str(error)}, 400
 
 
@@ -111,9 +123,30 @@ def unknown_batch(error: services.UnknownBatch) -> ResponseReturnValue:
     return {"message": str(error)}, 404
 
 
-@api.errorhandler(BadRequest)
-def bad_request(error: BadRequest) -> ResponseReturnValue:
-    return {"message": error.description}, 400
+@api.errorhandler(services.DuplicateBatch)
+def duplicate_batch(error: services.DuplicateBatch) -> ResponseReturnValue:
+    return {"message": str(error)}, 409
+
+
+@api.errorhandler(IntegrityError)
+@api.errorhandler(StaleDataError)
+def conflict(error: Exception) -> ResponseReturnValue:
+    return {"message": _CONFLICT_MESSAGE}, 409
+
+
+@api.app_errorhandler(HTTPException)
+def http_error(error: HTTPException) -> ResponseReturnValue:
+    """Flask's own errors as JSON, a 500 included.
+
+    A commit that fails after the view, in the extension's ``after_request``
+    function, and that no handler answered, arrives here as the original
+    exception of a 500: a conflict is still a 409.
+    """
+    if isinstance(error, InternalServerError):
+        if isinstance(error.original_exception, _CONFLICTS):
+            return conflict(error.original_exception)
+        return {"message": "internal server error"}, 500
+    return {"message": error.description}, error.code or 500
 
 
 # -- the message bus -------------------------------------------------------------

@@ -69,7 +69,15 @@ def start_mappers() -> None:
         Batch,
         batches,
         properties={
-            "allocations": relationship(OrderLine, secondary=allocations, order_by=order_lines.c.id),
+            # An order line belongs to the batch it is allocated to: taking it off the batch deletes it
+            # (its ``allocations`` row and its ``order_lines`` row), and a reallocation writes it anew.
+            "allocations": relationship(
+                OrderLine,
+                secondary=allocations,
+                order_by=order_lines.c.id,
+                cascade="all, delete-orphan",
+                single_parent=True,
+            ),
         },
     )
     mapper_registry.map_imperatively(

@@ -5,6 +5,10 @@ A service leaves the domain events of its committed work in the unit of work;
 quantity of a batch, for instance, can deallocate order lines, and their
 ``AllocationRequired`` events reallocate them only when the change runs
 through the message bus.
+
+A quantity that the domain refuses raises
+:class:`allocation.domain.InvalidQuantity` from the service, before
+anything is committed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from datetime import date
 from .domain import Batch, OrderLine, Product
 from .unit_of_work import AllocationUnitOfWork
 
-__all__ = ["InvalidSku", "UnknownBatch", "add_batch", "allocate", "change_batch_quantity"]
+__all__ = ["DuplicateBatch", "InvalidSku", "UnknownBatch", "add_batch", "allocate", "change_batch_quantity"]
+
+
+class DuplicateBatch(Exception):
+    """A batch with the given reference exists already."""
 
 
 class InvalidSku(Exception):
@@ -26,13 +34,22 @@ class UnknownBatch(Exception):
 
 
 def add_batch(ref: str, sku: str, qty: int, eta: date | None, uow: AllocationUnitOfWork) -> None:
-    """Add batch *ref* of *qty* units of *sku*, creating the product on its first batch."""
+    """Add batch *ref* of *qty* units of *sku*, creating the product on its first batch.
+
+    Raise :class:`DuplicateBatch` if a batch *ref* exists already. (Two
+    requests adding the same new batch at the same moment both pass this
+    check; the database's unique constraint refuses the second commit.)
+    """
+    batch = Batch(ref, sku, qty, eta)
     with uow:
+        if uow.products.get_by_batchref(ref) is not None:
+            msg = f"Batch {ref} already exists"
+            raise DuplicateBatch(msg)
         product = uow.products.get(sku)
         if product is None:
             product = Product(sku)
             uow.products.add(product)
-        product.batches.append(Batch(ref, sku, qty, eta))
+        product.batches.append(batch)
         uow.commit()
 
 

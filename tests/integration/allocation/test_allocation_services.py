@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm.exc import StaleDataError
 
 from allocation import messagebus, services
-from allocation.domain import BatchQuantityChanged, OrderLine, OutOfStock
+from allocation.domain import BatchQuantityChanged, InvalidQuantity, OrderLine, OutOfStock
 from allocation.unit_of_work import SqlAlchemyAllocationUnitOfWork
 
 from .conftest import ALLOCATIONS
@@ -153,3 +154,77 @@ def test_a_stale_product_cannot_be_committed(engine: Engine, rows: Rows) -> None
     assert slow.rolled_back
     assert [("b1", "fast-order", 10)] == rows(ALLOCATIONS)
     assert [(1,)] == rows("SELECT version_number FROM products")
+
+
+#: Order lines that no batch holds, read with plain SQL.
+ORPHANED_LINES = (
+    "SELECT o.orderid FROM order_lines o LEFT JOIN allocations a ON a.orderline_id = o.id "
+    "WHERE a.id IS NULL ORDER BY o.orderid"
+)
+
+
+def test_reallocation_leaves_no_orphaned_order_line(uow: SqlAlchemyAllocationUnitOfWork, rows: Rows) -> None:
+    """A line that comes off a shrunk batch is deleted, and its reallocation writes one row: one row per order."""
+    services.add_batch("batch1", "INDIFFERENT-TABLE", 50, None, uow)
+    services.add_batch("batch2", "INDIFFERENT-TABLE", 50, date(2030, 1, 1), uow)
+    services.allocate("order1", "INDIFFERENT-TABLE", 20, uow)
+    services.allocate("order2", "INDIFFERENT-TABLE", 20, uow)
+
+    messagebus.handle(BatchQuantityChanged("batch1", 25), uow)
+
+    assert [("batch1", "order1", 20), ("batch2", "order2", 20)] == rows(ALLOCATIONS)
+    assert [("order1",), ("order2",)] == rows("SELECT orderid FROM order_lines ORDER BY orderid")
+    assert [] == rows(ORPHANED_LINES)
+
+
+def test_a_line_that_fits_nowhere_after_a_shrink_leaves_no_row(uow: SqlAlchemyAllocationUnitOfWork, rows: Rows) -> None:
+    """A deallocated line that no batch can take is deleted with its allocation; only the kept line remains."""
+    services.add_batch("batch1", "LONELY-STOOL", 10, None, uow)
+    services.allocate("order1", "LONELY-STOOL", 4, uow)
+    services.allocate("order2", "LONELY-STOOL", 6, uow)
+
+    messagebus.handle(BatchQuantityChanged("batch1", 5), uow)
+
+    assert [("batch1", "order1", 4)] == rows(ALLOCATIONS)
+    assert [("order1",)] == rows("SELECT orderid FROM order_lines")
+
+
+def test_add_batch_of_an_existing_reference_raises_and_writes_nothing(
+    uow: SqlAlchemyAllocationUnitOfWork, rows: Rows
+) -> None:
+    """add_batch() of a taken reference raises DuplicateBatch, and neither the batch nor its product is written."""
+    services.add_batch("b1", "GARISH-RUG", 100, None, uow)
+
+    with pytest.raises(services.DuplicateBatch, match="^Batch b1 already exists$"):
+        services.add_batch("b1", "OTHER-RUG", 5, None, uow)
+
+    assert [("b1", "GARISH-RUG", 100)] == rows("SELECT reference, sku, purchased_quantity FROM batches")
+    assert [("GARISH-RUG",)] == rows("SELECT sku FROM products")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda uow: services.add_batch("b2", "SCANDI-PEN", -1, None, uow), "batch b2 must be at least 1, not -1"),
+        (lambda uow: services.allocate("o1", "SCANDI-PEN", 0, uow), "order line o1 must be at least 1, not 0"),
+        (lambda uow: services.change_batch_quantity("b1", -2, uow), "batch b1 must be at least 0, not -2"),
+    ],
+    ids=["add_batch", "allocate", "change_batch_quantity"],
+)
+def test_a_refused_quantity_writes_nothing(
+    uow: SqlAlchemyAllocationUnitOfWork,
+    rows: Rows,
+    call: Callable[[SqlAlchemyAllocationUnitOfWork], object],
+    message: str,
+) -> None:
+    """A quantity the domain refuses raises InvalidQuantity from the service, and the database is unchanged."""
+    services.add_batch("b1", "SCANDI-PEN", 10, None, uow)
+    services.allocate("o0", "SCANDI-PEN", 3, uow)
+
+    with pytest.raises(InvalidQuantity, match=message):
+        call(uow)
+
+    assert [("b1", 10, 1)] == rows(
+        "SELECT b.reference, b.purchased_quantity, p.version_number FROM batches b JOIN products p ON p.sku = b.sku"
+    )
+    assert [("b1", "o0", 3)] == rows(ALLOCATIONS)

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
-from allocation import orm
+from allocation import orm, services
+from allocation.domain import OrderLine, Product
 from allocation.fastapi_app import create_app
+from allocation.repository import SqlAlchemyProductRepository
 
 from .conftest import ALLOCATIONS, checked_out, timeline_of
 
@@ -136,6 +138,7 @@ async def test_change_batch_quantity_reallocates_after_the_commit(
     assert (200, {"ref": "batch1", "qty": 25}) == (response.status_code, response.json())
     assert ["COMMIT", "COMMIT"] == timeline  # the change's, then the reallocation's
     assert [("batch1", "order1", 20), ("batch2", "order2", 20)] == rows(ALLOCATIONS)
+    assert [("order1",), ("order2",)] == rows("SELECT orderid FROM order_lines ORDER BY orderid")  # no orphan
     assert [("batch1", 25), ("batch2", 50)] == rows(
         "SELECT reference, purchased_quantity FROM batches ORDER BY reference"
     )
@@ -188,13 +191,135 @@ async def test_a_malformed_eta_is_a_422_and_commits_nothing(client: httpx.AsyncC
     assert [(0,)] == rows("SELECT COUNT(*) FROM products")
 
 
+async def test_a_taken_batch_reference_is_a_409_and_commits_nothing(
+    client: httpx.AsyncClient, timeline: list[str], rows: Rows
+) -> None:
+    """POST /add_batch of a reference that exists answers 409 with the message, and commits nothing."""
+    await add_batch(client, "b1", "GARISH-RUG", 100)
+    timeline.clear()
+
+    response = await post(client, "/add_batch", ref="b1", sku="OTHER-RUG", qty=5)
+
+    assert (409, {"message": "Batch b1 already exists"}) == (response.status_code, response.json())
+    assert [] == timeline
+    assert [("b1", "GARISH-RUG", 100)] == rows("SELECT reference, sku, purchased_quantity FROM batches")
+
+
+async def test_a_batch_added_concurrently_makes_the_commit_fail_with_a_409(
+    client: httpx.AsyncClient, engine: Engine, rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that another transaction commits after the duplicate check fails the service's commit: 409, JSON."""
+    await add_batch(client, "b1", "GARISH-RUG", 100)
+    check = SqlAlchemyProductRepository.get_by_batchref
+
+    def check_then_lose_the_race(self: SqlAlchemyProductRepository, ref: str) -> Any:
+        found = check(self, ref)
+        with engine.begin() as connection:  # the concurrent request, committed first
+            connection.execute(
+                text("INSERT INTO batches (reference, sku, purchased_quantity) VALUES (:ref, 'GARISH-RUG', 7)"),
+                {"ref": ref},
+            )
+        return found
+
+    monkeypatch.setattr(SqlAlchemyProductRepository, "get_by_batchref", check_then_lose_the_race)
+
+    response = await post(client, "/add_batch", ref="b2", sku="GARISH-RUG", qty=5)
+
+    assert (409, {"message": "the request conflicts with a concurrent change; try again"}) == (
+        response.status_code,
+        response.json(),
+    )
+    assert [("b1", 100), ("b2", 7)] == rows("SELECT reference, purchased_quantity FROM batches ORDER BY reference")
+
+
+async def test_an_allocation_that_loses_the_version_race_is_a_409(
+    client: httpx.AsyncClient, engine: Engine, rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A product that another transaction changed after it was loaded fails the commit (StaleDataError): 409, JSON."""
+    await add_batch(client, "b1", "RACY-LAMP", 100)
+    allocate = Product.allocate
+
+    def allocate_then_lose_the_race(self: Product, line: OrderLine) -> str | None:
+        batchref = allocate(self, line)
+        with engine.begin() as connection:  # the concurrent request, committed first
+            connection.execute(text("UPDATE products SET version_number = version_number + 1"))
+        return batchref
+
+    monkeypatch.setattr(Product, "allocate", allocate_then_lose_the_race)
+
+    response = await post(client, "/allocate", orderid="o1", sku="RACY-LAMP", qty=10)
+
+    assert (409, {"message": "the request conflicts with a concurrent change; try again"}) == (
+        response.status_code,
+        response.json(),
+    )
+    assert [] == rows(ALLOCATIONS)
+    assert [(1,)] == rows("SELECT version_number FROM products")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/add_batch", {"ref": "b2", "sku": "SCANDI-PEN", "qty": -1}, "batch b2 must be at least 1, not -1"),
+        ("/allocate", {"orderid": "o1", "sku": "SCANDI-PEN", "qty": 0}, "order line o1 must be at least 1, not 0"),
+        ("/change_batch_quantity", {"ref": "b1", "qty": -2}, "batch b1 must be at least 0, not -2"),
+    ],
+    ids=["add_batch", "allocate", "change_batch_quantity"],
+)
+async def test_a_refused_quantity_is_a_400_and_commits_nothing(
+    client: httpx.AsyncClient, timeline: list[str], rows: Rows, path: str, body: dict[str, object], message: str
+) -> None:
+    """A quantity under 1 (under 0 for a batch's new quantity) answers 400 with the message, and commits nothing."""
+    await add_batch(client, "b1", "SCANDI-PEN", 10)
+    assert 201 == (await post(client, "/allocate", orderid="o0", sku="SCANDI-PEN", qty=3)).status_code
+    timeline.clear()
+
+    response = await client.post(path, json=body)
+
+    assert (400, {"message": f"the quantity of {message}"}) == (response.status_code, response.json())
+    assert [] == timeline
+    assert [("b1", 10)] == rows("SELECT reference, purchased_quantity FROM batches")
+    assert [("b1", "o0", 3)] == rows(ALLOCATIONS)
+
+
+async def test_fastapi_errors_come_as_json_messages(client: httpx.AsyncClient) -> None:
+    """An unknown path and a wrong method answer {"message": ...}, with the Allow header of a 405."""
+    missing, wrong_method = await client.get("/no-such-endpoint"), await client.get("/allocate")
+
+    assert (404, {"message": "Not Found"}) == (missing.status_code, missing.json())
+    assert (405, {"message": "Method Not Allowed"}, "POST") == (
+        wrong_method.status_code,
+        wrong_method.json(),
+        wrong_method.headers["allow"],
+    )
+
+
+async def test_an_unexpected_error_is_a_json_500_that_hides_the_error(
+    client: httpx.AsyncClient, timeline: list[str], rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that the app does not expect answers 500 {"message": "internal server error"}, and commits nothing."""
+    await add_batch(client, "b1", "SCANDI-PEN", 10)
+    timeline.clear()
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("a detail for the log only")
+
+    monkeypatch.setattr(services, "allocate", fail)
+
+    response = await post(client, "/allocate", orderid="o1", sku="SCANDI-PEN", qty=1)
+
+    assert (500, {"message": "internal server error"}) == (response.status_code, response.json())
+    assert [] == timeline
+    assert [(0,)] == rows("SELECT COUNT(*) FROM order_lines")
+
+
 async def test_requests_leave_no_connection_checked_out(app: FastAPI, client: httpx.AsyncClient, rows: Rows) -> None:
     """After requests that commit, are refused and fail, every connection of the app's engine is back in its pool."""
     statuses = []
     for n in range(10):
         for path, body in [
             ("/add_batch", {"ref": f"b{n}", "sku": f"SKU-{n}", "qty": 10}),
-            ("/add_batch", {"ref": f"b{n}", "sku": f"SKU-{n}", "qty": 10}),  # taken: 500
+            ("/add_batch", {"ref": f"b{n}", "sku": f"SKU-{n}", "qty": 10}),  # taken: 409
             ("/allocate", {"orderid": f"o{n}", "sku": f"SKU-{n}", "qty": 4}),
             ("/allocate", {"orderid": f"o{n}-big", "sku": f"SKU-{n}", "qty": 40}),
             ("/allocate", {"orderid": f"o{n}", "sku": "NO-SUCH-SKU", "qty": 4}),
@@ -202,7 +327,7 @@ async def test_requests_leave_no_connection_checked_out(app: FastAPI, client: ht
         ]:
             statuses.append((await client.post(path, json=body)).status_code)
 
-    assert [201, 500, 201, 201, 400, 200] * 10 == statuses
+    assert [201, 409, 201, 201, 400, 200] * 10 == statuses
     assert 0 == checked_out(app_engine(app))
     assert [(10,)] == rows("SELECT COUNT(*) FROM batches WHERE purchased_quantity = 2")
     assert [(0,)] == rows("SELECT COUNT(*) FROM allocations")  # each line came off, and fits nowhere

@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
+from werkzeug.exceptions import NotFound
 from werkzeug.test import TestResponse
 
-from allocation import orm
+from allocation import orm, services
+from allocation.domain import OrderLine, Product
 from allocation.flask_app import create_app, ext
+from allocation.repository import SqlAlchemyProductRepository
 
 from .conftest import ALLOCATIONS, checked_out, timeline_of
 
@@ -133,6 +136,7 @@ def test_change_batch_quantity_reallocates_after_the_commit(
     assert (200, {"ref": "batch1", "qty": 25}) == (response.status_code, response.json)
     assert ["COMMIT", "COMMIT"] == timeline  # the request's, then the reallocation's
     assert [("batch1", "order1", 20), ("batch2", "order2", 20)] == rows(ALLOCATIONS)
+    assert [("order1",), ("order2",)] == rows("SELECT orderid FROM order_lines ORDER BY orderid")  # no orphan
     assert [("batch1", 25), ("batch2", 50)] == rows(
         "SELECT reference, purchased_quantity FROM batches ORDER BY reference"
     )
@@ -186,20 +190,137 @@ def test_a_malformed_eta_is_a_400_and_commits_nothing(client: FlaskClient, rows:
     assert [(0,)] == rows("SELECT COUNT(*) FROM products")
 
 
+def test_a_taken_batch_reference_is_a_409_and_commits_nothing(
+    client: FlaskClient, timeline: list[str], rows: Rows
+) -> None:
+    """POST /add_batch of a reference that exists answers 409 with the message, and the request commits nothing."""
+    add_batch(client, "b1", "GARISH-RUG", 100)
+    timeline.clear()
+
+    response = post(client, "/add_batch", ref="b1", sku="OTHER-RUG", qty=5)
+
+    assert (409, {"message": "Batch b1 already exists"}) == (response.status_code, response.json)
+    assert [] == timeline
+    assert [("b1", "GARISH-RUG", 100)] == rows("SELECT reference, sku, purchased_quantity FROM batches")
+
+
+def test_a_batch_added_concurrently_makes_the_commit_fail_with_a_409(
+    client: FlaskClient, engine: Engine, rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that another transaction commits after the duplicate check fails the request's commit: 409, JSON."""
+    add_batch(client, "b1", "GARISH-RUG", 100)
+    check = SqlAlchemyProductRepository.get_by_batchref
+
+    def check_then_lose_the_race(self: SqlAlchemyProductRepository, ref: str) -> Any:
+        found = check(self, ref)
+        with engine.begin() as connection:  # the concurrent request, committed first
+            connection.execute(
+                text("INSERT INTO batches (reference, sku, purchased_quantity) VALUES (:ref, 'GARISH-RUG', 7)"),
+                {"ref": ref},
+            )
+        return found
+
+    monkeypatch.setattr(SqlAlchemyProductRepository, "get_by_batchref", check_then_lose_the_race)
+
+    response = post(client, "/add_batch", ref="b2", sku="GARISH-RUG", qty=5)
+
+    assert (409, {"message": "the request conflicts with a concurrent change; try again"}) == (
+        response.status_code,
+        response.json,
+    )
+    assert [("b1", 100), ("b2", 7)] == rows("SELECT reference, purchased_quantity FROM batches ORDER BY reference")
+
+
+def test_an_allocation_that_loses_the_version_race_is_a_409(
+    client: FlaskClient, engine: Engine, rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A product that another transaction changed after it was loaded fails the commit (StaleDataError): 409, JSON."""
+    add_batch(client, "b1", "RACY-LAMP", 100)
+    allocate = Product.allocate
+
+    def allocate_then_lose_the_race(self: Product, line: OrderLine) -> str | None:
+        batchref = allocate(self, line)
+        with engine.begin() as connection:  # the concurrent request, committed first
+            connection.execute(text("UPDATE products SET version_number = version_number + 1"))
+        return batchref
+
+    monkeypatch.setattr(Product, "allocate", allocate_then_lose_the_race)
+
+    response = post(client, "/allocate", orderid="o1", sku="RACY-LAMP", qty=10)
+
+    assert (409, {"message": "the request conflicts with a concurrent change; try again"}) == (
+        response.status_code,
+        response.json,
+    )
+    assert [] == rows(ALLOCATIONS)
+    assert [(1,)] == rows("SELECT version_number FROM products")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/add_batch", {"ref": "b2", "sku": "SCANDI-PEN", "qty": -1}, "batch b2 must be at least 1, not -1"),
+        ("/allocate", {"orderid": "o1", "sku": "SCANDI-PEN", "qty": 0}, "order line o1 must be at least 1, not 0"),
+        ("/change_batch_quantity", {"ref": "b1", "qty": -2}, "batch b1 must be at least 0, not -2"),
+    ],
+    ids=["add_batch", "allocate", "change_batch_quantity"],
+)
+def test_a_refused_quantity_is_a_400_and_commits_nothing(
+    client: FlaskClient, timeline: list[str], rows: Rows, path: str, body: dict[str, object], message: str
+) -> None:
+    """A quantity under 1 (under 0 for a batch's new quantity) answers 400 with the message, and commits nothing."""
+    add_batch(client, "b1", "SCANDI-PEN", 10)
+    assert 201 == post(client, "/allocate", orderid="o0", sku="SCANDI-PEN", qty=3).status_code
+    timeline.clear()
+
+    response = client.post(path, json=body)
+
+    assert (400, {"message": f"the quantity of {message}"}) == (response.status_code, response.json)
+    assert [] == timeline
+    assert [("b1", 10)] == rows("SELECT reference, purchased_quantity FROM batches")
+    assert [("b1", "o0", 3)] == rows(ALLOCATIONS)
+
+
+def test_an_unknown_path_is_a_json_404(client: FlaskClient) -> None:
+    """Flask's own errors come as {"message": ...} too."""
+    response = client.get("/no-such-endpoint")
+
+    assert (404, {"message": NotFound.description}) == (response.status_code, response.json)
+
+
+def test_an_unexpected_error_is_a_json_500_that_hides_the_error(
+    client: FlaskClient, timeline: list[str], rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error answers 500 {"message": "internal server error"}, is logged, and commits nothing."""
+    add_batch(client, "b1", "SCANDI-PEN", 10)
+    timeline.clear()
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("a detail for the log only")
+
+    monkeypatch.setattr(services, "allocate", fail)
+
+    response = post(client, "/allocate", orderid="o1", sku="SCANDI-PEN", qty=1)
+
+    assert (500, {"message": "internal server error"}) == (response.status_code, response.json)
+    assert ["Exception on /allocate [POST]"] == timeline  # logged with its traceback by Flask; no COMMIT
+    assert [(0,)] == rows("SELECT COUNT(*) FROM order_lines")
+
+
 def test_requests_leave_no_connection_checked_out(app: Flask, client: FlaskClient, rows: Rows) -> None:
     """After requests that commit, are refused and fail, every connection of the app's engine is back in its pool."""
     statuses = []
     for n in range(10):
         statuses += [
             post(client, "/add_batch", ref=f"b{n}", sku=f"SKU-{n}", qty=10, eta=None).status_code,
-            post(client, "/add_batch", ref=f"b{n}", sku=f"SKU-{n}", qty=10, eta=None).status_code,  # taken: 500
+            post(client, "/add_batch", ref=f"b{n}", sku=f"SKU-{n}", qty=10, eta=None).status_code,  # taken: 409
             post(client, "/allocate", orderid=f"o{n}", sku=f"SKU-{n}", qty=4).status_code,
             post(client, "/allocate", orderid=f"o{n}-big", sku=f"SKU-{n}", qty=40).status_code,
             post(client, "/allocate", orderid=f"o{n}", sku="NO-SUCH-SKU", qty=4).status_code,
             post(client, "/change_batch_quantity", ref=f"b{n}", qty=2).status_code,
         ]
 
-    assert [201, 500, 201, 201, 400, 200] * 10 == statuses
+    assert [201, 409, 201, 201, 400, 200] * 10 == statuses
     assert 0 == checked_out(app_engine(app))
     assert [(10,)] == rows("SELECT COUNT(*) FROM batches WHERE purchased_quantity = 2")
     assert [(0,)] == rows("SELECT COUNT(*) FROM allocations")  # each line came off, and fits nowhere

@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from allocation.domain import AllocationRequired, Batch, OrderLine, OutOfStock, Product
+from allocation.domain import AllocationRequired, Batch, InvalidQuantity, OrderLine, OutOfStock, Product
 
 today = date.today()
 tomorrow = today + timedelta(days=1)
@@ -163,3 +163,44 @@ def test_change_batch_quantity_of_an_unknown_batch_raises() -> None:
     with pytest.raises(LookupError, match="product INDIFFERENT-TABLE has no batch batch2"):
         product.change_batch_quantity("batch2", 10)
     assert (0, []) == (product.version_number, product.events)
+
+
+@pytest.mark.parametrize("qty", [0, -1])
+def test_an_order_line_of_less_than_one_unit_is_refused(qty: int) -> None:
+    """An order line of zero or fewer units raises InvalidQuantity, naming the line."""
+    with pytest.raises(InvalidQuantity, match=f"^the quantity of order line o1 must be at least 1, not {qty}$"):
+        OrderLine("o1", "SCANDI-PEN", qty)
+
+
+@pytest.mark.parametrize("qty", [0, -5])
+def test_a_new_batch_of_less_than_one_unit_is_refused(qty: int) -> None:
+    """A batch created with zero or fewer units raises InvalidQuantity, naming the batch."""
+    with pytest.raises(InvalidQuantity, match=f"^the quantity of batch b1 must be at least 1, not {qty}$"):
+        Batch("b1", "SCANDI-PEN", qty, eta=None)
+
+
+def test_change_batch_quantity_to_a_negative_quantity_is_refused_and_changes_nothing() -> None:
+    """A product refuses a negative batch quantity: the batch, its lines, the version and the events stay."""
+    batch = Batch("batch1", "INDIFFERENT-TABLE", 50, eta=None)
+    product = Product("INDIFFERENT-TABLE", [batch])
+    product.allocate(OrderLine("order1", "INDIFFERENT-TABLE", 20))
+
+    with pytest.raises(InvalidQuantity, match="^the quantity of batch batch1 must be at least 0, not -1$"):
+        product.change_batch_quantity("batch1", -1)
+    assert (50, ["order1"], 1, []) == (
+        batch.purchased_quantity,
+        [line.orderid for line in batch.allocations],
+        product.version_number,
+        product.events,
+    )
+
+
+def test_change_batch_quantity_to_zero_deallocates_every_line() -> None:
+    """A batch whose stock is lost (quantity 0) gives back every line for reallocation."""
+    batch = Batch("batch1", "INDIFFERENT-TABLE", 50, eta=None)
+    product = Product("INDIFFERENT-TABLE", [batch])
+    product.allocate(OrderLine("order1", "INDIFFERENT-TABLE", 20))
+
+    product.change_batch_quantity("batch1", 0)
+
+    assert ([], [AllocationRequired("order1", "INDIFFERENT-TABLE", 20)]) == (batch.allocations, product.events)

@@ -9,7 +9,14 @@ from pytest_mock import MockerFixture
 from sqlalchemy.orm.exc import StaleDataError
 
 from allocation import messagebus, services
-from allocation.domain import AllocationRequired, BatchQuantityChanged, OrderLine, OutOfStock, Product
+from allocation.domain import (
+    AllocationRequired,
+    BatchQuantityChanged,
+    InvalidQuantity,
+    OrderLine,
+    OutOfStock,
+    Product,
+)
 from allocation.unit_of_work import FakeAllocationUnitOfWork
 
 
@@ -201,3 +208,51 @@ def test_the_fake_refuses_the_loser_of_two_concurrent_allocations(uow: FakeAlloc
         with pytest.raises(StaleDataError):
             uow.commit()
     assert {"b1": ["o1"]} == allocations(uow, "TWIN-LAMP")
+
+
+def test_add_batch_of_an_existing_reference_raises_and_commits_nothing(uow: FakeAllocationUnitOfWork) -> None:
+    """add_batch() of a reference that another batch has raises DuplicateBatch, and the first batch stays alone."""
+    services.add_batch("b1", "GARISH-RUG", 100, None, uow)
+
+    with pytest.raises(services.DuplicateBatch, match="^Batch b1 already exists$"):
+        services.add_batch("b1", "OTHER-RUG", 5, None, uow)
+    assert (False, 1) == (uow.committed, uow.commits)
+    assert {"b1": []} == allocations(uow, "GARISH-RUG")
+    with uow:
+        assert uow.products.get("OTHER-RUG") is None
+
+
+def test_add_batch_of_no_units_raises_and_commits_nothing(uow: FakeAllocationUnitOfWork) -> None:
+    """add_batch() of zero units raises InvalidQuantity and creates no product."""
+    with pytest.raises(InvalidQuantity, match="batch b1 must be at least 1, not 0"):
+        services.add_batch("b1", "GARISH-RUG", 0, None, uow)
+    assert 0 == uow.commits
+    with uow:
+        assert 0 == uow.products.count()
+
+
+def test_allocate_of_a_negative_quantity_raises_and_commits_nothing(uow: FakeAllocationUnitOfWork) -> None:
+    """allocate() of a negative quantity raises InvalidQuantity; the batch keeps all its stock."""
+    services.add_batch("b1", "OMINOUS-MIRROR", 100, None, uow)
+
+    with pytest.raises(InvalidQuantity, match="order line o1 must be at least 1, not -3"):
+        services.allocate("o1", "OMINOUS-MIRROR", -3, uow)
+    assert 1 == uow.commits
+    assert {"b1": []} == allocations(uow, "OMINOUS-MIRROR")
+    assert 0 == product(uow, "OMINOUS-MIRROR").version_number
+
+
+def test_change_batch_quantity_to_a_negative_quantity_raises_and_commits_nothing(
+    uow: FakeAllocationUnitOfWork,
+) -> None:
+    """change_batch_quantity() to a negative quantity raises InvalidQuantity; the batch and its lines stay."""
+    services.add_batch("batch1", "INDIFFERENT-TABLE", 50, None, uow)
+    services.allocate("order1", "INDIFFERENT-TABLE", 20, uow)
+
+    with pytest.raises(InvalidQuantity, match="batch batch1 must be at least 0, not -1"):
+        messagebus.handle(BatchQuantityChanged("batch1", -1), uow)
+    assert 2 == uow.commits
+    assert {"batch1": ["order1"]} == allocations(uow, "INDIFFERENT-TABLE")
+    with uow:
+        [batch] = uow.products.get("INDIFFERENT-TABLE").batches
+        assert 50 == batch.purchased_quantity
