@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import click
 import pytest
-from flask import Flask, abort, redirect, request
-from sqlalchemy import Connection, Engine, event
+from flask import Flask, abort, redirect, request, stream_with_context
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
 
 from tests.integration.conftest import rows
 from tests.support.databases import Database, Provisioner
@@ -111,6 +118,17 @@ def create_app(database: Database, commit: CommitPolicy) -> Site:
         if request.args.get("commit"):
             ext.uow.commit()
         return name, 201
+
+    @app.post("/items/<name>/stream")
+    def stream(name: str) -> object:
+        ext.uow.items.add(Item(name))
+        count = ext.uow.items.count()  # read in the view: the body streams after the request ended
+
+        def body() -> Iterator[str]:
+            yield f"{name} "
+            yield f"{count}"
+
+        return stream_with_context(body())
 
     @app.after_request
     def failing_hook(response: object) -> object:
@@ -302,6 +320,33 @@ def test_a_commit_the_database_refuses_gives_500_and_no_rows(
     assert (500, 201, ["desk"]) == (refused.status_code, accepted.status_code, names(engine))
 
 
+def test_a_failed_commit_that_an_error_handler_maps_gives_its_status_and_no_rows(
+    make_site: Callable[[CommitPolicy], Site], engine: Engine
+) -> None:
+    """Under on_success, an IntegrityError handler answers 409 for a commit that fails; nothing is written."""
+    seed_sku(engine, "taken")
+    site = make_site("on_success")
+    site.app.register_error_handler(IntegrityError, lambda error: ("taken", 409))
+    client = site.app.test_client()
+
+    refused = client.post("/items/lamp/sku/taken")
+    accepted = client.post("/items/desk/sku/free")
+
+    assert (409, 201, ["desk"]) == (refused.status_code, accepted.status_code, names(engine))
+
+
+def test_a_streamed_response_is_committed_before_its_body_streams(
+    make_site: Callable[[CommitPolicy], Site], engine: Engine
+) -> None:
+    """Under on_success, a view that streams has its work committed before the first chunk is read."""
+    client = make_site("on_success").app.test_client()
+
+    response = client.post("/items/lamp/stream")
+    before_the_body = names(engine)
+
+    assert (200, ["lamp"], "lamp 1") == (response.status_code, before_the_body, response.text)
+
+
 def test_an_error_in_another_after_request_function_gives_500_and_no_rows(
     make_site: Callable[[CommitPolicy], Site], engine: Engine
 ) -> None:
@@ -440,3 +485,137 @@ def test_app_context_commit_that_fails_raises_when_the_context_ends(
         site.ext.uow.skus.add(Sku("taken"))
 
     assert [] == names(engine)
+
+
+# -- what the application already has, and the engine's lifetime ------------------------
+
+
+def test_an_app_given_its_engine_and_sessionmaker_commits_through_them(
+    database: Database, engine: Engine, provisioner: Provisioner
+) -> None:
+    """init_app(engine=...) with a factory over the application's sessionmaker: requests use its sessions."""
+    app_engine = provisioner.track(database.engine())
+    session_factory = sessionmaker(app_engine, expire_on_commit=False, info={"made by": "the application"})
+    ext: UnitOfWorkExtension[ShopUnitOfWork] = UnitOfWorkExtension(
+        factory=SqlAlchemyShopUnitOfWork, commit="on_success"
+    )
+    app = Flask(__name__)
+    ext.init_app(app, engine=app_engine, factory=lambda engine: SqlAlchemyShopUnitOfWork(session_factory))
+
+    @app.post("/items/<name>")
+    def add(name: str) -> tuple[str, int]:
+        ext.uow.items.add(Item(name))
+        return str(ext.uow.session.info["made by"]), 201
+
+    response = app.test_client().post("/items/lamp")
+    with app.app_context():
+        found = ext.engine
+
+    assert (201, "the application", ["lamp"]) == (response.status_code, response.text, names(engine))
+    assert app_engine is found
+
+
+def closes_of(engine: Engine) -> list[str]:
+    """A list that grows each time the pool of *engine* closes one of its connections."""
+    closes: list[str] = []
+    event.listen(engine, "close", lambda *args: closes.append("close"))
+    return closes
+
+
+def test_a_built_engine_is_disposed_of_when_the_app_is_garbage_collected(database: Database) -> None:
+    """The engine built from UOW_DATABASE_URL closes its pooled connections when its app goes away."""
+    app = Flask(__name__)
+    app.config["UOW_DATABASE_URL"] = database.url
+    ext = UnitOfWorkExtension(app, factory=SqlAlchemyShopUnitOfWork)
+    with app.app_context():
+        built = ext.engine
+    closes = closes_of(built)
+    with built.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+    pooled = built.pool.checkedin()
+    del app
+    gc.collect()
+
+    assert (1, ["close"], 0) == (pooled, closes, built.pool.checkedin())
+
+
+def test_a_given_engine_is_never_disposed_of(database: Database, provisioner: Provisioner) -> None:
+    """An engine given to init_app() keeps its pooled connections when its app goes away: it is the application's."""
+    given = provisioner.track(database.engine())
+    closes = closes_of(given)
+    app = Flask(__name__)
+    UnitOfWorkExtension(factory=SqlAlchemyShopUnitOfWork).init_app(app, engine=given)
+    with given.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+    del app
+    gc.collect()
+
+    assert ([], 1) == (closes, given.pool.checkedin())
+    given.dispose()
+
+
+def run_python(code: str, database: Database, tmp_path: Path) -> str:
+    """What *code* prints, run by a Python of its own (which ends as a process does), with the URL in $URL."""
+    env = {**os.environ, "URL": database.url.render_as_string(hide_password=False)}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert 0 == result.returncode, result.stderr
+    return result.stdout
+
+
+def test_a_built_engine_is_disposed_of_when_the_interpreter_exits(database: Database, tmp_path: Path) -> None:
+    """At exit, the engine built from the configuration closes its connections; the one given to init_app() does not."""
+    code = """
+        import os
+        from flask import Flask
+        from sqlalchemy import create_engine, event, text
+        from uow import FakeUnitOfWork
+        from uow.flask import UnitOfWorkExtension
+
+        built, given = Flask("built"), Flask("given")
+        built.config["UOW_DATABASE_URL"] = os.environ["URL"]
+        ext = UnitOfWorkExtension(built, factory=lambda engine: FakeUnitOfWork())
+        ext.init_app(given, engine=create_engine(os.environ["URL"]))
+        for app in (built, given):
+            with app.app_context(), ext.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+                event.listen(ext.engine, "close", lambda *args, name=app.name: print(name, "closed"))
+        print("exiting")
+    """
+
+    assert "exiting\nbuilt closed\n" == run_python(code, database, tmp_path)
+
+
+def test_a_forked_process_gets_a_pool_of_its_own(database: Database, tmp_path: Path) -> None:
+    """A forked child gets a new pool, and its exit closes only its own connections: the parent's still work."""
+    code = """
+        import os, sys
+        from flask import Flask
+        from sqlalchemy import text
+        from uow import FakeUnitOfWork
+        from uow.flask import UnitOfWorkExtension
+
+        app = Flask("shop")
+        app.config["UOW_DATABASE_URL"] = os.environ["URL"]
+        ext = UnitOfWorkExtension(app, factory=lambda engine: FakeUnitOfWork())
+        with app.app_context():
+            engine = ext.engine
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        sys.stdout.flush()
+        child = os.fork()
+        if child == 0:
+            print("child", engine.pool.checkedin(), flush=True)
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            sys.exit(0)  # the child's exit disposes of its engine
+        os.waitpid(child, 0)
+        print("parent", engine.pool.checkedin())
+        with engine.connect() as connection:  # the connection the parent pooled before the fork
+            print("still open:", connection.execute(text("SELECT 1")).scalar() == 1)
+    """
+
+    assert "child 0\nparent 1\nstill open: True\n" == run_python(code, database, tmp_path)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from flask import Flask, current_app
+from flask import Flask, current_app, stream_with_context
 from pytest_mock import MockerFixture
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import sessionmaker
 
 from tests.support.models import Item, Sku
 from tests.support.uows import AsyncFakeShopUnitOfWork, FakeShopUnitOfWork, ShopUnitOfWork
@@ -68,12 +70,60 @@ def test_importing_uow_does_not_import_flask() -> None:
     assert "False" == result.stdout.strip()
 
 
-def test_init_app_needs_a_database_url() -> None:
-    """init_app() on an app without UOW_DATABASE_URL raises ConfigurationError saying what to set."""
+def test_init_app_needs_a_database_url_or_an_engine() -> None:
+    """init_app() without UOW_DATABASE_URL nor engine= raises ConfigurationError naming both ways."""
     ext = UnitOfWorkExtension(factory=FakeShopUnitOfWork)
 
-    with pytest.raises(errors.ConfigurationError, match=r"set it to the SQLAlchemy URL .* before calling init_app"):
+    with pytest.raises(
+        errors.ConfigurationError, match=r"set it to the SQLAlchemy URL .* or pass .* init_app\(app, engine=...\)"
+    ):
         ext.init_app(Flask(__name__))
+
+
+def test_init_app_takes_the_engine_the_application_has() -> None:
+    """init_app(app, engine=...) makes that engine the app's: no configuration needed, the factory gets it."""
+    engine = create_engine("sqlite://")
+    app = Flask(__name__)
+    ext: UnitOfWorkExtension[ShopUnitOfWork] = UnitOfWorkExtension(factory=lambda engine: FakeShopUnitOfWork())
+    given: list[Engine] = []
+    ext.init_app(app, engine=engine, factory=lambda engine: given.append(engine) or FakeShopUnitOfWork())
+
+    with app.app_context():
+        found = (ext.engine, ext.uow.active)
+
+    assert ((engine, True), [engine]) == (found, given)
+
+
+@pytest.mark.parametrize("key", ["UOW_DATABASE_URL", "UOW_ENGINE_OPTIONS"])
+def test_init_app_refuses_an_engine_and_a_configuration(key: str) -> None:
+    """An engine given to an app that also configures one raises ConfigurationError: one or the other."""
+    app = Flask(__name__)
+    app.config[key] = {"UOW_DATABASE_URL": "sqlite://", "UOW_ENGINE_OPTIONS": {"echo": True}}[key]
+    ext = UnitOfWorkExtension(factory=FakeShopUnitOfWork)
+
+    with pytest.raises(errors.ConfigurationError, match=f"also sets {key}: .* remove the configuration, or pass no"):
+        ext.init_app(app, engine=create_engine("sqlite://"))
+    assert "uow" not in app.extensions
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (sessionmaker(), r"pass factory=lambda engine: YourUnitOfWork\(the_sessionmaker\)"),
+        (create_async_engine("sqlite+aiosqlite://"), "Flask views are synchronous, so pass a sync Engine"),
+        (
+            "postgresql://shop:secret@db/shop",
+            r"not the str 'postgresql://shop:\*\*\*@db/shop': pass create_engine\(url\)",
+        ),
+    ],
+    ids=["sessionmaker", "async-engine", "url"],
+)
+def test_init_app_refuses_what_is_not_a_sync_engine(given: object, message: str) -> None:
+    """engine= takes a sync Engine: anything else raises ConfigurationError saying what to pass, password hidden."""
+    ext = UnitOfWorkExtension(factory=FakeShopUnitOfWork)
+
+    with pytest.raises(errors.ConfigurationError, match=message):
+        ext.init_app(Flask(__name__), engine=given)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -303,6 +353,62 @@ def test_testing_mode_propagates_a_failed_commit_to_the_test() -> None:
     assert (1, False) == (fake.commits, fake.active)
 
 
+def test_an_error_handler_maps_a_failed_commit() -> None:
+    """Under on_success, an error handler for the commit's exception answers for it, as for an exception of the view."""
+    fake = FakeShopUnitOfWork()
+    app, ext = fake_app("on_success", factory=lambda engine: fake)
+    app.register_error_handler(IntegrityError, lambda error: ({"message": "taken"}, 409))
+
+    @app.post("/skus/<code>")
+    def add(code: str) -> tuple[str, int]:
+        ext.uow.skus.add(Sku(code))
+        return code, 201
+
+    client = app.test_client()
+    statuses = [client.post("/skus/lamp").status_code, client.post("/skus/lamp").status_code]
+
+    assert ([201, 409], 1, False) == (statuses, fake.commits, fake.active)
+
+
+def test_a_body_streamed_with_the_request_context_cannot_use_the_ended_unit_of_work() -> None:
+    """A body streamed with stream_with_context() runs after teardown: ext.uow raises, saying to read in the view."""
+    app, ext = fake_app()
+
+    @app.get("/")
+    def view() -> object:
+        def body() -> Iterator[str]:
+            yield "start"
+            yield str(ext.uow.items.count())
+
+        return stream_with_context(body())
+
+    with pytest.raises(errors.InactiveUnitOfWorkError) as raised:
+        app.test_client().get("/").get_data()
+
+    assert str(raised.value).startswith(
+        "ext.uow was used in a response body streamed after the request was torn down: Flask ends the request, "
+        "and the extension its unit of work, before it streams the body"
+    )
+    assert str(raised.value).endswith(
+        "Read what the body needs in the view, before it returns the response, and stream from that"
+    )
+
+
+def test_a_body_streamed_without_the_request_context_is_told_to_read_in_the_view() -> None:
+    """A generator body runs outside any context: ext.uow raises, and the message names that case."""
+    app, ext = fake_app()
+
+    @app.get("/")
+    def view() -> object:
+        def body() -> Iterator[str]:
+            yield str(ext.uow.items.count())
+
+        return body()
+
+    with pytest.raises(errors.InactiveUnitOfWorkError, match="A response body that a generator streams runs after"):
+        app.test_client().get("/").get_data()
+
+
 def test_teardown_logs_what_fails_and_never_raises(mocker: MockerFixture, caplog: pytest.LogCaptureFixture) -> None:
     """A unit of work whose session fails to close at teardown is logged on "uow"; the response stands."""
     app, ext = fake_app()
@@ -409,7 +515,7 @@ def test_teardown_functions_that_run_after_the_extension_cannot_use_the_unit_of_
     def use(exc: BaseException | None) -> None:
         with pytest.raises(errors.InactiveUnitOfWorkError) as raised:
             ext.uow
-        messages.append(str(raised.value).split(" was torn down")[0])
+        messages.append(str(raised.value))
 
     app.teardown_request(use)
     app.teardown_appcontext(use)
@@ -424,10 +530,15 @@ def test_teardown_functions_that_run_after_the_extension_cannot_use_the_unit_of_
         ext.uow.items.count()
 
     assert 200 == response.status_code
+    message = (
+        "ext.uow was used in a teardown function that runs after the extension's, which has already ended the "
+        "{}'s unit of work: Flask runs teardown functions in the reverse order of registration, so register this "
+        "one after calling init_app()"
+    )
     assert [
-        "ext.uow was used after the request's unit of work",
-        "ext.uow was used after the application context's unit of work",
-        "ext.uow was used after the application context's unit of work",
+        message.format("request"),
+        message.format("application context"),
+        message.format("application context"),
     ] == messages
 
 
