@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from ._async_unit_of_work import AsyncUnitOfWork
 from ._machine import _UnitOfWorkCore
@@ -40,6 +41,10 @@ class _FakeCore(_UnitOfWorkCore):
             raise ConfigurationError(msg)
         #: The committed state, shared by every block of this unit of work.
         self.database = InMemoryDatabase(frozenset(unenforced))
+        #: The rows that ``for_update=True`` locked, in every block: ``(Model, primary key)`` to the lock
+        #: taken, ``"update"``, ``"skip_locked"`` or ``"nowait"``, so that a test can assert that a service
+        #: locked what it changes. A composite key is a tuple.
+        self.locked: dict[tuple[type[Any], Any], str] = {}
 
     def _prepare(self, tx: _Transaction) -> None:
         """The fake has no isolation levels, and read-only mode is enforced at flush."""
@@ -58,7 +63,9 @@ class _FakeCore(_UnitOfWorkCore):
         """Every transaction of the fake has a session of its own: nothing to check."""
 
     def _open_store(self) -> InMemorySession:
-        return InMemorySession(self.database)
+        session = InMemorySession(self.database)
+        session.locked = self.locked
+        return session
 
     @staticmethod
     def _drop_store(store: InMemorySession) -> None:

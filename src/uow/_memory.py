@@ -297,6 +297,8 @@ class InMemorySession:
         self.open = True
         #: Called before a flush that writes, with what is pending; raises if writes are forbidden.
         self.check_write: Callable[[str], None] | None = None
+        #: Where the rows locked by ``for_update=True`` are recorded, as (class, primary key): lock mode.
+        self.locked: dict[tuple[type[Any], Any], str] = {}
         # While a read-only scope runs inside a read-write one: the state of every object when it began.
         self._watched: dict[int, tuple[Any, dict[str, Any]]] | None = None
 
@@ -1041,13 +1043,20 @@ class InMemorySession:
 
     # -- queries -------------------------------------------------------------
 
-    def get(self, model: type[Any], key: Any) -> Any:
-        """The object of *model* with primary key *key*: from the identity map, or loaded after a flush."""
+    def get(self, model: type[Any], key: Any, lock: str | None = None) -> Any:
+        """The object of *model* with primary key *key*: from the identity map, or loaded after a flush.
+
+        With *lock*, its row is locked first, as ``SELECT ... FOR UPDATE`` does.
+        """
         self._check_usable()
         mapper = _mapper(model)
         plan = plan_of(mapper)
         parts = key if isinstance(key, tuple) and len(plan.primary_key) > 1 else (key,)
         parts = tuple(coerce(column, part) for column, part in zip(plan.pk_columns, parts, strict=False))
+        if lock is not None:
+            self.flush()
+            if self._overlay.row(plan_of(plan.base).table, parts) is not None and not self._lock(plan, parts, lock):
+                return None  # SKIP LOCKED: another transaction holds the row
         obj = self._identity.get((plan.base, parts))
         if obj is None or id(obj) in self._expired:  # an expired object is queried again, after the autoflush
             self.flush()
@@ -1154,10 +1163,20 @@ class InMemorySession:
             merged[key] = joined
         return merged
 
+    def _lock(self, plan: _Plan, key: Key, mode: str) -> bool:
+        """Lock the row of *plan*'s object with *key* and record it; False if SKIP LOCKED leaves it out."""
+        if not self._overlay.lock(plan_of(plan.base).table, key, mode):
+            return False
+        self.locked[(plan.mapper.class_, _as_key(key))] = mode
+        return True
+
     def query(self, model: type[Any], query: Query) -> builtins.list[Any]:
         """What a SELECT of *model* with *query* returns, after the autoflush."""
         self.flush()
         found = self._select(model, query.filters, query.conditions, query.order)
+        if query.lock is not None:
+            mode = query.lock
+            found = [obj for obj in found if self._lock(_plan(obj), _plan(obj).key_of(obj), mode)]
         if query.limit is None:
             return found[query.offset :]
         return found[query.offset : query.offset + query.limit]
@@ -1456,8 +1475,8 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
     def _add_bulk(self, objs: builtins.list[T]) -> None:
         self._store.insert_now(objs)
 
-    def _get(self, key: Any) -> T | None:
-        found: T | None = self._store.get(self.model, key)
+    def _get(self, key: Any, lock: str | None) -> T | None:
+        found: T | None = self._store.get(self.model, key, lock)
         return found
 
     def _list(self, query: Query) -> Sequence[T]:
@@ -1492,8 +1511,8 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
     async def _add_bulk(self, objs: builtins.list[T]) -> None:
         self._store.insert_now(objs)
 
-    async def _get(self, key: Any) -> T | None:
-        found: T | None = self._store.get(self.model, key)
+    async def _get(self, key: Any, lock: str | None) -> T | None:
+        found: T | None = self._store.get(self.model, key, lock)
         return found
 
     async def _list(self, query: Query) -> Sequence[T]:

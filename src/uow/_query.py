@@ -43,7 +43,7 @@ from ._model import ModelInfo
 from ._rows import _RowEvaluator, coerce
 from .errors import QueryError
 
-__all__ = ["Order", "Page", "Query", "build_query"]
+__all__ = ["Order", "Page", "Query", "build_query", "lock_mode"]
 
 T = TypeVar("T")
 
@@ -74,6 +74,8 @@ class Query:
     offset: int
     #: Where a keyset page starts: the rows after a cursor's object, or None.
     start: ColumnElement[bool] | None = None
+    #: The row lock the query takes: "update", "skip_locked" or "nowait"; None for none.
+    lock: str | None = None
 
     @property
     def conditions(self) -> tuple[ColumnElement[bool], ...]:
@@ -111,6 +113,23 @@ class Page(Generic[T]):
     next: str | None
 
 
+def lock_mode(for_update: object, skip_locked: object, nowait: object) -> str | None:
+    """The row lock that ``for_update``, ``skip_locked`` and ``nowait`` ask for; QueryError if they disagree."""
+    for name, flag in (("for_update", for_update), ("skip_locked", skip_locked), ("nowait", nowait)):
+        if flag.__class__ is not bool:
+            msg = f"{name} takes True or False, not {flag!r}"
+            raise QueryError(msg)
+    if not for_update:
+        if skip_locked or nowait:
+            msg = "skip_locked=True and nowait=True qualify a row lock: pass for_update=True with them"
+            raise QueryError(msg)
+        return None
+    if skip_locked and nowait:
+        msg = "a row lock either skips rows that others hold (skip_locked=True) or fails at once (nowait=True)"
+        raise QueryError(msg)
+    return "skip_locked" if skip_locked else "nowait" if nowait else "update"
+
+
 def _tables(info: ModelInfo) -> frozenset[Table]:
     return frozenset(table for table in info.mapper.tables if isinstance(table, Table))
 
@@ -123,6 +142,7 @@ def build_query(
     limit: int | None,
     offset: int,
     after: str | None = None,
+    lock: str | None = None,
 ) -> Query:
     """Check a query once for every implementation; raise :class:`~uow.errors.QueryError` naming what is wrong.
 
@@ -145,14 +165,14 @@ def build_query(
         msg = f"offset must be a whole number of at least 0; got {offset!r}"
         raise QueryError(msg)
     if after is None:
-        return Query(tuple(where), filters, order, limit, offset)
+        return Query(tuple(where), filters, order, limit, offset, lock=lock)
     if offset:
         msg = "a page starts either after a cursor or at an offset: pass after= or offset=, not both"
         raise QueryError(msg)
     position = _read_cursor(info, order, after)
     if isinstance(position, int):
-        return Query(tuple(where), filters, order, limit, position)
-    return Query(tuple(where), filters, order, limit, 0, _after(order, position))
+        return Query(tuple(where), filters, order, limit, position, lock=lock)
+    return Query(tuple(where), filters, order, limit, 0, _after(order, position), lock)
 
 
 def _check_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None:

@@ -18,8 +18,8 @@ from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
-from ._query import Page, Query, build_query, cursor_after
-from .errors import InactiveUnitOfWorkError, MultipleResultsError, QueryError
+from ._query import Page, Query, build_query, cursor_after, lock_mode
+from .errors import InactiveUnitOfWorkError, MultipleResultsError, QueryError, ReadOnlyError
 
 __all__ = ["AsyncRepository", "Repository"]
 
@@ -107,8 +107,20 @@ class _RepositoryBase(Generic[T]):
         limit: int | None = None,
         offset: int = 0,
         after: str | None = None,
+        lock: str | None = None,
     ) -> Query:
-        return build_query(self._info, where, filters, order_by, limit, offset, after)
+        return build_query(self._info, where, filters, order_by, limit, offset, after, lock)
+
+    def _lock(self, for_update: bool, skip_locked: bool, nowait: bool) -> str | None:
+        """The row lock asked for; a read-only unit of work refuses one, since a lock announces a write."""
+        lock = lock_mode(for_update, skip_locked, nowait)
+        if lock is not None and self._unit is not None and self._unit._writes_forbidden():
+            msg = (
+                "for_update=True in a read-only unit of work: a row lock is taken to write the row. Drop "
+                "read_only=True, or read without the lock"
+            )
+            raise ReadOnlyError(msg)
+        return lock
 
     def _page_query(
         self,
@@ -118,11 +130,12 @@ class _RepositoryBase(Generic[T]):
         limit: int,
         offset: int,
         after: str | None,
+        lock: str | None,
     ) -> Query:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             msg = f"page() needs limit= of at least 1, the most objects a page holds; got {limit!r}"
             raise QueryError(msg)
-        return self._query(where, filters, order_by, limit, offset, after)
+        return self._query(where, filters, order_by, limit, offset, after, lock)
 
     def _paged(self, query: Query, found: Sequence[T], matching: int, total: int) -> Page[T]:
         """The page of *found*, which are *matching* rows from the page's start on or in all, of *total*."""
@@ -178,13 +191,18 @@ class Repository(_RepositoryBase[T], abc.ABC):
         self._add_all(checked)
         self._track_all(checked)
 
-    def get(self, key: Any) -> T | None:
+    def get(self, key: Any, *, for_update: bool = False, skip_locked: bool = False, nowait: bool = False) -> T | None:
         """The object with primary key *key*, or ``None``.
 
         A composite key is a tuple in column order, or a dict by attribute name.
+        ``for_update=True`` locks the rows it reads until the transaction
+        ends (``SELECT ... FOR UPDATE``), with ``skip_locked=True`` to leave
+        out rows that another transaction holds, or ``nowait=True`` to fail
+        at once on one.
         """
         self._use()
-        obj = self._get(self._info.normalize_key(key))
+        lock = self._lock(for_update, skip_locked, nowait)
+        obj = self._get(self._info.normalize_key(key), lock)
         return None if obj is None else self._remember(obj)
 
     def get_by(self, **filters: Any) -> T | None:
@@ -201,15 +219,23 @@ class Repository(_RepositoryBase[T], abc.ABC):
         order_by: OrderBy = None,
         limit: int | None = None,
         offset: int = 0,
+        for_update: bool = False,
+        skip_locked: bool = False,
+        nowait: bool = False,
         **filters: Any,
     ) -> builtins.list[T]:
         """The objects for which every *where* clause holds and whose attributes equal *filters*.
 
         They come in *order_by* order, then in primary-key order, which also
         breaks ties; *limit* and *offset* take a page of them.
+        ``for_update=True`` locks the rows it reads until the transaction
+        ends (``SELECT ... FOR UPDATE``), with ``skip_locked=True`` to leave
+        out rows that another transaction holds, or ``nowait=True`` to fail
+        at once on one.
         """
         self._use()
-        return self._track_all(self._list(self._query(where, filters, order_by, limit, offset)))
+        lock = self._lock(for_update, skip_locked, nowait)
+        return self._track_all(self._list(self._query(where, filters, order_by, limit, offset, lock=lock)))
 
     def count(self, *where: Where, **filters: Any) -> int:
         """How many objects :meth:`list` would return for the same clauses and filters, without a page."""
@@ -223,6 +249,9 @@ class Repository(_RepositoryBase[T], abc.ABC):
         order_by: OrderBy = None,
         offset: int = 0,
         after: str | None = None,
+        for_update: bool = False,
+        skip_locked: bool = False,
+        nowait: bool = False,
         **filters: Any,
     ) -> Page[T]:
         """A page of what :meth:`list` returns, with how many objects match in all and a cursor to the next page.
@@ -232,7 +261,8 @@ class Repository(_RepositoryBase[T], abc.ABC):
         the database can count in a window.
         """
         self._use()
-        query = self._page_query(where, filters, order_by, limit, offset, after)
+        lock = self._lock(for_update, skip_locked, nowait)
+        query = self._page_query(where, filters, order_by, limit, offset, after, lock)
         found, matching = self._page(query)
         total = matching if query.start is None else self._count(query.whole())
         return self._paged(query, found, matching, total)
@@ -258,7 +288,7 @@ class Repository(_RepositoryBase[T], abc.ABC):
     def _add_bulk(self, objs: builtins.list[T]) -> None: ...
 
     @abc.abstractmethod
-    def _get(self, key: Any) -> T | None: ...
+    def _get(self, key: Any, lock: str | None) -> T | None: ...
 
     @abc.abstractmethod
     def _list(self, query: Query) -> Sequence[T]: ...
@@ -297,10 +327,13 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         await self._add_all(checked)
         self._track_all(checked)
 
-    async def get(self, key: Any) -> T | None:
-        """The object with primary key *key*, or ``None``."""
+    async def get(
+        self, key: Any, *, for_update: bool = False, skip_locked: bool = False, nowait: bool = False
+    ) -> T | None:
+        """The object with primary key *key*, or ``None``, with the row locks of :meth:`Repository.get`."""
         self._use()
-        obj = await self._get(self._info.normalize_key(key))
+        lock = self._lock(for_update, skip_locked, nowait)
+        obj = await self._get(self._info.normalize_key(key), lock)
         return None if obj is None else self._remember(obj)
 
     async def get_by(self, **filters: Any) -> T | None:
@@ -314,11 +347,15 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         order_by: OrderBy = None,
         limit: int | None = None,
         offset: int = 0,
+        for_update: bool = False,
+        skip_locked: bool = False,
+        nowait: bool = False,
         **filters: Any,
     ) -> builtins.list[T]:
         """The objects :meth:`Repository.list` returns, awaited."""
         self._use()
-        return self._track_all(await self._list(self._query(where, filters, order_by, limit, offset)))
+        lock = self._lock(for_update, skip_locked, nowait)
+        return self._track_all(await self._list(self._query(where, filters, order_by, limit, offset, lock=lock)))
 
     async def count(self, *where: Where, **filters: Any) -> int:
         """How many objects :meth:`list` would return for the same clauses and filters, without a page."""
@@ -332,11 +369,15 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         order_by: OrderBy = None,
         offset: int = 0,
         after: str | None = None,
+        for_update: bool = False,
+        skip_locked: bool = False,
+        nowait: bool = False,
         **filters: Any,
     ) -> Page[T]:
         """A page, as :meth:`Repository.page` returns it, awaited."""
         self._use()
-        query = self._page_query(where, filters, order_by, limit, offset, after)
+        lock = self._lock(for_update, skip_locked, nowait)
+        query = self._page_query(where, filters, order_by, limit, offset, after, lock)
         found, matching = await self._page(query)
         total = matching if query.start is None else await self._count(query.whole())
         return self._paged(query, found, matching, total)
@@ -362,7 +403,7 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
     async def _add_bulk(self, objs: builtins.list[T]) -> None: ...
 
     @abc.abstractmethod
-    async def _get(self, key: Any) -> T | None: ...
+    async def _get(self, key: Any, lock: str | None) -> T | None: ...
 
     @abc.abstractmethod
     async def _list(self, query: Query) -> Sequence[T]: ...

@@ -341,6 +341,8 @@ class Overlay:
         self.counters: dict[Table, int] = {}
         #: The store's generation when this transaction began.
         self.generation = store.generation
+        #: The rows this transaction locked with SELECT ... FOR UPDATE, without writing them.
+        self.locked: set[tuple[Table, Key]] = set()
 
     # -- reading ---------------------------------------------------------------
 
@@ -421,6 +423,34 @@ class Overlay:
             highest = max((key[0] for key in stored.rows if isinstance(key[0], int)), default=0)
         self.counters[table] = highest + 1
         return highest + 1
+
+    def lock(self, table: Table, key: Key, mode: str) -> bool:
+        """Lock the row as SELECT ... FOR UPDATE does, until this transaction ends.
+
+        A row that another open transaction holds is skipped (False) with
+        *mode* ``"skip_locked"``; otherwise it raises OperationalError: at
+        once, as NOWAIT does, or because a database would wait for a
+        transaction of this same fake.
+        """
+        holder = self.store.locks.get((table, key))
+        if holder is None or holder is self:
+            self.store.locks[(table, key)] = self
+            self.locked.add((table, key))
+            return True
+        if mode == "skip_locked":
+            return False
+        spec = spec_of(table)
+        if mode == "nowait":
+            msg = f'could not obtain lock on row ({_shown(key)}) in relation "{spec.name}"'
+        else:
+            msg = (
+                f'row ({_shown(key)}) of table "{spec.name}" is locked by another open transaction of this fake: '
+                "SELECT ... FOR UPDATE would wait for it, forever if it is the block around this one. Lock it "
+                "in one transaction only, or use nowait=True or skip_locked=True"
+            )
+        raise sa_exc.OperationalError(
+            f"SELECT ... FOR UPDATE (in-memory fake, table {spec.name})", None, FakeDatabaseError(msg)
+        )
 
     def _seen_key(self, table: Table, key: Key) -> None:
         if len(key) == 1 and isinstance(key[0], int) and key[0] > self.counters.get(table, 0):
@@ -657,6 +687,10 @@ class Overlay:
             for key in written.rows:
                 if locks.get((table, key)) is self:
                     del locks[(table, key)]
+        for lock in self.locked:
+            if locks.get(lock) is self:
+                del locks[lock]
+        self.locked = set()
         self.writes = {}
         self.inserted = set()
         self.counters = {}

@@ -37,7 +37,15 @@ def _list_statement(info: ModelInfo, query: Query, dialect: str, *, counted: boo
     stmt = _where(select(*entities), query).order_by(*_ordering(query, dialect))
     if query.limit is not None:
         stmt = stmt.limit(query.limit)
-    return stmt.offset(query.offset) if query.offset else stmt
+    if query.offset:
+        stmt = stmt.offset(query.offset)
+    if query.lock is None:
+        return stmt
+    return stmt.with_for_update(skip_locked=query.lock == "skip_locked", nowait=query.lock == "nowait")
+
+
+#: ``with_for_update()`` arguments per row lock; SQLite has no row locks, and SQLAlchemy leaves the clause out.
+_LOCKS: dict[str, dict[str, bool]] = {"update": {}, "skip_locked": {"skip_locked": True}, "nowait": {"nowait": True}}
 
 
 def _ordering(query: Query, dialect: str) -> list[ColumnElement[Any]]:
@@ -130,8 +138,8 @@ class SqlAlchemyRepository(Repository[T]):
         for statement, rows in _bulk_statements(self._info, objs):
             session.execute(statement, rows)
 
-    def _get(self, key: Any) -> T | None:
-        found = self._session.get(self.model, key)
+    def _get(self, key: Any, lock: str | None) -> T | None:
+        found = self._session.get(self.model, key, with_for_update=None if lock is None else _LOCKS[lock])
         if found is not None and _pending_delete(self._session, found):
             return None
         return found
@@ -148,6 +156,8 @@ class SqlAlchemyRepository(Repository[T]):
 
     def _page(self, query: Query) -> tuple[Sequence[T], int]:
         session = self._session
+        if query.lock is not None:  # a window and FOR UPDATE do not go together: the count comes apart
+            return self._list(query), self._count(attrs.evolve(query, limit=None, offset=0, lock=None))
         stmt = _list_statement(self._info, query, _dialect(session, self._info), counted=True)
         rows = session.execute(stmt).all()
         if rows:
@@ -188,8 +198,8 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
         for statement, rows in _bulk_statements(self._info, objs):
             await session.execute(statement, rows)
 
-    async def _get(self, key: Any) -> T | None:
-        found = await self._session.get(self.model, key)
+    async def _get(self, key: Any, lock: str | None) -> T | None:
+        found = await self._session.get(self.model, key, with_for_update=None if lock is None else _LOCKS[lock])
         if found is not None and _pending_delete(self._session.sync_session, found):
             return None
         return found
@@ -207,6 +217,8 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
 
     async def _page(self, query: Query) -> tuple[Sequence[T], int]:
         session = self._session
+        if query.lock is not None:  # a window and FOR UPDATE do not go together: the count comes apart
+            return await self._list(query), await self._count(attrs.evolve(query, limit=None, offset=0, lock=None))
         stmt = _list_statement(self._info, query, _dialect(session.sync_session, self._info), counted=True)
         rows = (await session.execute(stmt)).all()
         if rows:

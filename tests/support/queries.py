@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import and_, func, not_, or_
+from sqlalchemy.exc import DBAPIError
 
 from uow import errors
 
@@ -248,3 +249,54 @@ class QueryContract:
                 await uow.notes.page(order_by=Note.text, limit=1, offset=1, after=cursor)
             with pytest.raises(errors.QueryError, match="limit"):
                 await uow.notes.page(order_by=Note.text, limit=0)
+
+    async def test_row_locks_hold_off_other_transactions(self, shop: Shop) -> None:
+        """A row read with for_update=True is skipped by skip_locked and fails nowait elsewhere; not on SQLite."""
+        await notes(shop, *ROWS)
+        backend = shop.name.split("-")[0]
+        holder, other = shop.uow(), shop.uow()
+        async with holder:
+            locked = await holder.notes.get_by(text="a")
+            assert locked is await holder.notes.get(locked.id, for_update=True)
+            async with other:
+                free = await other.notes.list(Note.rank == 3, for_update=True, skip_locked=True)
+                assert (["a", "d"] if backend == "sqlite" else ["d"]) == [note.text for note in free]
+            if backend == "sqlite":
+                async with other:
+                    assert "a" == (await other.notes.get(locked.id, for_update=True, nowait=True)).text
+            else:
+                with pytest.raises(DBAPIError):
+                    async with other:
+                        await other.notes.get(locked.id, for_update=True, nowait=True)
+                async with other:
+                    assert None is await other.notes.get(locked.id, for_update=True, skip_locked=True)
+        async with other:  # the holder's block ended: its locks went with it
+            assert "a" == (await other.notes.get(locked.id, for_update=True, nowait=True)).text
+
+    async def test_a_locked_page_and_listing_return_what_they_would_unlocked(self, shop: Shop) -> None:
+        """for_update=True changes no result: a page still counts its total, a listing still orders."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            page = await uow.notes.page(order_by=Note.text.desc(), limit=2, for_update=True)
+            assert (["e", "d"], 5) == ([note.text for note in page.items], page.total)
+            locked = await uow.notes.list(Note.rank >= 2, order_by=Note.rank, for_update=True, nowait=True)
+            assert ["e", "a", "d"] == [note.text for note in locked]
+
+    async def test_lock_options_are_checked_and_refused_when_read_only(self, shop: Shop) -> None:
+        """skip_locked or nowait without for_update, both at once, or any lock in a read-only unit raise."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.QueryError, match="for_update=True"):
+                await uow.notes.get(1, skip_locked=True)
+            with pytest.raises(errors.QueryError, match="at once"):
+                await uow.notes.list(for_update=True, skip_locked=True, nowait=True)
+            with pytest.raises(errors.QueryError, match="True or False"):
+                await uow.notes.list(for_update="yes")
+        reader = shop.uow(read_only=True)
+        async with reader:
+            first = await reader.notes.get_by(text="a")
+            with pytest.raises(errors.ReadOnlyError, match="row lock"):
+                await reader.notes.get(first.id, for_update=True)
+            assert first is await reader.notes.get(first.id)

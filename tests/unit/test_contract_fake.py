@@ -6,6 +6,7 @@ import pytest
 
 from tests.support.contract import Contract
 from tests.support.harness import Shop, fake_shop
+from tests.support.models import Pair, Sku
 from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
@@ -42,3 +43,18 @@ class TestAsyncFakeScopes(AsyncScopeContract):
 
 class TestFakeQueries(QueryContract):
     """The fakes answer queries as the databases do."""
+
+
+def test_fake_records_the_rows_a_service_locked() -> None:
+    """FakeUnitOfWork.locked names each row locked with for_update=True, by class and key, with its lock."""
+    fake = FakeShopUnitOfWork()
+    with fake:
+        fake.skus.add_all([Sku("a"), Sku("b")])
+        fake.pairs.add(Pair("x", 1))
+        fake.commit()
+    with fake:
+        fake.skus.get("a", for_update=True)
+        fake.skus.list(Sku.code == "b", for_update=True, nowait=True)  # type: ignore[arg-type]
+        fake.pairs.get(("x", 1), for_update=True, skip_locked=True)
+        fake.skus.get("zz", for_update=True)
+    assert {(Sku, "a"): "update", (Sku, "b"): "nowait", (Pair, ("x", 1)): "skip_locked"} == fake.locked
