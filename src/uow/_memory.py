@@ -44,6 +44,7 @@ from sqlalchemy.orm.base import (
 from ._query import Order, Query, matcher, sort_rows
 from ._repository import AsyncRepository, Repository, _RepositoryBase
 from ._rows import Key, Overlay, Row, Store, coerce, is_generated, spec_of
+from ._upsert import Upsert
 from .errors import ConfigurationError, NotInRepositoryError
 
 __all__ = ["AsyncInMemoryRepository", "InMemoryRepository"]
@@ -524,6 +525,72 @@ class InMemorySession:
         except BaseException as error:
             self._fail(error)
             raise
+
+    def upsert(self, model: type[Any], upsert: Upsert, *, update: bool) -> tuple[Any, bool]:
+        """INSERT ... ON CONFLICT on *upsert*'s key: DO UPDATE its changes (*update*) or DO NOTHING.
+
+        Returns the object of the row, refreshed from it as ``populate_existing`` does, and whether the
+        row was inserted.
+        """
+        self.flush()
+        self._check_write(f"an upsert of a {model.__name__}")
+        plan = plan_of(_mapper(model))
+        spec = spec_of(upsert.table)
+        overlay = self._overlay
+        columns = {column.key: column for column in upsert.table.columns}
+        row = {key: coerce(columns[key], value) for key, value in upsert.row.items()}
+        try:
+            # The row to insert comes first, with its defaults, and NOT NULL and CHECK hold for it even
+            # when a conflict then turns the statement into an UPDATE, as PostgreSQL checks them.
+            table, full = self._values_row(plan, row)
+            overlay.check_row(spec, full, spec.insert_statement)
+            if set(upsert.on) == set(spec.primary_key):
+                key: Key | None = spec.key_of(full) if overlay.row(table, spec.key_of(full)) is not None else None
+            else:
+                position = next(
+                    index for index, (_, unique) in enumerate(spec.uniques) if set(unique) == set(upsert.on)
+                )
+                key = overlay._unique_holder(
+                    spec, position, tuple(full[column] for column in spec.uniques[position][1])
+                )
+            if key is None:
+                created = True
+                key = overlay.insert(table, full)
+            else:
+                created = False
+                current = overlay.row(table, key)
+                assert current is not None
+                changed = {column: row[column] for column in upsert.changes}
+                if update and (changed or upsert.version is not None):
+                    merged = {**current, **changed}
+                    if upsert.version is not None:
+                        merged[upsert.version] = (current.get(upsert.version) or 0) + 1
+                    overlay.update(table, key, merged)
+                    key = spec.key_of(merged)
+        except BaseException as error:
+            self._fail(error)
+            raise
+        obj = self._identity.get((plan.base, key))
+        if obj is None:
+            obj = self._load(plan, key)
+        else:
+            self._expire(obj)
+            self._unexpire(obj)
+        return obj, created
+
+    def _values_row(self, plan: _Plan, row: Row) -> tuple[Table, Row]:
+        """The row an INSERT of column values writes for *plan*'s class: with defaults and a generated key."""
+        attributes = {column_key: attribute for _, cols in plan.columns for column_key, attribute, _ in cols}
+        shadow = _Shadow({attribute: row[key] for key, attribute in attributes.items() if attribute and key in row})
+        values = shadow.__dict__
+        if plan.generated is not None and values.get(plan.generated) is None:
+            values[plan.generated] = self._overlay.next_key(plan.table)
+        _apply_defaults(plan, shadow)
+        self._set_identity(plan, shadow)
+        if plan.version is not None:
+            values[plan.version] = 1
+        ((table, written),) = self._rows_of(plan, values)
+        return table, written
 
     def _fail(self, error: BaseException) -> None:
         """A flush or a commit failed: refuse work until the rollback, and expire what was loaded, as the ORM does."""
@@ -1493,6 +1560,10 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
         end = None if query.limit is None else query.offset + query.limit
         return found[query.offset : end], len(found)
 
+    def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
+        found, created = self._store.upsert(self.model, upsert, update=update)
+        return found, created
+
     def _remove(self, obj: T) -> None:
         self._store.delete(obj)
 
@@ -1528,6 +1599,10 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
         found = self._store.query(self.model, attrs.evolve(query, limit=None, offset=0))
         end = None if query.limit is None else query.offset + query.limit
         return found[query.offset : end], len(found)
+
+    async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
+        found, created = self._store.upsert(self.model, upsert, update=update)
+        return found, created
 
     async def _remove(self, obj: T) -> None:
         self._store.delete(obj)

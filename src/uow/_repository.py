@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar
 
 from sqlalchemy.orm import QueryableAttribute
@@ -19,6 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
 from ._query import Page, Query, build_query, cursor_after, lock_mode
+from ._upsert import Upsert, build_upsert
 from .errors import InactiveUnitOfWorkError, MultipleResultsError, QueryError, ReadOnlyError
 
 __all__ = ["AsyncRepository", "Repository"]
@@ -143,6 +144,12 @@ class _RepositoryBase(Generic[T]):
         more = matching > len(items) if query.start is not None else query.offset + len(items) < total
         cursor = cursor_after(self._info, query, items[-1], query.offset + len(items) - 1) if more and items else None
         return Page(items, total, cursor)
+
+    def _build_upsert(self, what: str, obj_or_values: Any, on: Sequence[str] | None) -> Upsert:
+        upsert = build_upsert(self._info, what, obj_or_values, on)
+        if self._unit is not None:
+            self._unit._check_write(f"{what}() of a {self.model.__name__}")
+        return upsert
 
     def _one_or_none(self, found: Sequence[T], filters: dict[str, Any]) -> T | None:
         if len(found) > 1:
@@ -272,6 +279,34 @@ class Repository(_RepositoryBase[T], abc.ABC):
         self._use()
         return self._exists(self._query(where, filters))
 
+    def upsert(self, obj_or_values: T | Mapping[str, Any], *, on: Sequence[str] | None = None) -> T:
+        """Insert a row with these values, or set them on the row that holds the same *on* key, and return its object.
+
+        *obj_or_values* is an instance of the model, whose column attributes
+        give the values, or a dict of column attributes; the object returned
+        is the one this unit of work holds for the row, loaded afresh, never
+        the instance given. *on* names the attributes of the primary key (the
+        default) or of a UNIQUE constraint or unique index. One statement
+        does it (``INSERT ... ON CONFLICT DO UPDATE`` on PostgreSQL and
+        SQLite, ``ON DUPLICATE KEY UPDATE`` on MySQL and MariaDB), so two
+        transactions upserting the same key never both insert.
+        """
+        self._use()
+        found, _ = self._upsert(self._build_upsert("upsert", obj_or_values, on), update=True)
+        return self._remember(found)
+
+    def get_or_create(self, obj_or_values: T | Mapping[str, Any], *, on: Sequence[str] | None = None) -> tuple[T, bool]:
+        """The object of the row that holds the same *on* key, or of one inserted with these values if none does.
+
+        Returns the object and whether it was inserted. Takes what
+        :meth:`upsert` takes, and never changes a row that exists; two
+        transactions asking for the same key never both insert, and neither
+        fails on the unique key.
+        """
+        self._use()
+        found, created = self._upsert(self._build_upsert("get_or_create", obj_or_values, on), update=False)
+        return self._remember(found), created
+
     def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
         self._use()
@@ -302,6 +337,10 @@ class Repository(_RepositoryBase[T], abc.ABC):
     @abc.abstractmethod
     def _page(self, query: Query) -> tuple[Sequence[T], int]:
         """The objects of the page, and how many rows match from its start on (with no limit or offset)."""
+
+    @abc.abstractmethod
+    def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
+        """Insert the row, or on a conflict set the changes (*update*) or keep the row; its object, and if inserted."""
 
     @abc.abstractmethod
     def _remove(self, obj: T) -> None: ...
@@ -387,6 +426,20 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         self._use()
         return await self._exists(self._query(where, filters))
 
+    async def upsert(self, obj_or_values: T | Mapping[str, Any], *, on: Sequence[str] | None = None) -> T:
+        """Insert or change the row, as :meth:`Repository.upsert` does, awaited."""
+        self._use()
+        found, _ = await self._upsert(self._build_upsert("upsert", obj_or_values, on), update=True)
+        return self._remember(found)
+
+    async def get_or_create(
+        self, obj_or_values: T | Mapping[str, Any], *, on: Sequence[str] | None = None
+    ) -> tuple[T, bool]:
+        """The object of the row, inserted if missing, as :meth:`Repository.get_or_create` returns it, awaited."""
+        self._use()
+        found, created = await self._upsert(self._build_upsert("get_or_create", obj_or_values, on), update=False)
+        return self._remember(found), created
+
     async def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
         self._use()
@@ -417,6 +470,10 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
     @abc.abstractmethod
     async def _page(self, query: Query) -> tuple[Sequence[T], int]:
         """The objects of the page, and how many rows match from its start on (with no limit or offset)."""
+
+    @abc.abstractmethod
+    async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
+        """Insert the row, or on a conflict set the changes (*update*) or keep the row; its object, and if inserted."""
 
     @abc.abstractmethod
     async def _remove(self, obj: T) -> None: ...

@@ -570,6 +570,11 @@ class Overlay:
             if None not in values and self.referring(fk, values):
                 raise _integrity(statement, _still_referenced(spec, fk, values))
 
+    def check_row(self, spec: TableSpec, row: Row, statement: str) -> None:
+        """Refuse a row that breaks a NOT NULL or CHECK constraint, as any write of it would."""
+        self._check_not_null(spec, row, statement)
+        self._check_checks(spec, row, statement)
+
     def _check_not_null(self, spec: TableSpec, row: Row, statement: str) -> None:
         for name in spec.not_null:
             if row.get(name) is None:

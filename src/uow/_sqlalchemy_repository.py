@@ -9,12 +9,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from sqlalchemy import Select, func, inspect, select
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
 from ._query import Query
 from ._repository import AsyncRepository, Repository
+from ._upsert import Upsert
 from .errors import NotInRepositoryError
 
 if TYPE_CHECKING:  # importing sqlalchemy.ext.asyncio needs greenlet, which sync applications may not have
@@ -69,6 +74,51 @@ def _count_statement(info: ModelInfo, query: Query) -> Select[Any]:
 
 def _exists_statement(info: ModelInfo, query: Query) -> Select[Any]:
     return select(_where(select(info.model), query).exists())
+
+
+def _upsert_statement(upsert: Upsert, dialect: str, *, update: bool) -> Any:
+    """INSERT of the upsert's row that, on a conflict on its key, sets its changes (*update*) or does nothing.
+
+    MySQL and MariaDB have no DO NOTHING on a given key: :func:`_kept` inserts there instead.
+    """
+    table = upsert.table
+    row = dict(upsert.row)
+    if upsert.version is not None:
+        row[upsert.version] = 1
+    if dialect in ("mysql", "mariadb"):
+        mysql_stmt = mysql_insert(table).values(row)
+        changes: dict[str, Any] = {column: mysql_stmt.inserted[column] for column in upsert.changes}
+        if upsert.version is not None:
+            changes[upsert.version] = table.c[upsert.version] + 1
+        if not changes:  # nothing to set: set a key column to itself, so that the statement still locks the row
+            changes = {upsert.on[0]: table.c[upsert.on[0]]}
+        return mysql_stmt.on_duplicate_key_update(changes)
+    stmt = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(table).values(row)
+    if not update:  # RETURNING gives a row only if the INSERT wrote one: what get_or_create() reports
+        return stmt.on_conflict_do_nothing(index_elements=list(upsert.on)).returning(table.c[upsert.on[0]])
+    changes = {column: stmt.excluded[column] for column in upsert.changes}
+    if upsert.version is not None:
+        changes[upsert.version] = table.c[upsert.version] + 1
+    if not changes:
+        return stmt.on_conflict_do_nothing(index_elements=list(upsert.on))
+    return stmt.on_conflict_do_update(index_elements=list(upsert.on), set_=changes)
+
+
+def _reload_statement(info: ModelInfo, upsert: Upsert, dialect: str) -> Select[Any]:
+    """The SELECT of the upserted row's object, refreshed; a locking read on MySQL, whose plain reads see a snapshot."""
+    table = upsert.table
+    stmt = (
+        select(info.model)
+        .where(*(table.c[column] == upsert.row[column] for column in upsert.on))
+        .execution_options(populate_existing=True)
+    )
+    return stmt.with_for_update() if dialect in ("mysql", "mariadb") else stmt
+
+
+def _is_duplicate(error: IntegrityError) -> bool:
+    """Whether MySQL or MariaDB refused an INSERT for a duplicate key (error 1062)."""
+    args: tuple[Any, ...] = tuple(getattr(error.orig, "args", ()))
+    return bool(args) and args[0] == 1062
 
 
 def _dialect(session: Session, info: ModelInfo) -> str:
@@ -165,6 +215,33 @@ class SqlAlchemyRepository(Repository[T]):
         # Past the last row, the window counted nothing: a count says how many match.
         return [], self._count(attrs.evolve(query, limit=None, offset=0)) if query.offset else 0
 
+    def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
+        session = self._session
+        session.flush()
+        dialect = _dialect(session, self._info)
+        if not update and dialect in ("mysql", "mariadb"):
+            created = self._insert_or_keep(upsert)
+        else:
+            result = session.execute(_upsert_statement(upsert, dialect, update=update))
+            created = update or result.first() is not None
+        found = session.scalars(_reload_statement(self._info, upsert, dialect)).one()
+        return found, created
+
+    def _insert_or_keep(self, upsert: Upsert) -> bool:
+        """INSERT in a savepoint; a duplicate key rolls it back: the row exists. Whether it inserted."""
+        session = self._session
+        row = dict(upsert.row)
+        if upsert.version is not None:
+            row[upsert.version] = 1
+        try:
+            with session.begin_nested():
+                session.execute(upsert.table.insert().values(row))
+        except IntegrityError as error:
+            if not _is_duplicate(error):
+                raise
+            return False
+        return True
+
     def _remove(self, obj: T) -> None:
         session = self._session
         if _check_removable(session, obj, self.model):
@@ -224,6 +301,33 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
         if rows:
             return [row[0] for row in rows], int(rows[0][1])
         return [], await self._count(attrs.evolve(query, limit=None, offset=0)) if query.offset else 0
+
+    async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
+        session = self._session
+        await session.flush()
+        dialect = _dialect(session.sync_session, self._info)
+        if not update and dialect in ("mysql", "mariadb"):
+            created = await self._insert_or_keep(upsert)
+        else:
+            result = await session.execute(_upsert_statement(upsert, dialect, update=update))
+            created = update or result.first() is not None
+        found = (await session.scalars(_reload_statement(self._info, upsert, dialect))).one()
+        return found, created
+
+    async def _insert_or_keep(self, upsert: Upsert) -> bool:
+        """INSERT in a savepoint; a duplicate key rolls it back: the row exists. Whether it inserted."""
+        session = self._session
+        row = dict(upsert.row)
+        if upsert.version is not None:
+            row[upsert.version] = 1
+        try:
+            async with session.begin_nested():
+                await session.execute(upsert.table.insert().values(row))
+        except IntegrityError as error:
+            if not _is_duplicate(error):
+                raise
+            return False
+        return True
 
     async def _remove(self, obj: T) -> None:
         session = self._session

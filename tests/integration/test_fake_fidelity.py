@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import inspect as pyinspect
 from collections.abc import Callable, Coroutine, Iterator
+from operator import attrgetter
 from typing import Any
 
 import attrs
@@ -380,6 +381,23 @@ def test_version_counter_refuses_a_stale_update(implementation: Implementation) 
         with pytest.raises(StaleDataError):
             unit.commit()
     assert [("lamp", 7, 2)] == implementation.stored(Stock, "sku", "qty", "version")
+
+
+def test_upsert_moves_the_version_counter_and_stales_a_loaded_copy(implementation: Implementation) -> None:
+    """An upsert inserts version 1 and counts it up on a conflict, so a copy read before it is stale."""
+    unit = implementation.uow
+    with unit:
+        assert 1 == unit.stocks.upsert(Stock(sku="lamp", qty=10)).version
+        unit.commit()
+    with unit:
+        outer = unit.stocks.get("lamp")
+        with unit.transaction(propagation="requires_new"):
+            assert (2, 4) == attrgetter("version", "qty")(unit.stocks.upsert({"sku": "lamp", "qty": 4}))
+            unit.commit()
+        outer.qty = 5
+        with pytest.raises(StaleDataError):
+            unit.commit()
+    assert [("lamp", 4, 2)] == implementation.stored(Stock, "sku", "qty", "version")
 
 
 def test_requires_new_changes_survive_the_outer_commit(implementation: Implementation) -> None:

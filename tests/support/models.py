@@ -106,6 +106,8 @@ class Note(Base):
     #: Nullable columns, for queries that meet NULL.
     rank: Mapped[int | None] = mapped_column(default=None)
     tag: Mapped[str | None] = mapped_column(String(20), default=None)
+    #: A unique key beside the generated primary key, for upserts.
+    slug: Mapped[str | None] = mapped_column(String(30), unique=True, default=None)
 
 
 TABLES = (lines, orders, items, skus, pairs, Note.__table__)

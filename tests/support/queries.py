@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from uow import errors
 
+from .contract import seed
 from .harness import Shop
 from .models import Item, Note, Sku, items, skus
 
@@ -300,3 +301,92 @@ class QueryContract:
             with pytest.raises(errors.ReadOnlyError, match="row lock"):
                 await reader.notes.get(first.id, for_update=True)
             assert first is await reader.notes.get(first.id)
+
+    # -- upserts ----------------------------------------------------------------
+
+    async def test_upsert_inserts_a_missing_row_and_updates_an_existing_one(self, shop: Shop) -> None:
+        """upsert() on the primary key inserts the first time and sets the given values the second."""
+        uow = shop.uow()
+        async with uow:
+            created = await uow.skus.upsert(Sku("a", "first", 3))
+            assert ("a", "first", 3) == (created.code, created.description, created.stock)
+            await uow.commit()
+        async with uow:
+            loaded = await uow.skus.get("a")
+            changed = await uow.skus.upsert({"code": "a", "description": "second", "stock": 7})
+            assert loaded is changed
+            assert ("second", 7) == (changed.description, changed.stock)
+            await uow.commit()
+        assert [("a", "second", 7)] == shop.committed(Sku, "code", "description", "stock")
+
+    async def test_upsert_checks_the_row_it_would_insert_even_on_a_conflict(self, shop: Shop) -> None:
+        """Values that could not be inserted (a NOT NULL column left out) fail even when the row exists."""
+        await seed(shop, Sku("a", "first", 3))
+        uow = shop.uow()
+        with pytest.raises(DBAPIError, match="description"):
+            async with uow:
+                await uow.skus.upsert({"code": "a", "stock": 7})
+        assert [("a", "first", 3)] == shop.committed(Sku, "code", "description", "stock")
+
+    async def test_upsert_on_a_unique_column_keeps_the_generated_key(self, shop: Shop) -> None:
+        """upsert(on=...) of a UNIQUE column finds the row by it and leaves its generated key alone."""
+        uow = shop.uow()
+        async with uow:
+            first = await uow.notes.upsert(Note(text="one", slug="s1"), on=("slug",))
+            await uow.commit()
+            first_id = first.id
+        async with uow:
+            again = await uow.notes.upsert({"text": "two", "slug": "s1"}, on=("slug",))
+            assert (first_id, "two") == (again.id, again.text)
+            await uow.commit()
+        assert [("two", "s1")] == shop.committed(Note, "text", "slug")
+
+    async def test_get_or_create_inserts_once_and_never_changes_a_row(self, shop: Shop) -> None:
+        """get_or_create() inserts a missing row and returns an existing one as it is."""
+        uow = shop.uow()
+        async with uow:
+            made, created = await uow.skus.get_or_create(Sku("a", "first", 3))
+            assert (True, "first") == (created, made.description)
+            again, created_again = await uow.skus.get_or_create(Sku("a", "second", 9))
+            assert (False, "first", 3) == (created_again, again.description, again.stock)
+            assert made is again
+            await uow.commit()
+        async with uow:
+            found, created = await uow.notes.get_or_create({"text": "x", "slug": "k"}, on=("slug",))
+            same, created_again = await uow.notes.get_or_create({"text": "y", "slug": "k"}, on=("slug",))
+            assert (True, False, "x") == (created, created_again, same.text)
+            assert found is same
+            await uow.commit()
+        assert [("a", "first", 3)] == shop.committed(Sku, "code", "description", "stock")
+        assert [("x", "k")] == shop.committed(Note, "text", "slug")
+
+    async def test_an_upsert_in_a_rolled_back_block_leaves_nothing(self, shop: Shop) -> None:
+        """An upsert is part of the transaction: without a commit, neither its insert nor its update stays."""
+        uow = shop.uow()
+        async with uow:
+            await uow.skus.upsert(Sku("a", "first", 3))
+            await uow.commit()
+        async with uow:
+            await uow.skus.upsert(Sku("a", "changed", 0))
+            await uow.skus.upsert(Sku("b", "new", 1))
+        assert [("a", "first", 3)] == shop.committed(Sku, "code", "description", "stock")
+
+    async def test_wrong_upserts_are_refused_alike(self, shop: Shop) -> None:
+        """A key that is not unique, a missing key value, another type, or a read-only unit raise everywhere."""
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.QueryError, match="not a unique key"):
+                await uow.notes.upsert({"text": "a"}, on=("text",))
+            with pytest.raises(errors.QueryError, match="needs a value"):
+                await uow.notes.upsert({"text": "a"}, on=("slug",))
+            with pytest.raises(errors.QueryError, match="column attributes"):
+                await uow.notes.upsert({"colour": "red", "slug": "s"}, on=("slug",))
+            with pytest.raises(errors.QueryError, match="takes a Note"):
+                await uow.notes.upsert(Sku("a"))
+            with pytest.raises(errors.QueryError, match="as a tuple"):
+                await uow.notes.upsert({"slug": "s"}, on="slug")  # type: ignore[arg-type]
+        reader = shop.uow(read_only=True)
+        async with reader:
+            with pytest.raises(errors.ReadOnlyError):
+                await reader.skus.upsert(Sku("a"))
+        assert [] == shop.committed(Sku, "code")
