@@ -16,6 +16,8 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from sqlalchemy.orm.exc import StaleDataError
+
 from . import _hooks
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
 from ._ownership import current_task
@@ -34,6 +36,7 @@ from ._scope import (
     _Scope,
     _Transaction,
 )
+from .errors import ConcurrencyError, _concurrency_error
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -99,10 +102,12 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 await self._exit_owner(top, exc)
             else:
                 await self._exit_scope(top, exc)
-            return
-        scope = self._exiting(frame)
-        if scope is not None:
-            await self._exit_scope(scope, exc)
+        else:
+            scope = self._exiting(frame)
+            if scope is not None:
+                await self._exit_scope(scope, exc)
+        if exc is not None and isinstance(exc, StaleDataError) and not isinstance(exc, ConcurrencyError):
+            raise _concurrency_error(exc) from exc  # an optimistic-lock conflict leaves the block as uow's error
 
     if not TYPE_CHECKING:  # for mypy, an async unit of work has no sync protocol at all
 
@@ -270,7 +275,12 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.kind is not OWNER or scope.health.rollback_only or scope.tx.read_only:
             self._check_may_commit(scope)
             if scope.kind is not OWNER:
-                await self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
+                try:
+                    await self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
+                except StaleDataError as error:
+                    if isinstance(error, ConcurrencyError):
+                        raise
+                    raise _concurrency_error(error) from error
                 return
         await self._commit_scope(scope)
 
@@ -283,6 +293,11 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             except BaseException as error:
                 tx.outcome_unknown = outcome_unknown(error)
                 raise
+        except StaleDataError as error:
+            await _run_to_completion(self._discard(tx))
+            if isinstance(error, ConcurrencyError):
+                raise
+            raise _concurrency_error(error) from error
         except BaseException:
             await _run_to_completion(self._discard(tx))
             raise

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from sqlalchemy.orm.exc import StaleDataError
+
 from . import _hooks
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
 from ._ownership import thread_and_task
@@ -35,6 +37,7 @@ from ._scope import (
     _Scope,
     _Transaction,
 )
+from .errors import ConcurrencyError, _concurrency_error
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -118,10 +121,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 self._exit_owner(top, exc)
             else:
                 self._exit_scope(top, exc)
-            return
-        scope = self._exiting(frame)
-        if scope is not None:
-            self._exit_scope(scope, exc)
+        else:
+            scope = self._exiting(frame)
+            if scope is not None:
+                self._exit_scope(scope, exc)
+        if exc is not None and isinstance(exc, StaleDataError) and not isinstance(exc, ConcurrencyError):
+            raise _concurrency_error(exc) from exc  # an optimistic-lock conflict leaves the block as uow's error
 
     if not TYPE_CHECKING:  # for mypy, a sync unit of work has no async protocol at all
 
@@ -305,7 +310,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.kind is not OWNER or scope.health.rollback_only or scope.tx.read_only:
             self._check_may_commit(scope)
             if scope.kind is not OWNER:
-                self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
+                try:
+                    self._flush(scope.tx.session)  # errors surface here, in the scope that caused them
+                except StaleDataError as error:
+                    if isinstance(error, ConcurrencyError):
+                        raise
+                    raise _concurrency_error(error) from error
                 return
         self._commit_scope(scope)
 
@@ -318,6 +328,11 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             except BaseException as error:
                 tx.outcome_unknown = outcome_unknown(error)
                 raise
+        except StaleDataError as error:
+            self._discard(tx)
+            if isinstance(error, ConcurrencyError):
+                raise
+            raise _concurrency_error(error) from error
         except BaseException:
             self._discard(tx)
             raise

@@ -18,6 +18,7 @@ from sqlalchemy.orm import exc as orm_exc
 
 __all__ = [
     "ActiveUnitOfWorkError",
+    "ConcurrencyError",
     "ConfigurationError",
     "FakeDatabaseError",
     "InactiveUnitOfWorkError",
@@ -92,6 +93,26 @@ class ReadOnlyError(UowError, RuntimeError):
 
 class UnknownFieldError(UowError, TypeError):
     """A repository filter named something that is not a column attribute."""
+
+
+class ConcurrencyError(UowError, orm_exc.StaleDataError):
+    """Another transaction changed or deleted a row that this one read and then wrote: an optimistic-lock conflict.
+
+    Raised where SQLAlchemy raises ``StaleDataError`` (a version counter that
+    moved, an UPDATE or DELETE that matched no row), with that error as its
+    ``__cause__``; it is a ``StaleDataError`` too, so handlers of either
+    catch it. ``@transactional(retries=...)`` runs the unit of work again.
+    """
+
+
+def _concurrency_error(error: BaseException) -> ConcurrencyError:
+    """The :class:`ConcurrencyError` that stands for SQLAlchemy's *error*; raise it ``from error``."""
+    found = str(error).rstrip(".")
+    msg = (
+        f"another transaction changed or deleted a row that this one read and then wrote: {found}. Run the unit "
+        "of work again from the start (@transactional(retries=...) does), or lock the row when reading it"
+    )
+    return ConcurrencyError(msg)
 
 
 class QueryError(UowError, TypeError):

@@ -51,6 +51,7 @@ from tests.support.fidelity import (
     enforce_foreign_keys,
     metadata,
 )
+from uow import errors
 
 IMPLEMENTATIONS = ("fake", "async-fake", "sqlite", "postgresql", "mariadb")
 FAKES = ("fake", "async-fake")
@@ -378,8 +379,24 @@ def test_version_counter_refuses_a_stale_update(implementation: Implementation) 
             unit.stocks.get("lamp").qty = 7
             unit.commit()
         outer.qty = 5
-        with pytest.raises(StaleDataError):
+        with pytest.raises(errors.ConcurrencyError) as raised:
             unit.commit()
+        assert isinstance(raised.value.__cause__, StaleDataError)
+    assert [("lamp", 7, 2)] == implementation.stored(Stock, "sku", "qty", "version")
+
+
+def test_a_stale_update_leaving_the_block_is_a_concurrency_error(implementation: Implementation) -> None:
+    """A StaleDataError that a flush raises inside a block leaves it as ConcurrencyError, with it as the cause."""
+    unit = implementation.uow
+    seed(unit, Stock(sku="lamp", qty=10))
+    with pytest.raises(errors.ConcurrencyError) as raised, unit:
+        outer = unit.stocks.get("lamp")
+        with unit.transaction(propagation="requires_new"):
+            unit.stocks.get("lamp").qty = 7
+            unit.commit()
+        outer.qty = 5
+        unit.stocks.list()  # the autoflush finds the conflict
+    assert isinstance(raised.value.__cause__, StaleDataError)
     assert [("lamp", 7, 2)] == implementation.stored(Stock, "sku", "qty", "version")
 
 
