@@ -40,8 +40,9 @@ from sqlalchemy.orm.base import (
     instance_state,
     instance_str,
 )
+from sqlalchemy.sql.elements import ColumnElement
 
-from ._query import Order, Query, matcher, sort_rows
+from ._query import Order, Query, _QueryEvaluator, matcher, sort_rows
 from ._repository import AsyncRepository, Repository, _RepositoryBase
 from ._rows import Key, Overlay, Row, Store, coerce, is_generated, spec_of
 from ._upsert import Upsert
@@ -577,6 +578,54 @@ class InMemorySession:
             self._expire(obj)
             self._unexpire(obj)
         return obj, created
+
+    def bulk_update(self, model: type[Any], query: Query, changes: dict[str, Any], version: str | None) -> int:
+        """UPDATE ... WHERE *query*: set *changes* (values, or expressions of the row) on each row it selects."""
+        self.flush()
+        self._check_write(f"a bulk update of {model.__name__} objects")
+        plan = plan_of(_mapper(model))
+        keys, _ = self._matching(plan, query.filters, query.conditions, ())
+        columns = {column.key: column for column in plan.table.columns}
+        evaluator = _QueryEvaluator(frozenset({plan.table}))
+        computed = {
+            key: evaluator.compile(value) if isinstance(value, ColumnElement) else coerce(columns[key], value)
+            for key, value in changes.items()
+        }
+        try:
+            for key, row in keys:
+                new = dict(row)
+                for column_key, value in computed.items():
+                    new[column_key] = value(row) if callable(value) else value
+                if version is not None:
+                    new[version] = (row.get(version) or 0) + 1
+                self._overlay.update(plan.table, key, new)
+        except BaseException as error:
+            self._fail(error)
+            raise
+        for key, _ in keys:  # the objects this transaction holds get the new values, as "fetch" sets them
+            obj = self._identity.get((plan.base, key))
+            if obj is not None and id(obj) not in self._expired:
+                self._expire(obj)
+                self._unexpire(obj)
+        return len(keys)
+
+    def bulk_delete(self, model: type[Any], query: Query) -> int:
+        """DELETE ... WHERE *query*, with the foreign keys' ON DELETE actions; the objects held go with their rows."""
+        self.flush()
+        self._check_write(f"a bulk delete of {model.__name__} objects")
+        plan = plan_of(_mapper(model))
+        keys, _ = self._matching(plan, query.filters, query.conditions, ())
+        try:
+            for key, _ in keys:
+                self._overlay.delete(plan.table, key)
+        except BaseException as error:
+            self._fail(error)
+            raise
+        for (base, key), obj in list(self._identity.items()):  # rows deleted here or by an ON DELETE CASCADE
+            if id(obj) in self._loaded and self._overlay.row(plan_of(base).table, key) is None:
+                del self._identity[(base, key)]
+                self._gone[(base, key)] = self._loaded.pop(id(obj))
+        return len(keys)
 
     def _values_row(self, plan: _Plan, row: Row) -> tuple[Table, Row]:
         """The row an INSERT of column values writes for *plan*'s class: with defaults and a generated key."""
@@ -1166,17 +1215,11 @@ class InMemorySession:
         state.manager.dispatch.load(state, None)  # the "load" event, and @reconstructor methods
         return obj
 
-    def _select(
-        self,
-        model: Any,
-        filters: dict[str, Any],
-        where: Sequence[Any] = (),
-        order: Sequence[Order] = (),
-    ) -> builtins.list[Any]:
-        """Objects of *model* whose attributes equal *filters*, converted by column type, for which every
-        *where* clause holds, in *order* (primary-key order if none is given)."""
-        mapper = _mapper(model) if not isinstance(model, Mapper) else model
-        plan = plan_of(mapper)
+    def _matching(
+        self, plan: _Plan, filters: dict[str, Any], where: Sequence[Any], order: Sequence[Order]
+    ) -> tuple[builtins.list[tuple[Key, Row]], builtins.list[tuple[str, Any]]]:
+        """The base-table rows of *plan*'s class that *filters* (on base-table columns) and *where* select, in
+        *order*; and the filters on the columns of other tables, which the objects are checked against."""
         base = plan_of(plan.base)
         table_filters: list[tuple[str, Any]] = []
         later: list[tuple[str, Any]] = []
@@ -1198,11 +1241,26 @@ class InMemorySession:
         if where or order:
             rows = self._joined_rows(plan, keys)
             if where:
-                matches = matcher(frozenset(mapper.tables), where)
+                matches = matcher(frozenset(plan.mapper.tables), where)
                 keys = [item for item in keys if matches(rows[item[0]])]
             sort_rows(keys, order, lambda item: rows[item[0]])
         else:
             keys.sort(key=lambda item: _sort_key(item[0]))
+        return keys, later
+
+    def _select(
+        self,
+        model: Any,
+        filters: dict[str, Any],
+        where: Sequence[Any] = (),
+        order: Sequence[Order] = (),
+    ) -> builtins.list[Any]:
+        """Objects of *model* whose attributes equal *filters*, converted by column type, for which every
+        *where* clause holds, in *order* (primary-key order if none is given)."""
+        mapper = _mapper(model) if not isinstance(model, Mapper) else model
+        plan = plan_of(mapper)
+        base = plan_of(plan.base)
+        keys, later = self._matching(plan, filters, where, order)
         found = []
         for key, row in keys:
             obj = self._identity.get((plan.base, key))
@@ -1564,6 +1622,12 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
         found, created = self._store.upsert(self.model, upsert, update=update)
         return found, created
 
+    def _update(self, query: Query, changes: dict[str, Any], version: str | None) -> int:
+        return self._store.bulk_update(self.model, query, changes, version)
+
+    def _delete(self, query: Query) -> int:
+        return self._store.bulk_delete(self.model, query)
+
     def _remove(self, obj: T) -> None:
         self._store.delete(obj)
 
@@ -1603,6 +1667,12 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         found, created = self._store.upsert(self.model, upsert, update=update)
         return found, created
+
+    async def _update(self, query: Query, changes: dict[str, Any], version: str | None) -> int:
+        return self._store.bulk_update(self.model, query, changes, version)
+
+    async def _delete(self, query: Query) -> int:
+        return self._store.bulk_delete(self.model, query)
 
     async def _remove(self, obj: T) -> None:
         self._store.delete(obj)

@@ -43,7 +43,7 @@ from ._model import ModelInfo
 from ._rows import _RowEvaluator, coerce
 from .errors import QueryError
 
-__all__ = ["Order", "Page", "Query", "build_query", "lock_mode"]
+__all__ = ["Order", "Page", "Query", "build_query", "lock_mode", "value_of"]
 
 T = TypeVar("T")
 
@@ -195,6 +195,23 @@ def _check_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None
             f"{name}'s own tables, or write this query in a custom repository method"
         )
         raise QueryError(msg) from None
+
+
+def value_of(info: ModelInfo, value: Any) -> Any:
+    """A value to SET: as it is, or, for a SQL expression (``Batch.qty - 1``), checked as a where clause is."""
+    element = getattr(value, "__clause_element__", None)
+    if element is not None:
+        value = element()
+    if isinstance(value, ColumnElement):
+        try:
+            _QueryEvaluator(_tables(info)).compile(value)
+        except UnevaluatableError as error:
+            msg = (
+                f"update() of {info.model.__name__} sets a value that the repositories cannot compute alike "
+                f"everywhere: {error}. Use a value, or arithmetic on its own columns, such as `qty - 1`"
+            )
+            raise QueryError(msg) from None
+    return value
 
 
 def _order(info: ModelInfo, tables: frozenset[Table], term: Any) -> Order:

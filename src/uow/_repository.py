@@ -18,8 +18,8 @@ from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from ._model import ModelInfo, model_info
-from ._query import Page, Query, build_query, cursor_after, lock_mode
-from ._upsert import Upsert, build_upsert
+from ._query import Page, Query, build_query, cursor_after, lock_mode, value_of
+from ._upsert import Upsert, build_changes, build_upsert, single_table
 from .errors import InactiveUnitOfWorkError, MultipleResultsError, QueryError, ReadOnlyError
 
 __all__ = ["AsyncRepository", "Repository"]
@@ -150,6 +150,24 @@ class _RepositoryBase(Generic[T]):
         if self._unit is not None:
             self._unit._check_write(f"{what}() of a {self.model.__name__}")
         return upsert
+
+    def _bulk(self, what: str, where: Sequence[Where], filters: dict[str, Any]) -> Query:
+        """The query of a bulk update or delete: it must select something explicitly."""
+        if not where and not filters:
+            msg = (
+                f"{what}() needs a where clause or a filter; to {what} every {self.model.__name__}, say so with "
+                f"{what}(sqlalchemy.true())"
+            )
+            raise QueryError(msg)
+        query = self._query(where, filters)
+        single_table(self._info, what)
+        if self._unit is not None:
+            self._unit._check_write(f"a bulk {what}() of {self.model.__name__} objects")
+        return query
+
+    def _changes(self, values: Any) -> tuple[dict[str, Any], str | None]:
+        _, changes, version = build_changes(self._info, values)
+        return {key: value_of(self._info, value) for key, value in changes.items()}, version
 
     def _one_or_none(self, found: Sequence[T], filters: dict[str, Any]) -> T | None:
         if len(found) > 1:
@@ -307,6 +325,31 @@ class Repository(_RepositoryBase[T], abc.ABC):
         found, created = self._upsert(self._build_upsert("get_or_create", obj_or_values, on), update=False)
         return self._remember(found), created
 
+    def update(self, *where: Where, values: Mapping[str, Any], **filters: Any) -> int:
+        """Set *values* on every row that the clauses and filters select, in one UPDATE; return how many matched.
+
+        *values* maps column attributes to values, or to SQL expressions on
+        the model's columns (``{"qty": Batch.qty - 1}``). The statement runs
+        after an autoflush, and objects of those rows that this unit of work
+        holds get the new values, as SQLAlchemy's ``synchronize_session=
+        "fetch"`` does; a version counter moves on every row. ORM events and
+        relationships' cascades do not run.
+        """
+        self._use()
+        query = self._bulk("update", where, filters)
+        changes, version = self._changes(values)
+        return self._update(query, changes, version)
+
+    def delete(self, *where: Where, **filters: Any) -> int:
+        """Delete every row that the clauses and filters select, in one DELETE; return how many were deleted.
+
+        Objects of those rows that this unit of work holds are deleted with
+        them, and ``get()`` no longer finds them. Foreign keys' ``ON DELETE``
+        actions run in the database; relationships' cascades do not.
+        """
+        self._use()
+        return self._delete(self._bulk("delete", where, filters))
+
     def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
         self._use()
@@ -341,6 +384,14 @@ class Repository(_RepositoryBase[T], abc.ABC):
     @abc.abstractmethod
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         """Insert the row, or on a conflict set the changes (*update*) or keep the row; its object, and if inserted."""
+
+    @abc.abstractmethod
+    def _update(self, query: Query, changes: dict[str, Any], version: str | None) -> int:
+        """UPDATE the rows *query* selects with *changes* (by column key), moving *version*; how many matched."""
+
+    @abc.abstractmethod
+    def _delete(self, query: Query) -> int:
+        """DELETE the rows *query* selects; how many."""
 
     @abc.abstractmethod
     def _remove(self, obj: T) -> None: ...
@@ -440,6 +491,18 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         found, created = await self._upsert(self._build_upsert("get_or_create", obj_or_values, on), update=False)
         return self._remember(found), created
 
+    async def update(self, *where: Where, values: Mapping[str, Any], **filters: Any) -> int:
+        """Set *values* on the rows selected, as :meth:`Repository.update` does, awaited."""
+        self._use()
+        query = self._bulk("update", where, filters)
+        changes, version = self._changes(values)
+        return await self._update(query, changes, version)
+
+    async def delete(self, *where: Where, **filters: Any) -> int:
+        """Delete the rows selected, as :meth:`Repository.delete` does, awaited."""
+        self._use()
+        return await self._delete(self._bulk("delete", where, filters))
+
     async def remove(self, obj: T) -> None:
         """Delete an object that this unit of work returned or was given."""
         self._use()
@@ -474,6 +537,14 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
     @abc.abstractmethod
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         """Insert the row, or on a conflict set the changes (*update*) or keep the row; its object, and if inserted."""
+
+    @abc.abstractmethod
+    async def _update(self, query: Query, changes: dict[str, Any], version: str | None) -> int:
+        """UPDATE the rows *query* selects with *changes* (by column key), moving *version*; how many matched."""
+
+    @abc.abstractmethod
+    async def _delete(self, query: Query) -> int:
+        """DELETE the rows *query* selects; how many."""
 
     @abc.abstractmethod
     async def _remove(self, obj: T) -> None: ...

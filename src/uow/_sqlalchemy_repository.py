@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-from sqlalchemy import Select, func, inspect, select
+from sqlalchemy import Delete, Select, Update, delete, func, inspect, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -119,6 +119,28 @@ def _is_duplicate(error: IntegrityError) -> bool:
     """Whether MySQL or MariaDB refused an INSERT for a duplicate key (error 1062)."""
     args: tuple[Any, ...] = tuple(getattr(error.orig, "args", ()))
     return bool(args) and args[0] == 1062
+
+
+def _update_statement(info: ModelInfo, query: Query, changes: dict[str, Any], version: str | None) -> Update:
+    table = info.mapper.local_table
+    values: dict[Any, Any] = {table.c[key]: value for key, value in changes.items()}
+    if version is not None:
+        values[table.c[version]] = table.c[version] + 1
+    stmt = update(info.model)
+    if query.conditions:
+        stmt = stmt.where(*query.conditions)
+    if query.filters:
+        stmt = stmt.filter_by(**query.filters)
+    return stmt.values(values).execution_options(synchronize_session="fetch")
+
+
+def _delete_statement(info: ModelInfo, query: Query) -> Delete:
+    stmt = delete(info.model)
+    if query.conditions:
+        stmt = stmt.where(*query.conditions)
+    if query.filters:
+        stmt = stmt.filter_by(**query.filters)
+    return stmt.execution_options(synchronize_session="fetch")
 
 
 def _dialect(session: Session, info: ModelInfo) -> str:
@@ -242,6 +264,14 @@ class SqlAlchemyRepository(Repository[T]):
             return False
         return True
 
+    def _update(self, query: Query, changes: dict[str, Any], version: str | None) -> int:
+        result: Any = self._session.execute(_update_statement(self._info, query, changes, version))
+        return int(result.rowcount)
+
+    def _delete(self, query: Query) -> int:
+        result: Any = self._session.execute(_delete_statement(self._info, query))
+        return int(result.rowcount)
+
     def _remove(self, obj: T) -> None:
         session = self._session
         if _check_removable(session, obj, self.model):
@@ -328,6 +358,14 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
                 raise
             return False
         return True
+
+    async def _update(self, query: Query, changes: dict[str, Any], version: str | None) -> int:
+        result: Any = await self._session.execute(_update_statement(self._info, query, changes, version))
+        return int(result.rowcount)
+
+    async def _delete(self, query: Query) -> int:
+        result: Any = await self._session.execute(_delete_statement(self._info, query))
+        return int(result.rowcount)
 
     async def _remove(self, obj: T) -> None:
         session = self._session

@@ -1,4 +1,4 @@
-"""Upserts: insert a row, or change (or keep) the one that holds the same unique values.
+"""Writes by statement: upserts, and updates and deletes of the rows a query selects.
 
 :func:`build_upsert` checks an upsert once, in the public method that every
 implementation shares:
@@ -24,7 +24,7 @@ from ._model import ModelInfo
 from ._rows import spec_of
 from .errors import QueryError
 
-__all__ = ["Upsert", "build_upsert"]
+__all__ = ["Upsert", "build_changes", "build_upsert", "single_table"]
 
 
 @attrs.frozen
@@ -47,14 +47,7 @@ def build_upsert(info: ModelInfo, what: str, obj_or_values: Any, on: Sequence[st
     model = info.model
     mapper = info.mapper
     name = model.__name__
-    tables = [table for table in mapper.tables if isinstance(table, Table)]
-    if len(tables) != 1:
-        msg = (
-            f"{what}() writes one table, and {name} is mapped to {len(tables)}: add the object and commit, "
-            "or write this in a custom repository method"
-        )
-        raise QueryError(msg)
-    table = tables[0]
+    table = single_table(info, what)
     attributes = _attributes(info)
     if isinstance(obj_or_values, Mapping):
         unknown = sorted(set(obj_or_values) - set(attributes))
@@ -93,6 +86,51 @@ def build_upsert(info: ModelInfo, what: str, obj_or_values: Any, on: Sequence[st
         row.pop(version, None)
     changes = tuple(column for column in row if column not in on_columns)
     return Upsert(table, row, on_columns, changes, version)
+
+
+def single_table(info: ModelInfo, what: str) -> Table:
+    """The one table *info*'s model is mapped to; QueryError for a model mapped to several (joined inheritance)."""
+    tables = [table for table in info.mapper.tables if isinstance(table, Table)]
+    if len(tables) != 1:
+        msg = (
+            f"{what}() writes one table, and {info.model.__name__} is mapped to {len(tables)}: load the objects, "
+            "change them and commit, or write this in a custom repository method"
+        )
+        raise QueryError(msg)
+    return tables[0]
+
+
+def build_changes(info: ModelInfo, values: Any) -> tuple[Table, dict[str, Any], str | None]:
+    """Check the SET of a bulk update: the table, the values by column key, and the version counter to move.
+
+    A value is a Python value or a SQL expression on the model's columns
+    (``Batch.qty - 1``); the primary key is not changed this way.
+    """
+    table = single_table(info, "update")
+    name = info.model.__name__
+    if not isinstance(values, Mapping) or not values:
+        msg = f"update() takes values=, a dict of {name}'s column attributes to set, such as {{'qty': 0}}"
+        raise QueryError(msg)
+    attributes = _attributes(info)
+    unknown = sorted(set(values) - set(attributes))
+    if unknown:
+        msg = f"update() of {name} got {', '.join(map(repr, unknown))}, which are not its column attributes"
+        raise QueryError(msg)
+    keys = [attribute for attribute in values if attributes[attribute].primary_key]
+    if keys:
+        msg = (
+            f"update() does not change the primary key ({', '.join(keys)}) of {name}: load the objects and "
+            "change them, so that the unit of work follows them"
+        )
+        raise QueryError(msg)
+    changes = {attributes[attribute].key: value for attribute, value in values.items()}
+    version = None
+    if info.mapper.version_id_col is not None:
+        version = _check_counter(info.mapper, name, "update")
+        if version in changes:
+            msg = f"update() moves the version counter of {name} itself; leave {version!r} out of values="
+            raise QueryError(msg)
+    return table, changes, version
 
 
 def _attributes(info: ModelInfo) -> dict[str, Column[Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, func, not_, or_
+from sqlalchemy import and_, func, not_, or_, true
 from sqlalchemy.exc import DBAPIError
 
 from uow import errors
@@ -390,3 +390,66 @@ class QueryContract:
             with pytest.raises(errors.ReadOnlyError):
                 await reader.skus.upsert(Sku("a"))
         assert [] == shop.committed(Sku, "code")
+
+    # -- bulk updates and deletes -------------------------------------------------
+
+    async def test_bulk_update_sets_values_on_the_selected_rows(self, shop: Shop) -> None:
+        """update() sets values and expressions on the rows its clauses select, and the held objects follow."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            held = await uow.notes.get_by(text="a")
+            assert 2 == await uow.notes.update(Note.rank == 3, values={"tag": "top"})
+            assert "top" == held.tag
+            assert 4 == await uow.notes.update(Note.rank.is_not(None), values={"rank": Note.rank + 10})
+            assert 13 == held.rank
+            await uow.commit()
+        assert [("a", 13, "top"), ("b", None, "Blue"), ("c", 11, None), ("d", 13, "top"), ("e", 12, "red_x")] == (
+            shop.committed(Note, "text", "rank", "tag")
+        )
+
+    async def test_bulk_delete_removes_the_selected_rows_and_their_objects(self, shop: Shop) -> None:
+        """delete() removes the rows its clauses select; their held objects are gone, and a rollback keeps them."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            held = await uow.notes.get_by(text="c")
+            assert 3 == await uow.notes.delete(or_(Note.rank < 3, Note.rank.is_(None)))
+            assert None is await uow.notes.get(held.id)
+            assert ["a", "d"] == [note.text for note in await uow.notes.list()]
+        assert 5 == len(shop.committed(Note, "text"))
+        async with uow:
+            assert 2 == await uow.notes.delete(tag="red", rank=3) + await uow.notes.delete(Note.text == "b")
+            await uow.commit()
+        assert [("c",), ("d",), ("e",)] == shop.committed(Note, "text")
+
+    async def test_bulk_writes_see_unflushed_changes_and_count_matches(self, shop: Shop) -> None:
+        """A bulk update autoflushes first, and counts the rows it matched even where nothing changes."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            (await uow.notes.get_by(text="b")).rank = 3
+            assert 3 == await uow.notes.update(Note.rank == 3, values={"rank": 3})
+            await uow.commit()
+        assert [("a", 3), ("b", 3), ("d", 3)] == [row for row in shop.committed(Note, "text", "rank") if row[1] == 3]
+
+    async def test_wrong_bulk_writes_are_refused_alike(self, shop: Shop) -> None:
+        """No clause, a key change, an unknown attribute, a function, or a read-only unit raise everywhere."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.QueryError, match="true()"):
+                await uow.notes.delete()
+            with pytest.raises(errors.QueryError, match="primary key"):
+                await uow.notes.update(Note.rank == 3, values={"id": 99})
+            with pytest.raises(errors.QueryError, match="column attributes"):
+                await uow.notes.update(Note.rank == 3, values={"colour": "red"})
+            with pytest.raises(errors.QueryError, match="compute alike"):
+                await uow.notes.update(Note.rank == 3, values={"text": func.upper(Note.text)})
+            assert 5 == await uow.notes.update(true(), values={"pinned": True})
+        reader = shop.uow(read_only=True)
+        async with reader:
+            with pytest.raises(errors.ReadOnlyError):
+                await reader.notes.delete(Note.rank == 3)
+        assert 5 == len(shop.committed(Note, "text"))
+        assert [] == [row for row in shop.committed(Note, "pinned") if row[0]]
