@@ -29,7 +29,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from flask import Flask
-from sqlalchemy import URL, Engine, create_engine
+from sqlalchemy import URL, Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
@@ -659,6 +659,27 @@ async def _(s: Secrets) -> BaseException:
         unit.skus.add_all([Sku("LAMP", "same"), Sku("DESK", "same")])
         with pytest.raises(errors.MultipleResultsError) as raised:
             unit.skus.get_by(description="same")
+    return raised.value
+
+
+raising_in_async_block(
+    "query: order_by a column of another model",
+    errors.QueryError,
+    lambda unit: unit.skus.list(order_by=Item.name),
+)
+
+
+@case("concurrency: update of a row another transaction deleted", errors.ConcurrencyError)
+async def _(s: Secrets) -> BaseException:
+    unit = SqlAlchemyShopUnitOfWork(s.engine)
+    with unit:
+        unit.skus.add(Sku("GONE"))
+        unit.commit()
+    with pytest.raises(errors.ConcurrencyError) as raised, unit:
+        unit.skus.get("GONE").stock = 5
+        with s.engine.begin() as other:
+            other.execute(text("DELETE FROM uow_skus WHERE code = 'GONE'"))
+        unit.commit()
     return raised.value
 
 
