@@ -14,16 +14,19 @@ Importing this module imports FastAPI; importing :mod:`uow` does not.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, get_type_hints
 
 from fastapi import params
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
 
 from ._async_unit_of_work import AsyncUnitOfWork
 from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, _shown
-from .starlette import CommitPolicy, _check_policy, _check_unit, _RequestUnit
+from .starlette import CommitPolicy, _check_policy, _check_unit, _failure_response, _outcome, _RequestUnit
 
 __all__ = ["CommitPolicy", "depends"]
 
@@ -47,15 +50,20 @@ def depends(
     It ends after the endpoint returns and its result is serialized, before
     the response starts (the marker uses ``scope="function"``): with
     ``commit="on_success"`` it commits unless the endpoint raised (an
-    ``HTTPException`` included); with ``commit="explicit"`` (the default) it
-    rolls back whatever the endpoint did not commit. A commit that fails
-    makes the request fail with a 500. Background tasks run after it ended.
+    ``HTTPException`` included) or set a status of 400 or more on FastAPI's
+    ``Response`` parameter; with ``commit="explicit"`` (the default) it rolls
+    back whatever the endpoint did not commit. A commit that fails is
+    answered by the application's exception handler for the error, or else
+    with a 500 (an ``HTTPException``), which uow logs. Background tasks run
+    after it ended.
 
-    A sync unit of work cannot be entered by a dependency: FastAPI runs a
-    ``def`` endpoint in a worker thread, and a sync unit of work belongs to
-    the thread that entered it. Declare it with ``Depends(factory)`` and
-    enter it in the endpoint, or decorate the endpoint with
-    ``@uow.transactional``.
+    The endpoint must be ``async def``: FastAPI runs a ``def`` endpoint in a
+    worker thread, where the request's async unit of work cannot be used,
+    and the first request to one raises
+    :class:`~uow.errors.ConfigurationError`. A sync unit of work cannot be
+    entered by a dependency either, as it belongs to the thread that entered
+    it: declare it with ``Depends(factory)`` and enter it in the endpoint, or
+    decorate the endpoint with ``@uow.transactional``.
     """
     if not callable(factory):
         msg = f"uow.fastapi.depends() takes a factory that returns a new unit of work, not {_shown(factory)}"
@@ -68,7 +76,10 @@ def depends(
     # A default, not an annotation: FastAPI would resolve an annotation in this module's globals.
     built_by_factory: Any = params.Depends(factory)
 
-    async def unit_of_work(unit: Any = built_by_factory) -> AsyncIterator[Any]:
+    async def unit_of_work(
+        connection: HTTPConnection, response: Response, unit: Any = built_by_factory
+    ) -> AsyncIterator[Any]:
+        _refuse_sync_endpoint(connection.scope.get("endpoint"))
         request = _RequestUnit(_check_unit(unit, source), commit_on_success=commit_on_success)
         await request.begin()
         try:
@@ -76,7 +87,14 @@ def depends(
         except BaseException as error:
             await request.end(error)
             raise
-        await request.end(None)
+        try:
+            # FastAPI's Response parameter: the status the endpoint set on it, if any, is the response's.
+            await request.end(_outcome(response.status_code))
+        except Exception as error:
+            answer = _failure_response(connection.scope, error)
+            if answer is error:
+                raise
+            raise answer from error
 
     unit_of_work.__qualname__ = unit_of_work.__name__ = f"unit_of_work[{name}]"
     return params.Depends(unit_of_work, scope="function")
@@ -97,3 +115,25 @@ def _refuse_sync_factory(factory: Callable[..., Any]) -> None:
             "(`with uow:`), or decorate the endpoint with @uow.transactional"
         )
         raise ConfigurationError(msg)
+
+
+def _refuse_sync_endpoint(endpoint: object) -> None:
+    """Raise ConfigurationError if *endpoint* is a `def` function, which FastAPI runs in a worker thread."""
+    call = endpoint
+    while isinstance(call, functools.partial):
+        call = call.func
+    if call is None or inspect.isclass(call):
+        return
+    if not inspect.isroutine(call):
+        call = getattr(call, "__call__", None)  # noqa: B004 - an instance whose __call__ is the endpoint
+    if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
+        return
+    shown = getattr(endpoint, "__qualname__", None) or repr(endpoint)
+    msg = (
+        f"uow.fastapi.depends() gives the endpoint an async unit of work, entered in the request's task, but "
+        f"{shown} is a `def` endpoint, which FastAPI runs in a worker thread, where that unit of work cannot "
+        "be used. Declare the endpoint `async def`; or keep it `def` with a sync unit of work: declare it with "
+        "`Annotated[YourUnitOfWork, Depends(factory)]` and decorate the endpoint with @uow.transactional (or "
+        "enter it there with `with uow:`)"
+    )
+    raise ConfigurationError(msg)

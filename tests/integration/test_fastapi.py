@@ -6,15 +6,18 @@
 
 import asyncio
 import contextlib
+import functools
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
@@ -29,6 +32,7 @@ from tests.integration.test_starlette import (
     _refs_table,  # noqa: F401 - a fixture
     checked_out,
     client,
+    conflict,
     enforce_foreign_keys,
     item_names,
     lifespan,
@@ -36,6 +40,7 @@ from tests.integration.test_starlette import (
     recording_order,
     refs,
     send_mixed_requests,
+    strict_client,
 )
 from tests.support.databases import Database, Provisioner
 from tests.support.models import Item, Note
@@ -103,8 +108,17 @@ class Recorder:
         self.waiting = asyncio.Event()
 
 
-def shop(eng: AsyncEngine | None, commit: CommitPolicy = "explicit", sync_engine: Engine | None = None) -> FastAPI:
-    """A FastAPI application whose async endpoints get the request's unit of work from uow.fastapi.depends()."""
+def shop(
+    eng: AsyncEngine | None,
+    commit: CommitPolicy = "explicit",
+    sync_engine: Engine | None = None,
+    *,
+    mapped: bool = False,
+) -> FastAPI:
+    """A FastAPI application whose async endpoints get the request's unit of work from uow.fastapi.depends().
+
+    With *mapped*, it has a handler that answers an IntegrityError with 409.
+    """
     seen = Recorder()
     UnitOfWork = OnSuccessUnitOfWork if commit == "on_success" else ExplicitUnitOfWork
 
@@ -119,14 +133,14 @@ def shop(eng: AsyncEngine | None, commit: CommitPolicy = "explicit", sync_engine
         yield
         await add_later("at shutdown")
 
-    app = FastAPI(lifespan=lifespan_hooks)
+    app = FastAPI(lifespan=lifespan_hooks, exception_handlers={IntegrityError: conflict} if mapped else {})
     app.state.engine = eng
     app.state.sync_engine = sync_engine
     app.state.seen = seen
     app.state.factory_calls = 0
 
     @app.post("/items")
-    async def add_item(request: Request, name: str, uow: UnitOfWork, tasks: BackgroundTasks) -> Any:
+    async def add_item(request: Request, name: str, uow: UnitOfWork, tasks: BackgroundTasks, response: Response) -> Any:
         params = request.query_params
         seen.units.append(uow)
         assert uow.active
@@ -147,6 +161,8 @@ def shop(eng: AsyncEngine | None, commit: CommitPolicy = "explicit", sync_engine
             tasks.add_task(add_later, params["later"])
         if "status" in params:
             return JSONResponse({"returned": True}, status_code=int(params["status"]))
+        if "response_status" in params:
+            response.status_code = int(params["response_status"])
         return {"joined": joined is uow}
 
     @app.post("/wait")
@@ -254,17 +270,18 @@ async def test_explicit_policy_keeps_what_the_endpoint_committed_and_rolls_back_
     ("params", "status", "kept"),
     [
         ({}, 200, True),
-        ({"status": "400"}, 400, True),
+        ({"response_status": "201"}, 201, True),
+        ({"response_status": "409"}, 409, False),
         ({"http_error": ""}, 409, False),
         ({"raise": ""}, 500, False),
         ({"rollback_only": ""}, 200, False),
     ],
-    ids=["returned", "returned-400", "http-exception", "exception", "rollback-only"],
+    ids=["returned", "response-201", "response-409", "http-exception", "exception", "rollback-only"],
 )
-async def test_on_success_policy_commits_unless_the_endpoint_raises(
+async def test_on_success_policy_commits_a_request_that_raised_nothing_and_answers_below_400(
     async_engine: AsyncEngine, engine: Engine, params: dict[str, str], status: int, kept: bool
 ) -> None:
-    """commit="on_success" commits what an endpoint returns, even a 4xx response; an exception rolls it back."""
+    """commit="on_success" commits unless the endpoint raised or set a status of 400 or more on its Response."""
     app = shop(async_engine, "on_success")
 
     async with client(app) as http:
@@ -273,6 +290,19 @@ async def test_on_success_policy_commits_unless_the_endpoint_raises(
     assert status == response.status_code
     assert (["lamp"] if kept else []) == item_names(engine)
     assert (kept, False) == (seen(app).units[0].committed, seen(app).units[0].active)
+
+
+@ON_DATABASES
+async def test_a_response_object_that_the_endpoint_returns_is_not_seen_by_the_dependency(
+    async_engine: AsyncEngine, engine: Engine
+) -> None:
+    """FastAPI shows a dependency no Response the endpoint returns: a returned 409 commits, unlike the middleware."""
+    app = shop(async_engine, "on_success")
+
+    async with client(app) as http:
+        response = await http.post("/items", params={"name": "lamp", "status": "409"})
+
+    assert (409, ["lamp"]) == (response.status_code, item_names(engine))
 
 
 @ON_DATABASES
@@ -292,6 +322,37 @@ async def test_a_commit_that_fails_gives_a_500_and_commits_nothing(
     assert [] == rows(engine, "SELECT sku FROM uow_web_refs")
     assert (0, True) == (seen(app).units[0].commits, seen(app).units[0].rolled_back)
     assert 0 == checked_out(async_engine)
+
+
+@ON_DATABASES
+async def test_a_failed_commit_is_answered_by_the_applications_exception_handler(
+    async_engine: AsyncEngine, engine: Engine
+) -> None:
+    """An IntegrityError at COMMIT gets the app's handler's 409; no background task runs, nothing is committed."""
+    app = shop(async_engine, "on_success", mapped=True)
+
+    async with strict_client(app) as http:
+        response = await http.post("/items", params={"name": "lamp", "dangling": "", "later": "later"})
+
+    assert (409, {"message": "conflict"}) == (response.status_code, response.json())
+    assert ([], []) == (item_names(engine), seen(app).background)
+    assert 0 == checked_out(async_engine)
+
+
+@ON_DATABASES
+async def test_a_failed_commit_without_a_handler_is_answered_500_and_logged_not_raised(
+    async_engine: AsyncEngine, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no handler for the error, FastAPI's HTTPException handler answers 500; uow logs the error."""
+    app = shop(async_engine, "on_success")
+
+    with caplog.at_level(logging.ERROR, logger="uow"):
+        async with strict_client(app) as http:
+            response = await http.post("/items", params={"name": "lamp", "dangling": "", "later": "later"})
+
+    assert (500, {"detail": "Internal Server Error"}) == (response.status_code, response.json())
+    assert [IntegrityError] == [type(record.exc_info[1]) for record in caplog.records if record.exc_info]
+    assert ([], []) == (item_names(engine), seen(app).background)
 
 
 @ON_DATABASES
@@ -528,6 +589,58 @@ async def test_a_sync_unit_of_work_entered_by_a_sync_dependency_is_not_current_i
 
 
 # -- misuse and testing with the fake ---------------------------------------------------------
+
+
+async def test_depends_refuses_a_def_endpoint_at_its_first_request() -> None:
+    """A `def` endpoint runs in a worker thread, where the request's unit of work cannot be used: ConfigurationError."""
+    app = FastAPI()
+    app.dependency_overrides[make_uow] = AsyncFakeShopUnitOfWork
+
+    @app.post("/")
+    def endpoint(uow: OnSuccessUnitOfWork) -> None:
+        raise AssertionError("never called")  # pragma: no cover
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as http:
+        with pytest.raises(errors.ConfigurationError, match=r"is a `def` endpoint.*Declare the endpoint `async def`"):
+            await http.post("/")
+
+
+class AsyncCallable:
+    """An endpoint that is an instance with an async __call__."""
+
+    async def __call__(self, uow: OnSuccessUnitOfWork) -> None:
+        await uow.items.add(Item("lamp"))
+
+
+async def add_lamp(uow: OnSuccessUnitOfWork, extra: str = "") -> None:
+    await uow.items.add(Item(f"lamp{extra}"))
+
+
+def add_nothing(uow: OnSuccessUnitOfWork, extra: str = "") -> None:
+    raise AssertionError("never called")  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "status"),
+    [
+        (add_lamp, 200),
+        (functools.partial(add_lamp, extra=" too"), 200),
+        (AsyncCallable(), 200),
+        (functools.partial(add_nothing, extra=" too"), 500),
+    ],
+    ids=["async-def", "partial-of-async-def", "async-callable", "partial-of-def"],
+)
+async def test_depends_takes_async_endpoints_of_every_form_and_refuses_sync_ones(endpoint: Any, status: int) -> None:
+    """An async function, a partial of one, or an instance with an async __call__ is served; a sync one refused."""
+    fake = AsyncFakeShopUnitOfWork()
+    app = FastAPI()
+    app.dependency_overrides[make_uow] = lambda: fake
+    app.add_api_route("/", endpoint, methods=["POST"])
+
+    async with client(app) as http:
+        response = await http.post("/")
+
+    assert (status, status == 200) == (response.status_code, fake.committed)
 
 
 def test_depends_refuses_a_factory_declared_to_return_a_sync_unit_of_work() -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import Column, Engine, ForeignKey, Integer, MetaData, Table, event
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -162,7 +166,7 @@ async def add_note(text: str, uow: AsyncShopUnitOfWork = NEW_UOW) -> AsyncShopUn
 class Shop:
     """A Starlette application over *engine*, with the middleware, and what its code saw."""
 
-    def __init__(self, eng: AsyncEngine, commit: CommitPolicy, *, streaming: bool = False) -> None:
+    def __init__(self, eng: AsyncEngine, commit: CommitPolicy, *, mapped: bool = False) -> None:
         self.engine = eng
         #: The request's unit of work, as each request's endpoint saw it.
         self.units: list[AsyncShopUnitOfWork] = []
@@ -181,6 +185,7 @@ class Shop:
             routes=routes,
             middleware=[Middleware(UnitOfWorkMiddleware, factory=self.make_uow, commit=commit)],
             lifespan=self.lifespan,
+            exception_handlers={IntegrityError: conflict} if mapped else {},
         )
         self.add_later = transactional(factory=self.new_uow)(self._add_later)
 
@@ -230,22 +235,31 @@ class Shop:
         raise AssertionError("never reached")  # pragma: no cover
 
     async def stream(self, request: Request) -> Response:
+        params = request.query_params
         unit = uow.current(AsyncShopUnitOfWork)
         self.units.append(unit)
-        await unit.items.add(Item(request.query_params["name"]))
-        if "commit" in request.query_params:
+        await unit.items.add(Item(params["name"]))
+        if "dangling" in params:
+            await unit.session.execute(refs.insert().values(sku="missing"))
+        if "commit" in params:
             await unit.commit()
 
         async def chunks() -> AsyncIterator[bytes]:
             yield b"one "
             yield b"two"
 
-        return StreamingResponse(chunks())
+        later = BackgroundTask(self.add_later, params["later"]) if "later" in params else None
+        return StreamingResponse(chunks(), background=later)
 
     async def websocket(self, websocket: WebSocket) -> None:
         await websocket.accept()
         await websocket.send_text(repr(_current_or_none()))
         await websocket.close()
+
+
+async def conflict(request: Request, error: Exception) -> Response:
+    """The application's handler of IntegrityError."""
+    return JSONResponse({"message": "conflict"}, status_code=409)
 
 
 def _current_or_none() -> object:
@@ -438,13 +452,125 @@ async def test_a_websocket_passes_through_without_a_unit_of_work(async_engine: A
 
 
 @ON_DATABASES
-async def test_a_streaming_response_sent_by_another_task_is_refused_under_on_success(
+async def test_a_streaming_response_sent_by_another_task_commits_before_it_starts(
     async_engine: AsyncEngine, engine: Engine
 ) -> None:
-    """When another task starts the response, the middleware cannot commit before it: 500, nothing committed."""
+    """Starlette streams from a task of its own here (ASGI < 2.4): the request's task commits before it starts."""
+    events: list[str] = []
     shop = Shop(async_engine, "on_success")
-    app = shop.app
+    recording_commits(async_engine, events)
+
+    async with client(recording_order(shop.app, events)) as http:
+        response = await http.post("/stream", params={"name": "streamed"})
+
+    assert (200, "one two") == (response.status_code, response.text)
+    assert ["COMMIT", "response 200"] == events
+    assert ["streamed"] == item_names(engine)
+    assert (1, False) == (shop.units[0].commits, shop.units[0].active)
+
+
+def handing_send_to(task_factory: Callable[[Any], Any]) -> ASGIApp:
+    """An application that adds an item, then has a task made by *task_factory* send its 200 response."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await uow.current(AsyncShopUnitOfWork).items.add(Item("handed over"))
+
+        async def respond() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"sent"})
+
+        await task_factory(respond())
+
+    return app
+
+
+class Server:
+    """A server's side of one request, for an application called directly: what it receives and what was sent."""
+
+    def __init__(self, messages: list[tuple[float, Message]], fake: AsyncFakeShopUnitOfWork) -> None:
+        self.messages = messages  # each after a delay, in seconds
+        self.fake = fake
+        self.received: list[str] = []
+        #: The messages sent, each with whether the unit of work had committed when it was.
+        self.sent: list[tuple[str, bool]] = []
+
+    async def receive(self) -> Message:
+        delay, message = self.messages.pop(0)
+        await asyncio.sleep(delay)
+        self.received.append(message["type"])
+        return message
+
+    async def send(self, message: Message) -> None:
+        self.sent.append((message["type"], self.fake.committed))
+
+    async def call(self, app: ASGIApp) -> None:
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+        await app(scope, self.receive, self.send)
+
+
+async def test_a_response_started_while_the_body_is_read_commits_once_the_body_part_arrives() -> None:
+    """Another task starts the response while the request's task waits for the body: it commits when the body comes."""
+    fake = AsyncFakeShopUnitOfWork()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await uow.current(AsyncShopUnitOfWork).items.add(Item("lamp"))
+
+        async def respond() -> None:
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": b"created"})
+
+        responding = asyncio.ensure_future(respond())
+        await receive()  # the body, which the client sends a little later
+        await responding
+
+    server = Server([(0.05, {"type": "http.request", "body": b"", "more_body": False})], fake)
+    await server.call(UnitOfWorkMiddleware(app, factory=lambda: fake, commit="on_success"))
+
+    assert [("http.response.start", True), ("http.response.body", True)] == server.sent
+    assert (1, False) == (fake.commits, fake.active)
+
+
+async def test_a_receive_that_the_request_task_gave_up_on_is_taken_over_by_its_next_receive() -> None:
+    """A wait for the client that is cancelled leaves the server's receive() running; the next receive() gets it."""
+    fake = AsyncFakeShopUnitOfWork()
+    got: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await uow.current(AsyncShopUnitOfWork).items.add(Item("lamp"))
+        got.append((await receive())["type"])
+        with anyio.move_on_after(0.01):  # gives up on the client before it speaks
+            got.append((await receive())["type"])
+        got.append((await receive())["type"])
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"created"})
+
+    server = Server(
+        [(0, {"type": "http.request", "body": b"", "more_body": False}), (0.05, {"type": "http.disconnect"})], fake
+    )
+    await server.call(UnitOfWorkMiddleware(app, factory=lambda: fake, commit="on_success"))
+
+    assert ["http.request", "http.disconnect"] == got
+    assert ["http.request", "http.disconnect"] == server.received
+    assert [("http.response.start", True), ("http.response.body", True)] == server.sent
+
+
+@ON_DATABASES
+@pytest.mark.parametrize(
+    ("task_factory", "why"),
+    [
+        (asyncio.ensure_future, "while the request's task, which alone may use its unit of work, is not waiting"),
+        (lambda coro: contextvars.Context().run(asyncio.ensure_future, coro), "a task that the request did not start"),
+    ],
+    ids=["request-task-not-waiting", "task-of-another-context"],
+)
+async def test_a_response_that_the_request_task_cannot_commit_for_is_refused_under_on_success(
+    async_engine: AsyncEngine, engine: Engine, task_factory: Callable[[Any], Any], why: str
+) -> None:
+    """Another task starts the response while the request's task cannot end the unit of work: 500, nothing kept."""
     caught: list[BaseException] = []
+    app = UnitOfWorkMiddleware(
+        handing_send_to(task_factory), factory=lambda: AsyncSqlAlchemyShopUnitOfWork(async_engine), commit="on_success"
+    )
 
     async def catching(scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -454,11 +580,14 @@ async def test_a_streaming_response_sent_by_another_task_is_refused_under_on_suc
             raise
 
     async with client(catching) as http:
-        response = await http.post("/stream", params={"name": "streamed"})
+        response = await http.post("/")
 
     assert 500 == response.status_code
-    assert [errors.OwnershipError] == [type(error) for error in _leaves(caught)]
+    [refused] = _leaves(caught)
+    assert isinstance(refused, errors.OwnershipError)
+    assert why in str(refused)
     assert [] == item_names(engine)
+    assert 0 == checked_out(async_engine)
 
 
 @ON_DATABASES
@@ -516,6 +645,89 @@ def _leaves(caught: list[BaseException]) -> list[BaseException]:
         else:
             found.append(error)
     return found
+
+
+@ON_DATABASES
+async def test_a_response_that_the_request_task_cannot_commit_for_goes_through_under_explicit(
+    async_engine: AsyncEngine, engine: Engine
+) -> None:
+    """With commit="explicit" there is nothing to commit first: the response goes through, the work is rolled back."""
+    app = UnitOfWorkMiddleware(
+        handing_send_to(lambda coro: contextvars.Context().run(asyncio.ensure_future, coro)),
+        factory=lambda: AsyncSqlAlchemyShopUnitOfWork(async_engine),
+    )
+
+    async with strict_client(app) as http:
+        response = await http.post("/")
+
+    assert (200, "sent") == (response.status_code, response.text)
+    assert [] == item_names(engine)
+    assert 0 == checked_out(async_engine)
+
+
+# -- a commit that fails, answered by the application ------------------------------------------
+
+
+def strict_client(app: ASGIApp) -> httpx.AsyncClient:
+    """An HTTP client that fails the test if an exception leaves *app*, as it would reach the server."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop")
+
+
+@ON_DATABASES
+@pytest.mark.parametrize("path", ["/items", "/stream"])
+async def test_a_failed_commit_is_answered_by_the_applications_exception_handler(
+    async_engine: AsyncEngine, engine: Engine, path: str
+) -> None:
+    """An IntegrityError at COMMIT gets the app's handler's 409, plain or streaming; no background task runs."""
+    shop = Shop(async_engine, "on_success", mapped=True)
+
+    async with strict_client(shop.app) as http:
+        response = await http.post(path, params={"name": "lamp", "dangling": "", "later": "later"})
+
+    assert (409, {"message": "conflict"}) == (response.status_code, response.json())
+    assert ([], []) == (item_names(engine), shop.background)
+    assert (False, True) == (shop.units[0].active, shop.units[0].rolled_back)
+    assert 0 == checked_out(async_engine)
+
+
+@ON_DATABASES
+@pytest.mark.parametrize("path", ["/items", "/stream"])
+async def test_a_failed_commit_without_a_handler_is_answered_500_and_logged_not_raised(
+    async_engine: AsyncEngine, engine: Engine, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no handler for the error, the app's HTTPException handler answers 500; uow logs the error."""
+    shop = Shop(async_engine, "on_success")
+
+    with caplog.at_level(logging.ERROR, logger="uow"):
+        async with strict_client(shop.app) as http:
+            response = await http.post(path, params={"name": "lamp", "dangling": "", "later": "later"})
+
+    assert (500, "Internal Server Error") == (response.status_code, response.text)
+    assert [IntegrityError] == [type(record.exc_info[1]) for record in caplog.records if record.exc_info]
+    assert ([], []) == (item_names(engine), shop.background)
+
+
+@ON_DATABASES
+async def test_a_failed_commit_under_a_bare_asgi_app_is_answered_500(
+    async_engine: AsyncEngine, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside the middleware a bare ASGI app has no exception handlers: the middleware answers a plain 500."""
+
+    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
+        unit = uow.current(AsyncSqlAlchemyShopUnitOfWork)
+        await unit.items.add(Item("lamp"))
+        await unit.session.execute(refs.insert().values(sku="missing"))
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"created"})
+
+    app = UnitOfWorkMiddleware(bare, factory=lambda: AsyncSqlAlchemyShopUnitOfWork(async_engine), commit="on_success")
+    with caplog.at_level(logging.ERROR, logger="uow"):
+        async with strict_client(app) as http:
+            response = await http.post("/")
+
+    assert (500, "Internal Server Error") == (response.status_code, response.text)
+    assert 1 == len([record for record in caplog.records if record.exc_info])
+    assert [] == item_names(engine)
 
 
 # -- cancellation and load ---------------------------------------------------------------
