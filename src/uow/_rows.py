@@ -86,6 +86,21 @@ class _RowEvaluator(_EvaluatorCompiler):
         key = clause.key
         return lambda row: row.get(key)
 
+    def visit_and_clauselist_op(self, operator: Any, evaluators: list[Any], clause: Any) -> Any:
+        """AND in SQL's three-valued logic: false if any part is false, even after an unknown (NULL) one."""
+
+        def evaluate(row: Row) -> bool | None:
+            unknown = False
+            for evaluator in evaluators:
+                value = evaluator(row)
+                if value is None:
+                    unknown = True
+                elif not value:
+                    return False
+            return None if unknown else True
+
+        return evaluate
+
 
 def _evaluate(clause: Any) -> Any:
     """A function of a row that evaluates *clause* as SQL would; UnevaluatableError if SQLAlchemy cannot."""

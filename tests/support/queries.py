@@ -61,6 +61,9 @@ class QueryContract:
         assert ["b"] == await texts(shop, Note.rank.is_(None))
         assert ["b"] == await texts(shop, Note.rank == None)  # noqa: E711 - SQLAlchemy makes this IS NULL
         assert ["a", "c", "d", "e"] == await texts(shop, Note.rank.is_not(None))
+        # NULL AND FALSE is FALSE, so its negation holds: row c, whose tag is NULL, is listed.
+        assert ["a", "b", "c", "d", "e"] == await texts(shop, not_(and_(Note.tag == "zz", Note.rank == 9)))
+        assert ["c"] == await texts(shop, not_(or_(Note.tag.is_not(None), Note.rank == 9)))
 
     async def test_in_and_not_in_as_sql_evaluates_them(self, shop: Shop) -> None:
         """in_ and not_in list what SQL does, including an empty list and a NULL among the values."""
