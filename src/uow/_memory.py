@@ -26,7 +26,6 @@ import builtins
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import attrs
 from sqlalchemy import Boolean, Column, Integer, MetaData, Numeric, Table, inspect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Mapper, RelationshipDirection
@@ -1614,9 +1613,7 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
         return bool(self._store.query(self.model, query))
 
     def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        found = self._store.query(self.model, attrs.evolve(query, limit=None, offset=0))
-        end = None if query.limit is None else query.offset + query.limit
-        return found[query.offset : end], len(found)
+        return self._store.query(self.model, query), len(self._store.query(self.model, query.whole()))
 
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         found, created = self._store.upsert(self.model, upsert, update=update)
@@ -1660,9 +1657,7 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
         return bool(self._store.query(self.model, query))
 
     async def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        found = self._store.query(self.model, attrs.evolve(query, limit=None, offset=0))
-        end = None if query.limit is None else query.offset + query.limit
-        return found[query.offset : end], len(found)
+        return self._store.query(self.model, query), len(self._store.query(self.model, query.whole()))
 
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         found, created = self._store.upsert(self.model, upsert, update=update)

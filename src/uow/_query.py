@@ -91,6 +91,9 @@ class Query:
         """The ordering as SQLAlchemy ORDER BY terms, with the direction and NULL placement written out."""
         terms: list[ColumnElement[Any]] = []
         for order in self.order:
+            if not order.descending and order.nulls is None:
+                terms.append(order.column)  # ascending is ORDER BY's default
+                continue
             term: ColumnElement[Any] = order.column.desc() if order.descending else order.column.asc()
             if order.nulls == "first":
                 term = term.nulls_first()

@@ -14,6 +14,7 @@ import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar
 
+import attrs
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -138,10 +139,19 @@ class _RepositoryBase(Generic[T]):
             raise QueryError(msg)
         return self._query(where, filters, order_by, limit, offset, after, lock)
 
-    def _paged(self, query: Query, found: Sequence[T], matching: int, total: int) -> Page[T]:
-        """The page of *found*, which are *matching* rows from the page's start on or in all, of *total*."""
-        items = self._track_all(found)
-        more = matching > len(items) if query.start is not None else query.offset + len(items) < total
+    @staticmethod
+    def _peeking(query: Query) -> Query:
+        """The page's query, one row longer: that row says whether another page follows."""
+        assert query.limit is not None
+        return attrs.evolve(query, limit=query.limit + 1)
+
+    def _paged(self, query: Query, found: Sequence[T], total: int, more: bool | None = None) -> Page[T]:
+        """The page of *found*, its rows from the page's start on: one more than the page holds if any
+        follows, unless *more* says whether one does."""
+        assert query.limit is not None
+        items = self._track_all(found[: query.limit])
+        if more is None:
+            more = len(found) > query.limit
         cursor = cursor_after(self._info, query, items[-1], query.offset + len(items) - 1) if more and items else None
         return Page(items, total, cursor)
 
@@ -282,15 +292,18 @@ class Repository(_RepositoryBase[T], abc.ABC):
         """A page of what :meth:`list` returns, with how many objects match in all and a cursor to the next page.
 
         Start at *offset*, or *after* the ``next`` cursor of a previous page
-        of the same query. The objects and the total come in one query where
-        the database can count in a window.
+        of the same query. The objects and the total come in one query, the
+        count as a scalar subquery.
         """
         self._use()
         lock = self._lock(for_update, skip_locked, nowait)
         query = self._page_query(where, filters, order_by, limit, offset, after, lock)
-        found, matching = self._page(query)
-        total = matching if query.start is None else self._count(query.whole())
-        return self._paged(query, found, matching, total)
+        if query.lock is not None:  # no row beyond the page is locked: counts say what follows
+            found, total = self._list(query), self._count(query.whole())
+            rest = total - query.offset if query.start is None else self._count(attrs.evolve(query, limit=None))
+            return self._paged(query, found, total, more=rest > len(found))
+        found, total = self._page(self._peeking(query))
+        return self._paged(query, found, total)
 
     def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
@@ -379,7 +392,7 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        """The objects of the page, and how many rows match from its start on (with no limit or offset)."""
+        """The objects of the page, and how many rows the query matches in all (without its page or start)."""
 
     @abc.abstractmethod
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
@@ -468,9 +481,12 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         self._use()
         lock = self._lock(for_update, skip_locked, nowait)
         query = self._page_query(where, filters, order_by, limit, offset, after, lock)
-        found, matching = await self._page(query)
-        total = matching if query.start is None else await self._count(query.whole())
-        return self._paged(query, found, matching, total)
+        if query.lock is not None:  # no row beyond the page is locked: counts say what follows
+            found, total = await self._list(query), await self._count(query.whole())
+            rest = total - query.offset if query.start is None else await self._count(attrs.evolve(query, limit=None))
+            return self._paged(query, found, total, more=rest > len(found))
+        found, total = await self._page(self._peeking(query))
+        return self._paged(query, found, total)
 
     async def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
@@ -532,7 +548,7 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     async def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        """The objects of the page, and how many rows match from its start on (with no limit or offset)."""
+        """The objects of the page, and how many rows the query matches in all (without its page or start)."""
 
     @abc.abstractmethod
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:

@@ -7,7 +7,6 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import attrs
 from sqlalchemy import Delete, Select, Update, delete, func, inspect, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -36,9 +35,9 @@ def _where(stmt: Select[Any], query: Query) -> Select[Any]:
     return stmt.filter_by(**query.filters) if query.filters else stmt
 
 
-def _list_statement(info: ModelInfo, query: Query, dialect: str, *, counted: bool = False) -> Select[Any]:
-    """The SELECT of *query*; *counted* adds how many rows match in all, as a window over the same rows."""
-    entities: tuple[Any, ...] = (info.model, func.count().over()) if counted else (info.model,)
+def _list_statement(info: ModelInfo, query: Query, dialect: str, *, total: Any = None) -> Select[Any]:
+    """The SELECT of *query*; with *total*, a scalar subquery that counts, each row carries it too."""
+    entities: tuple[Any, ...] = (info.model,) if total is None else (info.model, total)
     stmt = _where(select(*entities), query).order_by(*_ordering(query, dialect))
     if query.limit is not None:
         stmt = stmt.limit(query.limit)
@@ -228,14 +227,15 @@ class SqlAlchemyRepository(Repository[T]):
 
     def _page(self, query: Query) -> tuple[Sequence[T], int]:
         session = self._session
-        if query.lock is not None:  # a window and FOR UPDATE do not go together: the count comes apart
-            return self._list(query), self._count(attrs.evolve(query, limit=None, offset=0, lock=None))
-        stmt = _list_statement(self._info, query, _dialect(session, self._info), counted=True)
-        rows = session.execute(stmt).all()
+        # One round trip: the count is an uncorrelated scalar subquery, which the database runs once.
+        total = _count_statement(self._info, query.whole()).scalar_subquery()
+        stmt = _list_statement(self._info, query, _dialect(session, self._info), total=total)
+        rows = (session.execute(stmt)).all()
         if rows:
             return [row[0] for row in rows], int(rows[0][1])
-        # Past the last row, the window counted nothing: a count says how many match.
-        return [], self._count(attrs.evolve(query, limit=None, offset=0)) if query.offset else 0
+        if not query.offset and query.start is None:
+            return [], 0
+        return [], self._count(query.whole())  # past the last row: no row carries the count
 
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         session = self._session
@@ -324,13 +324,15 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
 
     async def _page(self, query: Query) -> tuple[Sequence[T], int]:
         session = self._session
-        if query.lock is not None:  # a window and FOR UPDATE do not go together: the count comes apart
-            return await self._list(query), await self._count(attrs.evolve(query, limit=None, offset=0, lock=None))
-        stmt = _list_statement(self._info, query, _dialect(session.sync_session, self._info), counted=True)
+        # One round trip: the count is an uncorrelated scalar subquery, which the database runs once.
+        total = _count_statement(self._info, query.whole()).scalar_subquery()
+        stmt = _list_statement(self._info, query, _dialect(session.sync_session, self._info), total=total)
         rows = (await session.execute(stmt)).all()
         if rows:
             return [row[0] for row in rows], int(rows[0][1])
-        return [], await self._count(attrs.evolve(query, limit=None, offset=0)) if query.offset else 0
+        if not query.offset and query.start is None:
+            return [], 0
+        return [], await self._count(query.whole())  # past the last row: no row carries the count
 
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         session = self._session
