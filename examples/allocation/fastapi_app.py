@@ -49,6 +49,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from uow.errors import QueryError
+
 from . import config, messagebus, orm, services
 from .domain import AllocationRequired, BatchQuantityChanged, InvalidQuantity
 from .unit_of_work import AllocationUnitOfWork, SqlAlchemyAllocationUnitOfWork
@@ -76,6 +78,7 @@ def create_app(database_url: str | None = None) -> FastAPI:
     app.include_router(router)
     app.add_exception_handler(services.InvalidSku, _error_handler(400))
     app.add_exception_handler(InvalidQuantity, _error_handler(400))
+    app.add_exception_handler(QueryError, _error_handler(400))
     app.add_exception_handler(services.UnknownBatch, _error_handler(404))
     app.add_exception_handler(services.DuplicateBatch, _error_handler(409))
     # The services commit in the endpoint, so what the database refuses at COMMIT reaches these handlers.
@@ -127,6 +130,27 @@ def add_batch(batch: BatchIn, uow: UnitOfWork) -> dict[str, str]:
 def allocate(line: OrderLineIn, uow: UnitOfWork) -> dict[str, str | None]:
     batchref = messagebus.handle(AllocationRequired(line.orderid, line.sku, line.qty), uow)[0]
     return {"batchref": batchref if isinstance(batchref, str) else None}
+
+
+class BatchOut(BaseModel):
+    ref: str
+    sku: str
+    qty: int
+    eta: date | None
+
+
+class BatchPage(BaseModel):
+    items: list[BatchOut]
+    total: int
+    next: str | None
+
+
+@router.get("/batches")
+def batches(uow: UnitOfWork, sku: str, limit: int = 20, after: str | None = None) -> BatchPage:
+    """A page of the batches of a SKU: ``?sku=...&limit=...&after=...``."""
+    page = services.batches_of(sku, uow, limit=limit, after=after)
+    items = [BatchOut(ref=b.reference, sku=b.sku, qty=b.purchased_quantity, eta=b.eta) for b in page.items]
+    return BatchPage(items=items, total=page.total, next=page.next)
 
 
 @router.post("/change_batch_quantity")

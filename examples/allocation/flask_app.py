@@ -44,10 +44,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 
+from uow.errors import QueryError
 from uow.flask import UnitOfWorkExtension
 
 from . import config, messagebus, orm, services
-from .domain import AllocationRequired, BatchQuantityChanged, Event, InvalidQuantity
+from .domain import AllocationRequired, Batch, BatchQuantityChanged, Event, InvalidQuantity
 from .unit_of_work import AllocationUnitOfWork, SqlAlchemyAllocationUnitOfWork
 
 __all__ = ["api", "create_app", "ext"]
@@ -99,6 +100,20 @@ def allocate() -> ResponseReturnValue:
     return {"batchref": batchref}, 201
 
 
+@api.get("/batches")
+def batches() -> ResponseReturnValue:
+    """A page of the batches of a SKU: ``?sku=...&limit=...&after=...``."""
+    sku = request.args.get("sku")
+    if not sku:
+        raise BadRequest("the query string needs sku=")
+    try:
+        limit = int(request.args.get("limit", "20"))
+    except ValueError:
+        raise BadRequest("limit must be a whole number") from None
+    page = services.batches_of(sku, ext.uow, limit=limit, after=request.args.get("after"))
+    return {"items": [_batch(batch) for batch in page.items], "total": page.total, "next": page.next}, 200
+
+
 @api.post("/change_batch_quantity")
 def change_batch_quantity() -> ResponseReturnValue:
     body = _body()
@@ -114,6 +129,7 @@ _CONFLICT_MESSAGE = "the request conflicts with a concurrent change; try again"
 
 @api.errorhandler(services.InvalidSku)
 @api.errorhandler(InvalidQuantity)
+@api.errorhandler(QueryError)
 def invalid_request(error: Exception) -> ResponseReturnValue:
     return {"message": str(error)}, 400
 
@@ -147,6 +163,11 @@ def http_error(error: HTTPException) -> ResponseReturnValue:
             return conflict(error.original_exception)
         return {"message": "internal server error"}, 500
     return {"message": error.description}, error.code or 500
+
+
+def _batch(batch: Batch) -> dict[str, object]:
+    eta = batch.eta
+    return {"ref": batch.reference, "sku": batch.sku, "qty": batch.purchased_quantity, "eta": eta and eta.isoformat()}
 
 
 # -- the message bus -------------------------------------------------------------

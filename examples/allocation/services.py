@@ -15,10 +15,21 @@ from __future__ import annotations
 
 from datetime import date
 
+from uow import Page
+
+from . import orm
 from .domain import Batch, OrderLine, Product
 from .unit_of_work import AllocationUnitOfWork
 
-__all__ = ["DuplicateBatch", "InvalidSku", "UnknownBatch", "add_batch", "allocate", "change_batch_quantity"]
+__all__ = [
+    "DuplicateBatch",
+    "InvalidSku",
+    "UnknownBatch",
+    "add_batch",
+    "allocate",
+    "batches_of",
+    "change_batch_quantity",
+]
 
 
 class DuplicateBatch(Exception):
@@ -82,3 +93,16 @@ def change_batch_quantity(ref: str, qty: int, uow: AllocationUnitOfWork) -> None
             raise UnknownBatch(msg)
         product.change_batch_quantity(ref, qty)
         uow.commit()
+
+
+def batches_of(sku: str, uow: AllocationUnitOfWork, *, limit: int = 20, after: str | None = None) -> Page[Batch]:
+    """A page of the batches of *sku*, in the order allocation takes them: in the warehouse first, then by ETA.
+
+    *after* is the ``next`` cursor of the page before; the page says how many
+    batches the SKU has in all. A wrong limit or cursor raises
+    :class:`uow.errors.QueryError`.
+    """
+    with uow:
+        return uow.batches.page(
+            sku=sku, order_by=[orm.batches.c.eta.nulls_first(), orm.batches.c.reference], limit=limit, after=after
+        )

@@ -17,16 +17,18 @@ from sqlalchemy.orm import Session, sessionmaker
 import uow
 
 from . import orm
-from .domain import Product
+from .domain import Batch, Product
 from .repository import InMemoryProductRepository, ProductRepository, SqlAlchemyProductRepository
 
 __all__ = ["AllocationUnitOfWork", "FakeAllocationUnitOfWork", "SqlAlchemyAllocationUnitOfWork"]
 
 
 class AllocationUnitOfWork(uow.UnitOfWork):
-    """What the services need: the products."""
+    """What the services need: the products, and the batches to list them."""
 
     products = uow.repository(Product, ProductRepository)
+    #: A read-side repository: batches are changed through their product, the aggregate.
+    batches = uow.repository(Batch)
 
 
 class SqlAlchemyAllocationUnitOfWork(uow.SqlAlchemyUnitOfWork, AllocationUnitOfWork):

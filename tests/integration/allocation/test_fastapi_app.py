@@ -347,3 +347,17 @@ async def test_create_app_takes_the_environment_database_and_creates_missing_tab
 
     assert (url, 0) == (app_engine(app).url.render_as_string(hide_password=False), leaked)
     assert {"allocations", "batches", "order_lines", "products"} <= set(inspect(engine).get_table_names())
+
+
+async def test_batches_lists_a_sku_a_page_at_a_time(client: httpx.AsyncClient, rows: Rows) -> None:
+    """GET /batches pages a SKU's batches in allocation order with the total, and a wrong cursor is a JSON 400."""
+    for ref, eta in (("late", "2027-03-01"), ("soon", "2027-01-01"), ("shelf", None)):
+        await add_batch(client, ref, "LAMP", 10, eta)
+    first = await client.get("/batches", params={"sku": "LAMP", "limit": 2})
+    assert 200 == first.status_code
+    body = first.json()
+    assert (["shelf", "soon"], 3) == ([item["ref"] for item in body["items"]], body["total"])
+    rest = (await client.get("/batches", params={"sku": "LAMP", "limit": 2, "after": body["next"]})).json()
+    assert ([{"ref": "late", "sku": "LAMP", "qty": 10, "eta": "2027-03-01"}], None) == (rest["items"], rest["next"])
+    wrong = await client.get("/batches", params={"sku": "LAMP", "after": "forged"})
+    assert (400, True) == (wrong.status_code, "cursor" in wrong.json()["message"])

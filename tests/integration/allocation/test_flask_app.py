@@ -340,3 +340,17 @@ def test_create_app_takes_the_environment_database_and_creates_missing_tables(
 
     assert (url, 0) == (built.url.render_as_string(hide_password=False), leaked)
     assert {"allocations", "batches", "order_lines", "products"} <= set(inspect(engine).get_table_names())
+
+
+def test_batches_lists_a_sku_a_page_at_a_time(client: FlaskClient, rows: Rows) -> None:
+    """GET /batches pages a SKU's batches in allocation order with the total, and a wrong limit is a JSON 400."""
+    for ref, eta in (("late", "2027-03-01"), ("soon", "2027-01-01"), ("shelf", None)):
+        assert 201 == post(client, "/add_batch", ref=ref, sku="LAMP", qty=10, eta=eta).status_code
+    first = client.get("/batches", query_string={"sku": "LAMP", "limit": 2})
+    assert 200 == first.status_code
+    body = first.get_json()
+    assert (["shelf", "soon"], 3) == ([item["ref"] for item in body["items"]], body["total"])
+    rest = client.get("/batches", query_string={"sku": "LAMP", "limit": 2, "after": body["next"]}).get_json()
+    assert ([{"ref": "late", "sku": "LAMP", "qty": 10, "eta": "2027-03-01"}], None) == (rest["items"], rest["next"])
+    wrong = client.get("/batches", query_string={"sku": "LAMP", "limit": 0})
+    assert (400, True) == (wrong.status_code, "limit" in wrong.get_json()["message"])

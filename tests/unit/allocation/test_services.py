@@ -18,6 +18,7 @@ from allocation.domain import (
     Product,
 )
 from allocation.unit_of_work import FakeAllocationUnitOfWork
+from uow import errors as uow_errors
 
 
 @pytest.fixture
@@ -256,3 +257,18 @@ def test_change_batch_quantity_to_a_negative_quantity_raises_and_commits_nothing
     with uow:
         [batch] = uow.products.get("INDIFFERENT-TABLE").batches
         assert 50 == batch.purchased_quantity
+
+
+def test_batches_of_pages_the_batches_of_a_sku_in_allocation_order() -> None:
+    """batches_of() lists a SKU's batches, warehouse stock first and then by ETA, a page at a time, with the total."""
+    uow = FakeAllocationUnitOfWork()
+    services.add_batch("ship-late", "LAMP", 10, date(2027, 3, 1), uow)
+    services.add_batch("ship-soon", "LAMP", 10, date(2027, 1, 1), uow)
+    services.add_batch("shelf", "LAMP", 10, None, uow)
+    services.add_batch("other", "DESK", 10, None, uow)
+    first = services.batches_of("LAMP", uow, limit=2)
+    assert (["shelf", "ship-soon"], 3) == ([b.reference for b in first.items], first.total)
+    rest = services.batches_of("LAMP", uow, limit=2, after=first.next)
+    assert (["ship-late"], None) == ([b.reference for b in rest.items], rest.next)
+    with pytest.raises(uow_errors.QueryError):
+        services.batches_of("LAMP", uow, limit=0)
