@@ -152,15 +152,18 @@ def build_query(
     *after* is a cursor from :func:`cursor_after`: the query then starts
     after the object it was made from.
     """
-    info.check_filters(filters)
+    if filters:
+        info.check_filters(filters)
+    simple_limit = limit is None or (type(limit) is int and limit >= 0)
+    if not where and order_by is None and not offset and after is None and simple_limit:
+        return Query((), filters, _primary_key_order(info), limit, 0, lock=lock)  # the common case, checked at once
     tables = _tables(info)
     for clause in where:
         _check_where(info, tables, clause)
     terms = () if order_by is None else (order_by if isinstance(order_by, list | tuple) else (order_by,))
     order = tuple(_order(info, tables, term) for term in terms)
-    pk_columns = tuple(column for column in info.mapper.primary_key if isinstance(column, Column))
     named = {(each.column.table, each.column.key) for each in order}
-    order += tuple(Order(column, False, None) for column in pk_columns if (column.table, column.key) not in named)
+    order += tuple(each for each in _primary_key_order(info) if (each.column.table, each.column.key) not in named)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         msg = f"limit must be a whole number of at least 0, or None for every row; got {limit!r}"
         raise QueryError(msg)
@@ -176,6 +179,18 @@ def build_query(
     if isinstance(position, int):
         return Query(tuple(where), filters, order, limit, position, lock=lock)
     return Query(tuple(where), filters, order, limit, 0, _after(order, position), lock)
+
+
+_pk_orders: dict[type[Any], tuple[Order, ...]] = {}
+
+
+def _primary_key_order(info: ModelInfo) -> tuple[Order, ...]:
+    """The primary key's columns, ascending: the order every query ends with. Read once per model."""
+    found = _pk_orders.get(info.model)
+    if found is None:
+        columns = (column for column in info.mapper.primary_key if isinstance(column, Column))
+        found = _pk_orders[info.model] = tuple(Order(column, False, None) for column in columns)
+    return found
 
 
 def _check_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None:

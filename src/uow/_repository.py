@@ -115,6 +115,8 @@ class _RepositoryBase(Generic[T]):
 
     def _lock(self, for_update: bool, skip_locked: bool, nowait: bool) -> str | None:
         """The row lock asked for; a read-only unit of work refuses one, since a lock announces a write."""
+        if not (for_update or skip_locked or nowait):
+            return None  # the common case: no lock, nothing to check
         lock = lock_mode(for_update, skip_locked, nowait)
         if lock is not None and self._unit is not None and self._unit._writes_forbidden():
             msg = (
