@@ -17,16 +17,16 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, get_type_hints
+from typing import Any
 
 from fastapi import params
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
+from ._asgi import CommitPolicy, RequestUnit, check_policy, declared_sync_unit, outcome
 from ._async_unit_of_work import AsyncUnitOfWork
-from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError, _shown
-from .starlette import CommitPolicy, _check_policy, _check_unit, _failure_response, _outcome, _RequestUnit
+from .starlette import _check_unit, _failure_response
 
 __all__ = ["CommitPolicy", "depends"]
 
@@ -68,7 +68,7 @@ def depends(
     if not callable(factory):
         msg = f"uow.fastapi.depends() takes a factory that returns a new unit of work, not {_shown(factory)}"
         raise ConfigurationError(msg)
-    commit_on_success = _check_policy(commit)
+    commit_on_success = check_policy(commit)
     _refuse_sync_factory(factory)
     name = getattr(factory, "__qualname__", repr(factory))
     source = f"the factory {name} of uow.fastapi.depends()"
@@ -80,7 +80,7 @@ def depends(
         connection: HTTPConnection, response: Response, unit: Any = built_by_factory
     ) -> AsyncIterator[Any]:
         _refuse_sync_endpoint(connection.scope.get("endpoint"))
-        request = _RequestUnit(_check_unit(unit, source), commit_on_success=commit_on_success)
+        request = RequestUnit(_check_unit(unit, source), commit_on_success=commit_on_success)
         await request.begin()
         try:
             yield request.unit
@@ -89,7 +89,7 @@ def depends(
             raise
         try:
             # FastAPI's Response parameter: the status the endpoint set on it, if any, is the response's.
-            await request.end(_outcome(response.status_code))
+            await request.end(outcome(response.status_code))
         except Exception as error:
             answer = _failure_response(connection.scope, error)
             if answer is error:
@@ -102,12 +102,8 @@ def depends(
 
 def _refuse_sync_factory(factory: Callable[..., Any]) -> None:
     """Raise ConfigurationError now if *factory* is declared to return a sync unit of work."""
-    try:
-        routine = inspect.isfunction(factory) or inspect.ismethod(factory)
-        returns = get_type_hints(factory).get("return") if routine else None
-    except Exception:  # an annotation that does not resolve here: the first request checks the unit
-        return
-    if isinstance(returns, type) and issubclass(returns, UnitOfWork):
+    returns = declared_sync_unit(factory)
+    if returns is not None:
         msg = (
             f"uow.fastapi.depends() got a factory of the sync {returns.__name__}: FastAPI runs a `def` endpoint "
             "in a worker thread, and a sync unit of work belongs to the thread that entered it. Declare it "

@@ -14,104 +14,38 @@ Importing this module imports Starlette; importing :mod:`uow` does not.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Literal, get_args
+from typing import Any
 
 from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._async_unit_of_work import AsyncBlock, AsyncUnitOfWork
-from ._unit_of_work import UnitOfWork
-from .errors import ConfigurationError, OwnershipError, _shown
+from . import _asgi
+from ._asgi import CommitPolicy, ErrorResponse, RequestUnit, check_policy
+from ._async_unit_of_work import AsyncUnitOfWork
+from .errors import ConfigurationError, _shown
 
 __all__ = ["CommitPolicy", "UnitOfWorkMiddleware"]
 
 log = logging.getLogger("uow")
 
-CommitPolicy = Literal["explicit", "on_success"]
-"""When the request's unit of work commits.
-
-``"explicit"``: only when the code calls ``commit()``; whatever it did not
-commit is rolled back. ``"on_success"``: also when the request succeeds: no
-exception reached uow, and the response status is below 400.
-"""
-
-_POLICIES: tuple[str, ...] = get_args(CommitPolicy)
-
-
-def _check_policy(commit: object) -> bool:
-    """Whether *commit* asks to commit on success; raise ConfigurationError if it is no policy."""
-    if commit not in _POLICIES:
-        msg = f"commit must be one of {', '.join(map(repr, _POLICIES))}, not {commit!r}"
-        raise ConfigurationError(msg)
-    return commit == "on_success"
-
 
 def _check_unit(unit: object, source: str) -> AsyncUnitOfWork:
     """The unit of work that *source* returned, checked: async, and idle."""
-    if isinstance(unit, UnitOfWork):
-        msg = (
-            f"{source} returned the sync {type(unit).__name__}, which a request cannot own: the event loop would "
-            "enter it, and the thread that runs a `def` endpoint could not use it. Return an "
-            "uow.AsyncUnitOfWork for async endpoints; in a `def` endpoint, enter a sync unit of work there "
-            "(`with uow:`), or decorate the endpoint with @uow.transactional"
-        )
-        raise ConfigurationError(msg)
-    if not isinstance(unit, AsyncUnitOfWork):
-        msg = f"{source} returned {_shown(unit)}, not a unit of work: return a new uow.AsyncUnitOfWork"
-        raise ConfigurationError(msg)
-    if unit.active:
-        msg = (
-            f"{source} returned a {type(unit).__name__} that is already active: the request must own its unit "
-            "of work, so return a new one for each request"
-        )
-        raise ConfigurationError(msg)
-    return unit
-
-
-class _ErrorResponse(Exception):
-    """Handed to the unit of work's exit, never raised: the response says the request failed."""
-
-
-def _outcome(status: int | None) -> _ErrorResponse | None:
-    """What ends the request's unit of work for a response of *status*: nothing (success) below 400."""
-    return None if status is None or status < 400 else _ErrorResponse(status)
-
-
-class _RequestUnit:
-    """The request's unit of work: entered by the request's task, ended once, by that task."""
-
-    __slots__ = ("_block", "_task", "open", "unit")
-
-    def __init__(self, unit: AsyncUnitOfWork, *, commit_on_success: bool) -> None:
-        self.unit = unit
-        # The block of a @transactional call: it commits on a clean exit if the unit of work was used,
-        # rolls back quietly after set_rollback_only(), and raises RollbackOnlyError if it was poisoned.
-        self._block = AsyncBlock(unit, "required", None, None, commit_on_exit=commit_on_success)
-        self._task = asyncio.current_task()
-        self.open = False
-
-    async def begin(self) -> None:
-        await self._block.__aenter__()
-        self.open = True
-
-    def here(self) -> bool:
-        """Whether the code runs in the task that entered the unit of work."""
-        return asyncio.current_task() is self._task
-
-    async def end(self, error: BaseException | None) -> None:
-        """Leave the block: commit as the policy says if *error* is None, else roll back; always close."""
-        if not self.open:
-            return
-        self.open = False
-        await self._block.__aexit__(None if error is None else type(error), error, None)
+    return _asgi.check_unit(
+        unit,
+        source,
+        sync_thread="a `def` endpoint",
+        advice=(
+            "Return an uow.AsyncUnitOfWork for async endpoints; in a `def` endpoint, enter a sync unit of work "
+            "there (`with uow:`), or decorate the endpoint with @uow.transactional"
+        ),
+    )
 
 
 # -- a failed commit, answered by the application --------------------------------------------
@@ -164,18 +98,6 @@ async def _answer_failure(scope: Scope, receive: Receive, send: Send, error: Exc
         await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
 
 
-class _CommitFailed(Exception):
-    """Raised from ``send`` instead of starting a response whose unit of work failed to commit.
-
-    It unwinds the application, which must not run the response's background
-    tasks; the middleware catches it and answers the request.
-    """
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(f"the request's unit of work failed to commit: {type(error).__name__}: {error}")
-        self.error = error
-
-
 # -- the request's own tasks ---------------------------------------------------------------------
 
 #: The request whose code runs here: set by the middleware in the request's task, and copied into the
@@ -183,185 +105,22 @@ class _CommitFailed(Exception):
 _REQUEST: ContextVar[_Exchange | None] = ContextVar("uow_starlette_request", default=None)
 
 
-class _Exchange:
+class _Exchange(_asgi.Exchange):
     """One request through the middleware: its unit of work, and how its own tasks ask it to end.
 
-    Only the request's task may end the unit of work. When another of the
-    request's tasks starts the response (Starlette streams from a task of its
-    own on servers older than ASGI 2.4), it asks the request's task, which
-    meanwhile waits for the client in ``receive()``, to end it, and waits
-    for the answer before the response goes on.
+    Starlette streams a response from a task of its own on servers older
+    than ASGI 2.4: that task asks the request's task, which meanwhile waits
+    for the client in ``receive()``, to end the unit of work.
     """
 
-    __slots__ = ("_asked", "_body_read", "_pending", "_receive", "_send", "commit_on_success", "failure", "request")
+    __slots__ = ()
 
-    def __init__(self, request: _RequestUnit, receive: Receive, send: Send, *, commit_on_success: bool) -> None:
-        self.request = request
-        self.commit_on_success = commit_on_success
-        self._receive = receive
-        self._send = send
-        #: Set while the request's task waits for the client: another task of the request puts its ask in it.
-        self._asked: asyncio.Future[tuple[int, asyncio.Future[None]] | None] | None = None
-        #: Whether the request's task has received the whole request: it then waits for the client to leave.
-        self._body_read = False
-        #: The server's receive() that a cancelled wait left running: the next receive() takes it over.
-        self._pending: asyncio.Future[Message] | None = None
-        #: Why the unit of work failed to end, if it did: the middleware answers it.
-        self.failure: Exception | None = None
+    owner = "UnitOfWorkMiddleware"
+    waits_while = "Starlette sends a streaming or file response"
+    instead = "commit in the endpoint and use commit='explicit' for this route"
 
-    async def _end(self, status: int) -> None:
-        """End the unit of work for a response of *status*, in the request's task; raise _CommitFailed if it fails."""
-        try:
-            await self.request.end(_outcome(status))
-        except Exception as error:
-            self.failure = error
-            raise _CommitFailed(error) from error
-
-    # -- send: the response starts once the unit of work has ended
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and self.request.open:
-            status = int(message["status"])
-            if self.request.here():
-                await self._end(status)
-            else:
-                await self._ask_to_end(status)
-        await self._send(message)
-
-    async def _ask_to_end(self, status: int) -> None:
-        """Another task starts the response: the request's task ends the unit of work first, if it can."""
-        asked = self._asked
-        if _REQUEST.get() is self and asked is not None and not asked.done():
-            reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            asked.set_result((status, reply))
-            await reply
-            return
-        if not self.commit_on_success:
-            # Nothing to commit: the response goes on, and the unit of work ends when the application returns.
-            # The request has answered, so its background tasks get transactions of their own.
-            self.request.unit._seal()
-            return
-        if _REQUEST.get() is not self:
-            why = "a task that the request did not start is sending it"
-        else:
-            why = (
-                "another task of the request is sending it while the request's task, which alone may use its "
-                "unit of work, is not waiting for the client (as it does while Starlette sends a streaming or "
-                "file response)"
-            )
-        msg = (
-            f"UnitOfWorkMiddleware cannot commit before this response starts: {why}. Send the response from "
-            "the request's task, or commit in the endpoint and use commit='explicit' for this route"
-        )
-        raise OwnershipError(msg)
-
-    # -- receive: the request's task waits for the client, and ends the unit of work when asked
-
-    async def receive(self) -> Message:
-        if self.request.open and self.request.here():
-            if self._body_read:
-                return await self._wait_for_the_client()
-            return await self._read_the_body()
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            return await pending
-        return await self._receive()
-
-    async def _read_the_body(self) -> Message:
-        """Receive a part of the request; an ask that came meanwhile is served once it is here."""
-        asked: asyncio.Future[tuple[int, asyncio.Future[None]] | None] = asyncio.get_running_loop().create_future()
-        self._asked = asked
-        try:
-            message = await self._receive()
-        except BaseException:
-            _refuse_unserved(asked)
-            raise
-        finally:
-            self._asked = None
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            self._body_read = True
-        ask = asked.result() if asked.done() else None
-        if ask is not None:
-            await self._serve(*ask)
-        return message
-
-    async def _wait_for_the_client(self) -> Message:
-        """Receive what the client says next (it has sent its request): an ask wakes this task up to serve it."""
-        loop = asyncio.get_running_loop()
-        receiving = self._pending or asyncio.ensure_future(self._receive())
-        self._pending = None
-        try:
-            while not receiving.done():
-                asked: asyncio.Future[tuple[int, asyncio.Future[None]] | None] = loop.create_future()
-                self._asked = asked
-                wake = functools.partial(_wake, asked)
-                receiving.add_done_callback(wake)
-                try:
-                    ask = await asked
-                except BaseException:
-                    _refuse_unserved(asked)
-                    raise
-                finally:
-                    self._asked = None
-                    receiving.remove_done_callback(wake)
-                if ask is not None:
-                    await self._serve(*ask)
-            return receiving.result()
-        except BaseException:
-            if not receiving.done() or (not receiving.cancelled() and receiving.exception() is None):
-                self._pending = receiving  # a message the server handed over is not lost
-            raise
-
-    async def _serve(self, status: int, reply: asyncio.Future[None]) -> None:
-        """End the unit of work for the task that starts a response of *status*, and tell it how that went."""
-        try:
-            await self._end(status)
-        except BaseException as error:
-            if not reply.done():
-                reply.set_exception(error if isinstance(error, _CommitFailed) else _CommitFailed(error))
-            if not isinstance(error, _CommitFailed):
-                raise
-        else:
-            if not reply.done():
-                reply.set_result(None)
-
-    def close(self) -> None:
-        """The request is over: stop a receive() that nobody waits for any more."""
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.done():
-            pending.cancel()
-
-    def failure_in(self, error: BaseException) -> Exception | None:
-        """The failed commit that *error* unwinds the application for, if that is all it does."""
-        failure = self.failure
-        if failure is None:
-            return None
-        return failure if all(isinstance(leaf, _CommitFailed) for leaf in _leaves(error)) else None
-
-
-def _wake(asked: asyncio.Future[Any], receiving: object) -> None:
-    """The client spoke: the request's task stops waiting for an ask."""
-    if not asked.done():
-        asked.set_result(None)
-
-
-def _refuse_unserved(asked: asyncio.Future[Any]) -> None:
-    """The request's task stops waiting: an ask it did not serve gets an error, not an endless wait."""
-    if not asked.done() or asked.cancelled() or asked.result() is None:
-        return
-    _status, reply = asked.result()
-    if not reply.done():
-        msg = "the request's task stopped waiting for the client before it could end the unit of work"
-        reply.set_exception(OwnershipError(msg))
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions in *error*, exception groups (of task groups) opened."""
-    inner = getattr(error, "exceptions", None)
-    if not isinstance(inner, tuple):
-        return [error]
-    return [leaf for exc in inner for leaf in _leaves(exc)]
+    def in_request(self) -> bool:
+        return _REQUEST.get() is self
 
 
 class UnitOfWorkMiddleware:
@@ -401,13 +160,13 @@ class UnitOfWorkMiddleware:
         self.app = app
         self.factory = factory
         self.commit: CommitPolicy = commit
-        self._commit_on_success = _check_policy(commit)
+        self._commit_on_success = check_policy(commit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = _RequestUnit(
+        request = RequestUnit(
             _check_unit(self.factory(), "the factory of UnitOfWorkMiddleware"),
             commit_on_success=self._commit_on_success,
         )
@@ -428,4 +187,4 @@ class UnitOfWorkMiddleware:
             exchange.close()
         # The application returned without starting a response (the server answers 500), or another task
         # sent it: nothing says the request succeeded, so roll back.
-        await request.end(_ErrorResponse("no response started in the request's task"))
+        await request.end(ErrorResponse("no response started in the request's task"))

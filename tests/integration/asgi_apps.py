@@ -31,7 +31,6 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
-from urllib.parse import parse_qs
 
 import attrs
 from fastapi import BackgroundTasks, FastAPI, Response
@@ -45,10 +44,11 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 import uow
 import uow.fastapi
+from tests.support.servers import Recorder
 from uow.starlette import UnitOfWorkMiddleware
 
 #: How the app's connections show in pg_stat_activity.
@@ -237,50 +237,13 @@ def fastapi_middleware_app(mapped: bool) -> FastAPI:
 # -- the server's view: statuses, requests in flight, the pool -------------------------------------------------
 
 
-class Recorder:
-    """The outermost layer: records each response's status and adds the client's port to it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        #: (path, name, status) of every response started, in order.
-        self.responses: list[tuple[str, str, int]] = []
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/stats":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        name = parse_qs(scope["query_string"].decode()).get("name", [""])[0]
-        port = str((scope.get("client") or ("", 0))[1]).encode()
-
-        async def recording(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.responses.append((path, name, int(message["status"])))
-                message = {**message, "headers": [*message.get("headers", []), (b"x-client-port", port)]}
-            await send(message)
-
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, recording)
-        finally:
-            self.in_flight -= 1
-
-
 async def health(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
 async def stats(request: Request) -> JSONResponse:
     prefix = request.query_params.get("prefix", "")
-    return JSONResponse(
-        {
-            "pid": os.getpid(),
-            "in_flight": recorder.in_flight,
-            "checked_out": State.engine.sync_engine.pool.checkedout(),  # type: ignore[attr-defined]
-            "responses": [list(row) for row in recorder.responses if row[1].startswith(prefix)],
-        }
-    )
+    return JSONResponse(recorder.stats(prefix, State.engine.sync_engine.pool.checkedout()))  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import attrs
 from flask import Blueprint, Flask, abort, request, stream_with_context
-from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, UniqueConstraint, event, text
+from sqlalchemy import Engine, MetaData, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import registry
 
 import uow
+from tests.support.servers import entries_table
 from uow.flask import UnitOfWorkExtension
 
 #: How the app's connections show in pg_stat_activity.
@@ -39,14 +40,7 @@ class Entry:
 
 
 metadata = MetaData()
-entries = Table(
-    "uow_flask_entries",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(50), nullable=False),
-    Column("ref", String(50), nullable=False),
-    UniqueConstraint("ref", name="uow_flask_entries_ref", deferrable=True, initially="DEFERRED"),
-)
+entries = entries_table("uow_flask_entries", metadata)
 registry(metadata=metadata).map_imperatively(Entry, entries)
 
 

@@ -29,7 +29,6 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qs
 
 import attrs
 from litestar import Litestar, Request, Response, Router, get, post
@@ -37,13 +36,14 @@ from litestar.background_tasks import BackgroundTask
 from litestar.config.compression import CompressionConfig
 from litestar.di import NamedDependency
 from litestar.response import File, Stream
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint
+from litestar.types import ASGIApp
+from sqlalchemy import MetaData
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import registry
 
 import uow
+from tests.support.servers import Recorder, entries_table
 from uow.litestar import UnitOfWorkPlugin
 
 #: How the app's connections show in pg_stat_activity.
@@ -61,14 +61,7 @@ class Entry:
 
 
 metadata = MetaData()
-entries = Table(
-    "uow_litestar_entries",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(80), nullable=False),
-    Column("ref", String(80), nullable=False),
-    UniqueConstraint("ref", name="uow_litestar_entries_ref", deferrable=True, initially="DEFERRED"),
-)
+entries = entries_table("uow_litestar_entries", metadata)
 registry(metadata=metadata).map_imperatively(Entry, entries)
 
 
@@ -160,36 +153,6 @@ HANDLERS = [add, stream, file, slow]
 # -- the server's view: statuses, requests in flight, the pool -------------------------------------------------
 
 
-class Recorder:
-    """The outermost layer: records each response's status and adds the client's port to it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        #: (path, name, status) of every response started, in order.
-        self.responses: list[tuple[str, str, int]] = []
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/stats":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        name = parse_qs(scope["query_string"].decode()).get("name", [""])[0]
-        port = str((scope.get("client") or ("", 0))[1]).encode()
-
-        async def recording(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.responses.append((path, name, int(message["status"])))
-                message = {**message, "headers": [*message.get("headers", []), (b"x-client-port", port)]}  # type: ignore[typeddict-item]
-            await send(message)
-
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, recording)
-        finally:
-            self.in_flight -= 1
-
-
 @get("/health")
 async def health() -> dict[str, bool]:
     return {"ok": True}
@@ -198,12 +161,7 @@ async def health() -> dict[str, bool]:
 @get("/stats")
 async def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
     prefix = request.query_params.get("prefix", "")
-    return {
-        "pid": os.getpid(),
-        "in_flight": State.recorder.in_flight,
-        "checked_out": State.engine.sync_engine.pool.checkedout(),  # type: ignore[attr-defined]
-        "responses": [list(row) for row in State.recorder.responses if row[1].startswith(prefix)],
-    }
+    return State.recorder.stats(prefix, State.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
 
 
 async def start() -> None:

@@ -15,60 +15,30 @@ connection of their own.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, NamedTuple
 
 import httpx
 import pytest
-from sqlalchemy import Engine, text
 
 from tests.integration import asgi_apps
 from tests.support.databases import Provisioner
+from tests.support.servers import (
+    GONE,
+    Answer,
+    AsgiServer,
+    app_connections,
+    asgi_server,
+    mixed_requests,
+    run_clients,
+    server_env,
+    stored_names,
+    successes,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-#: What a client that left before the answer records instead of a status.
-GONE = "gone"
 #: The servers and databases the tests run on.
 SETUPS = [("uvicorn", "postgresql"), ("hypercorn", "postgresql"), ("granian", "postgresql"), ("uvicorn", "sqlite")]
-
-
-class Server(NamedTuple):
-    """A server running the test app, and what it runs on."""
-
-    name: str
-    backend: str
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    engine: Engine
-
-    def stats(self, prefix: str) -> dict[str, Any]:
-        """The app's view: the responses it started for names under *prefix*, requests in flight, the pool."""
-        stats: dict[str, Any] = httpx.get(f"{self.url}/stats", params={"prefix": prefix}, timeout=5).json()
-        return stats
-
-    def settled(self, prefix: str) -> dict[str, Any]:
-        """The app's view once no request is running any more (a client that left may still be served)."""
-        deadline = time.monotonic() + 10
-        while (stats := self.stats(prefix))["in_flight"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return stats
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def command(name: str, port: int) -> list[str]:
@@ -83,76 +53,38 @@ def command(name: str, port: int) -> list[str]:
 @pytest.fixture(scope="module", params=SETUPS, ids=[f"{name}-{backend}" for name, backend in SETUPS])
 def server(
     request: pytest.FixtureRequest, provisioner: Provisioner, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[AsgiServer]:
     """A server running the app over the run's database, with the app's table and its one "taken" ref."""
     name, backend = request.param
     database = provisioner.database(backend)
     engine = provisioner.track(database.engine(pool_size=1, max_overflow=0))
-    asgi_apps.metadata.drop_all(engine)
-    asgi_apps.metadata.create_all(engine)
-    with engine.begin() as connection:
-        connection.execute(asgi_apps.entries.insert(), [{"name": "seed", "ref": "taken"}])
-    log = tmp_path_factory.mktemp(name) / "server.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "UOW_TEST_ASGI_DATABASE_URL": database.async_url.render_as_string(hide_password=False),
-    }
-    port = free_port()
-    with log.open("wb") as output:
-        process = subprocess.Popen(command(name, port), env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(name, backend, process, f"http://127.0.0.1:{port}", log, engine)
+    env = server_env(UOW_TEST_ASGI_DATABASE_URL=database.async_url.render_as_string(hide_password=False))
     try:
-        wait_until_healthy(server)
-        yield server
+        with asgi_server(
+            name,
+            backend,
+            lambda port: command(name, port),
+            env=env,
+            log=tmp_path_factory.mktemp(name) / "server.log",
+            engine=engine,
+            metadata=asgi_apps.metadata,
+            entries=asgi_apps.entries,
+        ) as server:
+            yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        asgi_apps.metadata.drop_all(engine)
         engine.dispose()
 
 
-def wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"{server.name} exited with {server.process.returncode}:\n{server.log.read_text()}")
-        try:
-            if 200 == httpx.get(f"{server.url}/health", timeout=1).status_code:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{server.name} did not answer:\n{server.log.read_text()}")
-
-
-def stored(server: Server, prefix: str) -> set[str]:
+def stored(server: AsgiServer, prefix: str) -> set[str]:
     """The names of the committed entries under *prefix*, read with raw SQL on the test's own connection."""
-    query = text("SELECT name FROM uow_asgi_entries WHERE name LIKE :prefix")
-    with server.engine.connect() as connection:
-        return {str(name) for (name,) in connection.execute(query, {"prefix": f"{prefix}%"})}
+    return stored_names(server.engine, "uow_asgi_entries", prefix)
 
 
-def app_connections(server: Server) -> dict[str, int]:
+def connections_of_the_app(server: AsgiServer) -> dict[str, int]:
     """The app's connections to the run's database, by state, as PostgreSQL sees them ({} on SQLite)."""
     if server.backend != "postgresql":
         return {}
-    query = text(
-        "SELECT coalesce(state, 'none'), count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND application_name = :name GROUP BY 1"
-    )
-    with server.engine.connect() as connection:
-        return {str(state): int(n) for state, n in connection.execute(query, {"name": asgi_apps.APPLICATION_NAME})}
-
-
-def successes(stats: dict[str, Any]) -> set[str]:
-    """The names whose response the app started with a 2xx status."""
-    return {name for _, name, status in stats["responses"] if 200 <= status < 300}
+    return app_connections(server.engine, asgi_apps.APPLICATION_NAME)
 
 
 # -- the clients ---------------------------------------------------------------------------------------------
@@ -170,16 +102,6 @@ EXPECTED: dict[str, tuple[int | str, int | str]] = {
     "gone": (GONE, GONE),  # the client leaves before the answer
     "stream-gone": (200, 200),  # the client leaves after the first chunk
 }
-
-
-class Answer(NamedTuple):
-    """What a client got for one request."""
-
-    kind: str
-    mount: str
-    name: str
-    status: int | str
-    port: str
 
 
 async def send(client: httpx.AsyncClient, kind: str, mount: str, name: str) -> Answer:
@@ -214,28 +136,11 @@ async def send(client: httpx.AsyncClient, kind: str, mount: str, name: str) -> A
     pytest.fail(f"the client of {name} was answered before it left")
 
 
-async def run_clients(server: Server, requests: list[tuple[str, str, str]], clients: int) -> list[Answer]:
-    """Send *requests* (kind, mount, name) from *clients* httpx clients at once, each on its own connection."""
-    queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
-    for request in requests:
-        queue.put_nowait(request)
-    answers: list[Answer] = []
-
-    async def client() -> None:
-        limits = httpx.Limits(max_connections=1)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=20) as http:
-            while not queue.empty():
-                answers.append(await send(http, *queue.get_nowait()))
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return answers
-
-
 # -- the tests -------------------------------------------------------------------------------------------------
 
 
 async def test_concurrent_clients_get_the_status_of_their_commit_and_no_connection_stays_checked_out(
-    server: Server,
+    server: AsgiServer,
 ) -> None:
     """Mixed requests from concurrent clients: a row for each 2xx the app started, none for a failure, none out."""
     prefix = "load-"
@@ -243,14 +148,12 @@ async def test_concurrent_clients_get_the_status_of_their_commit_and_no_connecti
     mounts = list(asgi_apps.MOUNTS)
     # SQLite takes one writer at a time: fewer clients, fewer requests.
     count, clients = (len(kinds) * len(mounts) * 8, 30) if server.backend == "postgresql" else (90, 10)
-    requests = [
-        (kinds[(n // len(mounts)) % len(kinds)], mounts[n % len(mounts)], f"{prefix}{n:03}") for n in range(count)
-    ]
+    requests = mixed_requests(kinds, mounts, count, prefix)
 
-    answers = await run_clients(server, requests, clients)
+    answers = await run_clients(server.url, requests, clients, send)
     stats = server.settled(prefix)
     rows = stored(server, prefix)
-    connections = app_connections(server)
+    connections = connections_of_the_app(server)
     statuses = collections.Counter(answer.status for answer in answers)
     later = {f"{a.name}-later" for a in answers if a.kind == "later" and a.status == 201}
     succeeded = successes(stats)
@@ -271,7 +174,7 @@ async def test_concurrent_clients_get_the_status_of_their_commit_and_no_connecti
     assert set(connections) <= {"idle"}
 
 
-async def test_a_failed_commit_costs_the_client_no_connection(server: Server) -> None:
+async def test_a_failed_commit_costs_the_client_no_connection(server: AsgiServer) -> None:
     """A COMMIT that fails is answered 500, or 409 where mapped, on a connection that stays open for the next."""
     prefix = "keep-"
     async with httpx.AsyncClient(base_url=server.url, limits=httpx.Limits(max_connections=1)) as http:
@@ -288,7 +191,7 @@ async def test_a_failed_commit_costs_the_client_no_connection(server: Server) ->
     assert 0 == server.settled(prefix)["checked_out"]
 
 
-async def test_a_streaming_and_a_file_response_commit_before_they_start(server: Server) -> None:
+async def test_a_streaming_and_a_file_response_commit_before_they_start(server: AsgiServer) -> None:
     """A valid StreamingResponse, and a FileResponse, sent from Starlette's own task: committed, 200, body whole."""
     prefix = "stream-"
     async with httpx.AsyncClient(base_url=server.url) as http:

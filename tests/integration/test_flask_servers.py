@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 import random
 import re
 import signal
@@ -27,10 +26,7 @@ from sqlalchemy import Engine, text
 
 from tests.integration import flask_apps
 from tests.support.databases import Provisioner
-
-ROOT = Path(__file__).resolve().parents[2]
-#: What a client that left before the answer records instead of a status.
-GONE = "gone"
+from tests.support.servers import GONE, ROOT, app_connections, server_env, wait_until_healthy
 
 
 class Server(NamedTuple):
@@ -77,12 +73,10 @@ def _start_server(provisioner: Provisioner, tmp_path: Path) -> Iterator[Callable
         events = tmp_path / "events"
         events.mkdir()
         database = provisioner.database("postgresql")
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "UOW_TEST_FLASK_DATABASE_URL": database.url.render_as_string(hide_password=False),
-            "UOW_TEST_FLASK_EVENTS": str(events),
-        }
+        env = server_env(
+            UOW_TEST_FLASK_DATABASE_URL=database.url.render_as_string(hide_password=False),
+            UOW_TEST_FLASK_EVENTS=str(events),
+        )
         access_log, error_log = tmp_path / "access.log", tmp_path / "error.log"
         command = [
             sys.executable,
@@ -102,7 +96,7 @@ def _start_server(provisioner: Provisioner, tmp_path: Path) -> Iterator[Callable
         process = subprocess.Popen(command, env=env, cwd=ROOT)
         server = Server(process, wait_for_port(process, error_log), access_log, error_log, events)
         started.append(server)
-        wait_until_healthy(server)
+        wait_until_healthy("gunicorn", server.url, process, error_log)
         return server
 
     yield start
@@ -124,18 +118,6 @@ def wait_for_port(process: subprocess.Popen[bytes], error_log: Path) -> str:
             pytest.fail(f"gunicorn exited with {process.returncode}:\n{log}")
         time.sleep(0.05)
     pytest.fail(f"gunicorn did not start listening:\n{error_log.read_text()}")
-
-
-def wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if 200 == httpx.get(f"{server.url}/health", timeout=1).status_code:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"gunicorn did not answer:\n{server.error_log.read_text()}")
 
 
 def logged(server: Server, prefix: str = "/entries") -> list[tuple[str, int]]:
@@ -164,14 +146,7 @@ def stored(engine: Engine) -> dict[str, str]:
 
 def server_connections(engine: Engine) -> dict[str, int]:
     """The app's connections to the run's database, by state, as PostgreSQL sees them."""
-    query = text(
-        "SELECT coalesce(state, 'none'), count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND application_name = :name GROUP BY 1"
-    )
-    with engine.connect() as connection:
-        return {
-            str(state): int(count) for state, count in connection.execute(query, {"name": flask_apps.APPLICATION_NAME})
-        }
+    return app_connections(engine, flask_apps.APPLICATION_NAME)
 
 
 def wait_until_closed(engine: Engine) -> dict[str, int]:

@@ -20,15 +20,10 @@ import collections
 import contextlib
 import contextvars
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import pytest
@@ -40,7 +35,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import File, Stream
 from litestar.testing import AsyncTestClient
 from litestar.types import Message, Receive, Scope, Send
-from sqlalchemy import Column, Engine, ForeignKey, Integer, MetaData, Table, event, text
+from sqlalchemy import Column, Engine, ForeignKey, Integer, MetaData, Table, event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -49,6 +44,18 @@ from tests.integration import litestar_apps
 from tests.integration.conftest import rows
 from tests.support.databases import Database, Provisioner
 from tests.support.models import Item, Note, skus
+from tests.support.servers import (
+    GONE,
+    Answer,
+    AsgiServer,
+    app_connections,
+    asgi_server,
+    mixed_requests,
+    run_clients,
+    server_env,
+    stored_names,
+    successes,
+)
 from tests.support.uows import (
     AsyncAuditUnitOfWork,
     AsyncFakeAuditUnitOfWork,
@@ -797,102 +804,34 @@ def test_importing_uow_does_not_import_litestar() -> None:
 
 # -- on a real server: uvicorn, PostgreSQL, concurrent clients ------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-#: What a client that left before the answer records instead of a status.
-GONE = "gone"
 
-
-class Server(NamedTuple):
-    """uvicorn running tests.integration.litestar_apps over the run's PostgreSQL database."""
-
-    process: "subprocess.Popen[bytes]"
-    url: str
-    log: Path
-    engine: Engine
-
-    def stats(self, prefix: str) -> dict[str, Any]:
-        """The app's view: the responses it started for names under *prefix*, requests in flight, the pool."""
-        stats: dict[str, Any] = httpx.get(f"{self.url}/stats", params={"prefix": prefix}, timeout=5).json()
-        return stats
-
-    def settled(self, prefix: str) -> dict[str, Any]:
-        """The app's view once no request is running any more (a client that left may still be served)."""
-        deadline = time.monotonic() + 10
-        while (stats := self.stats(prefix))["in_flight"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return stats
-
-    def stored(self, prefix: str) -> set[str]:
-        """The names of the committed entries under *prefix*, read with raw SQL on the test's own connection."""
-        query = text("SELECT name FROM uow_litestar_entries WHERE name LIKE :prefix")
-        with self.engine.connect() as connection:
-            return {str(name) for (name,) in connection.execute(query, {"prefix": f"{prefix}%"})}
-
-    def app_connections(self) -> dict[str, int]:
-        """The app's connections to the run's database, by state, as PostgreSQL sees them."""
-        query = text(
-            "SELECT coalesce(state, 'none'), count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND application_name = :name GROUP BY 1"
-        )
-        with self.engine.connect() as connection:
-            found = connection.execute(query, {"name": litestar_apps.APPLICATION_NAME})
-            return {str(state): int(n) for state, n in found}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def uvicorn_command(port: int) -> list[str]:
+    app = "tests.integration.litestar_apps:create_app"
+    return [sys.executable, "-m", "uvicorn", "--factory", "--host=127.0.0.1", f"--port={port}", "--no-access-log", app]
 
 
 @pytest.fixture(scope="module")
-def server(provisioner: Provisioner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(provisioner: Provisioner, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsgiServer]:
     """uvicorn running the app over the run's PostgreSQL database, with the app's table and its one "taken" ref."""
     database = provisioner.database("postgresql")
     engine = provisioner.track(database.engine(pool_size=1, max_overflow=0))
-    litestar_apps.metadata.drop_all(engine)
-    litestar_apps.metadata.create_all(engine)
-    with engine.begin() as connection:
-        connection.execute(litestar_apps.entries.insert(), [{"name": "seed", "ref": "taken"}])
-    log = tmp_path_factory.mktemp("uvicorn-litestar") / "server.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "UOW_TEST_LITESTAR_DATABASE_URL": database.async_url.render_as_string(hide_password=False),
-    }
-    port = free_port()
-    app = "tests.integration.litestar_apps:create_app"
-    command = [sys.executable, "-m", "uvicorn", "--factory", "--host=127.0.0.1", f"--port={port}", "--no-access-log"]
-    with log.open("wb") as output:
-        process = subprocess.Popen([*command, app], env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
-    server = Server(process, f"http://127.0.0.1:{port}", log, engine)
-    try:
-        wait_until_healthy(server)
+    env = server_env(UOW_TEST_LITESTAR_DATABASE_URL=database.async_url.render_as_string(hide_password=False))
+    with asgi_server(
+        "uvicorn",
+        "postgresql",
+        uvicorn_command,
+        env=env,
+        log=tmp_path_factory.mktemp("uvicorn-litestar") / "server.log",
+        engine=engine,
+        metadata=litestar_apps.metadata,
+        entries=litestar_apps.entries,
+    ) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        litestar_apps.metadata.drop_all(engine)
 
 
-def wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"uvicorn exited with {server.process.returncode}:\n{server.log.read_text()}")
-        try:
-            if 200 == httpx.get(f"{server.url}/health", timeout=1).status_code:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"uvicorn did not answer:\n{server.log.read_text()}")
+def stored(server: AsgiServer, prefix: str) -> set[str]:
+    """The names of the committed entries under *prefix*, read with raw SQL on the test's own connection."""
+    return stored_names(server.engine, "uow_litestar_entries", prefix)
 
 
 #: What each kind of request expects, by whether the router maps a failed commit to 409.
@@ -909,16 +848,6 @@ EXPECTED: dict[str, tuple[int | str, int | str]] = {
     "gone": (GONE, GONE),  # the client leaves before the answer
     "stream-gone": (201, 201),  # the client leaves after the first chunk
 }
-
-
-class Answer(NamedTuple):
-    """What a client got for one request."""
-
-    kind: str
-    mount: str
-    name: str
-    status: int | str
-    port: str
 
 
 async def send(client: httpx.AsyncClient, kind: str, mount: str, name: str) -> Answer:
@@ -951,41 +880,22 @@ async def send(client: httpx.AsyncClient, kind: str, mount: str, name: str) -> A
     pytest.fail(f"the client of {name} was answered before it left")
 
 
-async def run_clients(server: Server, requests: list[tuple[str, str, str]], clients: int) -> list[Answer]:
-    """Send *requests* (kind, mount, name) from *clients* httpx clients at once, each on its own connection."""
-    queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
-    for request in requests:
-        queue.put_nowait(request)
-    answers: list[Answer] = []
-
-    async def client() -> None:
-        limits = httpx.Limits(max_connections=1)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=20) as http:
-            while not queue.empty():
-                answers.append(await send(http, *queue.get_nowait()))
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return answers
-
-
 async def test_on_uvicorn_concurrent_clients_get_the_status_of_their_commit_and_no_connection_stays_out(
-    server: Server,
+    server: AsgiServer,
 ) -> None:
     """Mixed requests from 30 clients on uvicorn: a row for each 2xx the app started, none for a failure, none out."""
     prefix = "load-"
     kinds, mounts = list(EXPECTED), list(litestar_apps.MOUNTS)
     count, clients = 300, 30
-    requests = [
-        (kinds[(n // len(mounts)) % len(kinds)], mounts[n % len(mounts)], f"{prefix}{n:03}") for n in range(count)
-    ]
+    requests = mixed_requests(kinds, mounts, count, prefix)
 
-    answers = await run_clients(server, requests, clients)
+    answers = await run_clients(server.url, requests, clients, send)
     stats = server.settled(prefix)
-    rows_stored = server.stored(prefix)
-    connections = server.app_connections()
+    rows_stored = stored(server, prefix)
+    connections = app_connections(server.engine, litestar_apps.APPLICATION_NAME)
     statuses = collections.Counter(answer.status for answer in answers)
     later = {f"{a.name}-later" for a in answers if a.kind == "later" and a.status == 201}
-    succeeded = {name for _, name, status in stats["responses"] if 200 <= status < 300}
+    succeeded = successes(stats)
     left = [a for a in answers if a.status == GONE]
     print(
         f"\nlitestar on uvicorn, postgresql: {len(answers)} requests from {clients} clients, "
@@ -1003,7 +913,7 @@ async def test_on_uvicorn_concurrent_clients_get_the_status_of_their_commit_and_
     assert "Exception in ASGI application" not in server.log.read_text()  # no error reached the server
 
 
-async def test_on_uvicorn_a_failed_commit_costs_the_client_no_connection(server: Server) -> None:
+async def test_on_uvicorn_a_failed_commit_costs_the_client_no_connection(server: AsgiServer) -> None:
     """A COMMIT that fails is answered 409, or 500 where unmapped, on a connection that stays open for the next."""
     prefix = "keep-"
     async with httpx.AsyncClient(base_url=server.url, limits=httpx.Limits(max_connections=1)) as http:
@@ -1019,5 +929,5 @@ async def test_on_uvicorn_a_failed_commit_costs_the_client_no_connection(server:
     ]
     assert expected == [answer.status for answer in answers]
     assert 1 == len({answer.port for answer in answers})
-    assert {a.name for a in answers if a.kind in ("commit", "stream-gzip")} == server.stored(prefix)
+    assert {a.name for a in answers if a.kind in ("commit", "stream-gzip")} == stored(server, prefix)
     assert 0 == server.settled(prefix)["checked_out"]

@@ -244,7 +244,7 @@ async def test_serializable_increments_from_8_tasks_lose_no_update(
 def test_interleaved_read_modify_write_makes_the_second_commit_raise_stale_data(
     pg_engine: Engine, reader: Engine
 ) -> None:
-    """Two READ COMMITTED units of work read version 1; the first commits, the second gets StaleDataError, unwritten."""
+    """Two READ COMMITTED units of work read version 1; the first commits, the second gets ConcurrencyError."""
     read = threading.Barrier(2, timeout=TIMEOUT)
     first_committed = threading.Event()
     units = [AccountsUnitOfWork(pg_engine), AccountsUnitOfWork(pg_engine)]
@@ -268,8 +268,11 @@ def test_interleaved_read_modify_write_makes_the_second_commit_raise_stale_data(
     assert {0: (0, 1), 1: (0, 1)} == seen
     assert [1] == list(failures)
     error = failures[1]
-    assert StaleDataError is type(error)
-    assert "UPDATE statement on table 'uow_rel_accounts' expected to update 1 row(s); 0 were matched." == str(error)
+    assert errors.ConcurrencyError is type(error)  # uow's error, a StaleDataError, caused by SQLAlchemy's
+    assert StaleDataError is type(error.__cause__)
+    assert "UPDATE statement on table 'uow_rel_accounts' expected to update 1 row(s); 0 were matched." == str(
+        error.__cause__
+    )
     assert True is errors.is_retryable(error)
     assert [(True, 1, 0), (False, 0, 1)] == [(unit.committed, unit.commits, unit.rollbacks) for unit in units]
     assert [(10, 2)] == rows(reader, "SELECT balance, version FROM uow_rel_accounts WHERE id = 1")
@@ -298,5 +301,5 @@ def test_versioned_increments_from_8_threads_lose_no_update(
     counter.check()
     balance_and_version = rows(reader, "SELECT balance, version FROM uow_rel_accounts WHERE id = 1")
     assert [(counter.total, 1 + len(counter.done))] == balance_and_version
-    assert {StaleDataError} == {type(error) for error in counter.retried}  # and there were some
+    assert {errors.ConcurrencyError} == {type(error) for error in counter.retried}  # and there were some
     assert 0 == checked_out(pg_engine)
