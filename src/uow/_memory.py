@@ -1612,9 +1612,6 @@ class InMemoryRepository(_InMemoryBase[T], Repository[T]):
     def _exists(self, query: Query) -> bool:
         return bool(self._store.query(self.model, query))
 
-    def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        return self._store.query(self.model, query), len(self._store.query(self.model, query.whole()))
-
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         found, created = self._store.upsert(self.model, upsert, update=update)
         return found, created
@@ -1655,9 +1652,6 @@ class AsyncInMemoryRepository(_InMemoryBase[T], AsyncRepository[T]):
 
     async def _exists(self, query: Query) -> bool:
         return bool(self._store.query(self.model, query))
-
-    async def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        return self._store.query(self.model, query), len(self._store.query(self.model, query.whole()))
 
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         found, created = self._store.upsert(self.model, upsert, update=update)

@@ -86,22 +86,6 @@ class Query:
         """The same query without its page: every matching row."""
         return attrs.evolve(self, limit=None, offset=0, start=None)
 
-    @property
-    def clauses(self) -> tuple[ColumnElement[Any], ...]:
-        """The ordering as SQLAlchemy ORDER BY terms, with the direction and NULL placement written out."""
-        terms: list[ColumnElement[Any]] = []
-        for order in self.order:
-            if not order.descending and order.nulls is None:
-                terms.append(order.column)  # ascending is ORDER BY's default
-                continue
-            term: ColumnElement[Any] = order.column.desc() if order.descending else order.column.asc()
-            if order.nulls == "first":
-                term = term.nulls_first()
-            elif order.nulls == "last":
-                term = term.nulls_last()
-            terms.append(term)
-        return tuple(terms)
-
 
 @attrs.frozen
 class Page(Generic[T]):

@@ -294,8 +294,9 @@ class Repository(_RepositoryBase[T], abc.ABC):
         """A page of what :meth:`list` returns, with how many objects match in all and a cursor to the next page.
 
         Start at *offset*, or *after* the ``next`` cursor of a previous page
-        of the same query. The objects and the total come in one query, the
-        count as a scalar subquery.
+        of the same query. Two statements in the same transaction read the
+        objects (one more than *limit*, to know whether a page follows) and
+        count them all.
         """
         self._use()
         lock = self._lock(for_update, skip_locked, nowait)
@@ -304,8 +305,8 @@ class Repository(_RepositoryBase[T], abc.ABC):
             found, total = self._list(query), self._count(query.whole())
             rest = total - query.offset if query.start is None else self._count(attrs.evolve(query, limit=None))
             return self._paged(query, found, total, more=rest > len(found))
-        found, total = self._page(self._peeking(query))
-        return self._paged(query, found, total)
+        found = self._list(self._peeking(query))
+        return self._paged(query, found, self._count(query.whole()))
 
     def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
@@ -391,10 +392,6 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     def _exists(self, query: Query) -> bool: ...
-
-    @abc.abstractmethod
-    def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        """The objects of the page, and how many rows the query matches in all (without its page or start)."""
 
     @abc.abstractmethod
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
@@ -487,8 +484,8 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
             found, total = await self._list(query), await self._count(query.whole())
             rest = total - query.offset if query.start is None else await self._count(attrs.evolve(query, limit=None))
             return self._paged(query, found, total, more=rest > len(found))
-        found, total = await self._page(self._peeking(query))
-        return self._paged(query, found, total)
+        found = await self._list(self._peeking(query))
+        return self._paged(query, found, await self._count(query.whole()))
 
     async def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
@@ -547,10 +544,6 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     async def _exists(self, query: Query) -> bool: ...
-
-    @abc.abstractmethod
-    async def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        """The objects of the page, and how many rows the query matches in all (without its page or start)."""
 
     @abc.abstractmethod
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:

@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import attrs
 from sqlalchemy import Delete, Select, Update, delete, func, inspect, select, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -35,10 +36,9 @@ def _where(stmt: Select[Any], query: Query) -> Select[Any]:
     return stmt.filter_by(**query.filters) if query.filters else stmt
 
 
-def _list_statement(info: ModelInfo, query: Query, dialect: str, *, total: Any = None) -> Select[Any]:
-    """The SELECT of *query*; with *total*, a scalar subquery that counts, each row carries it too."""
-    entities: tuple[Any, ...] = (info.model,) if total is None else (info.model, total)
-    stmt = _where(select(*entities), query).order_by(*_ordering(query, dialect))
+def _list_statement(info: ModelInfo, query: Query, dialect: str) -> Select[Any]:
+    """The SELECT of *query*."""
+    stmt = _where(select(info.model), query).order_by(*_ordering(query, dialect))
     if query.limit is not None:
         stmt = stmt.limit(query.limit)
     if query.offset:
@@ -54,16 +54,22 @@ _LOCKS: dict[str, dict[str, bool]] = {"update": {}, "skip_locked": {"skip_locked
 
 def _ordering(query: Query, dialect: str) -> list[ColumnElement[Any]]:
     """ORDER BY terms; MySQL and MariaDB have no NULLS FIRST/LAST, so a NULL test goes before the column there."""
-    if dialect not in ("mysql", "mariadb"):
-        return list(query.clauses)
     terms: list[ColumnElement[Any]] = []
-    for order, clause in zip(query.order, query.clauses, strict=True):
-        if order.nulls is not None:
+    for order in query.order:
+        column: Any = order.column
+        if order.nulls is not None and dialect in ("mysql", "mariadb"):
             # NULLs come first there ascending, last descending; a NULL test first puts them where asked.
-            terms.append(order.column.is_(None).desc() if order.nulls == "first" else order.column.is_(None).asc())
-            terms.append(order.column.desc() if order.descending else order.column.asc())
-        else:
-            terms.append(clause)
+            terms.append(column.is_(None).desc() if order.nulls == "first" else column.is_(None).asc())
+            order = attrs.evolve(order, nulls=None)
+        if not order.descending and order.nulls is None:
+            terms.append(column)  # ascending is ORDER BY's default
+            continue
+        term = column.desc() if order.descending else column.asc()
+        if order.nulls == "first":
+            term = term.nulls_first()
+        elif order.nulls == "last":
+            term = term.nulls_last()
+        terms.append(term)
     return terms
 
 
@@ -225,18 +231,6 @@ class SqlAlchemyRepository(Repository[T]):
     def _exists(self, query: Query) -> bool:
         return bool(self._session.scalar(_exists_statement(self._info, query)))
 
-    def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        session = self._session
-        # One round trip: the count is an uncorrelated scalar subquery, which the database runs once.
-        total = _count_statement(self._info, query.whole()).scalar_subquery()
-        stmt = _list_statement(self._info, query, _dialect(session, self._info), total=total)
-        rows = (session.execute(stmt)).all()
-        if rows:
-            return [row[0] for row in rows], int(rows[0][1])
-        if not query.offset and query.start is None:
-            return [], 0
-        return [], self._count(query.whole())  # past the last row: no row carries the count
-
     def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         session = self._session
         session.flush()
@@ -321,18 +315,6 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
 
     async def _exists(self, query: Query) -> bool:
         return bool(await self._session.scalar(_exists_statement(self._info, query)))
-
-    async def _page(self, query: Query) -> tuple[Sequence[T], int]:
-        session = self._session
-        # One round trip: the count is an uncorrelated scalar subquery, which the database runs once.
-        total = _count_statement(self._info, query.whole()).scalar_subquery()
-        stmt = _list_statement(self._info, query, _dialect(session.sync_session, self._info), total=total)
-        rows = (await session.execute(stmt)).all()
-        if rows:
-            return [row[0] for row in rows], int(rows[0][1])
-        if not query.offset and query.start is None:
-            return [], 0
-        return [], await self._count(query.whole())  # past the last row: no row carries the count
 
     async def _upsert(self, upsert: Upsert, *, update: bool) -> tuple[T, bool]:
         session = self._session
