@@ -117,8 +117,15 @@ def lock_mode(for_update: object, skip_locked: object, nowait: object) -> str | 
     return "skip_locked" if skip_locked else "nowait" if nowait else "update"
 
 
+_model_tables: dict[type[Any], frozenset[Table]] = {}
+
+
 def _tables(info: ModelInfo) -> frozenset[Table]:
-    return frozenset(table for table in info.mapper.tables if isinstance(table, Table))
+    """The tables *info*'s model is mapped to, read once per model."""
+    found = _model_tables.get(info.model)
+    if found is None:
+        found = _model_tables[info.model] = frozenset(table for table in info.mapper.tables if isinstance(table, Table))
+    return found
 
 
 def build_query(
@@ -177,7 +184,23 @@ def _primary_key_order(info: ModelInfo) -> tuple[Order, ...]:
     return found
 
 
+#: The where clauses checked lately, by id, with their model: a clause used twice (a listing and its
+#: count) is checked once. The clause itself is kept, so that its id is not reused meanwhile.
+_checked: dict[int, tuple[Any, type[Any]]] = {}
+_CHECKED_KEPT = 256
+
+
 def _check_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None:
+    known = _checked.get(id(clause))
+    if known is not None and known[0] is clause and known[1] is info.model:
+        return
+    _check_new_where(info, tables, clause)
+    if len(_checked) >= _CHECKED_KEPT:
+        _checked.clear()  # start over: one step, safe with threads
+    _checked[id(clause)] = (clause, info.model)
+
+
+def _check_new_where(info: ModelInfo, tables: frozenset[Table], clause: Any) -> None:
     name = info.model.__name__
     if isinstance(clause, bool) or not isinstance(clause, ColumnElement):
         msg = (
