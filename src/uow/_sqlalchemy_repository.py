@@ -43,13 +43,12 @@ def _list_statement(info: ModelInfo, query: Query, dialect: str) -> Select[Any]:
         stmt = stmt.limit(query.limit)
     if query.offset:
         stmt = stmt.offset(query.offset)
-    if query.lock is None:
-        return stmt
-    return stmt.with_for_update(skip_locked=query.lock == "skip_locked", nowait=query.lock == "nowait")
+    return stmt if query.lock is None else stmt.with_for_update(**_for_update(query.lock))
 
 
-#: ``with_for_update()`` arguments per row lock; SQLite has no row locks, and SQLAlchemy leaves the clause out.
-_LOCKS: dict[str, dict[str, bool]] = {"update": {}, "skip_locked": {"skip_locked": True}, "nowait": {"nowait": True}}
+def _for_update(lock: str) -> dict[str, Any]:
+    """``with_for_update()`` arguments of a row lock; SQLite has no row locks, and SQLAlchemy leaves the clause out."""
+    return {"skip_locked": lock == "skip_locked", "nowait": lock == "nowait"}
 
 
 def _ordering(query: Query, dialect: str) -> list[ColumnElement[Any]]:
@@ -87,9 +86,7 @@ def _upsert_statement(upsert: Upsert, dialect: str, *, update: bool) -> Any:
     MySQL and MariaDB have no DO NOTHING on a given key: :func:`_kept` inserts there instead.
     """
     table = upsert.table
-    row = dict(upsert.row)
-    if upsert.version is not None:
-        row[upsert.version] = 1
+    row = upsert.insert_row
     if dialect in ("mysql", "mariadb"):
         mysql_stmt = mysql_insert(table).values(row)
         changes: dict[str, Any] = {column: mysql_stmt.inserted[column] for column in upsert.changes}
@@ -216,7 +213,7 @@ class SqlAlchemyRepository(Repository[T]):
             session.execute(statement, rows)
 
     def _get(self, key: Any, lock: str | None) -> T | None:
-        found = self._session.get(self.model, key, with_for_update=None if lock is None else _LOCKS[lock])
+        found = self._session.get(self.model, key, with_for_update=None if lock is None else _for_update(lock))
         if found is not None and _pending_delete(self._session, found):
             return None
         return found
@@ -246,12 +243,9 @@ class SqlAlchemyRepository(Repository[T]):
     def _insert_or_keep(self, upsert: Upsert) -> bool:
         """INSERT in a savepoint; a duplicate key rolls it back: the row exists. Whether it inserted."""
         session = self._session
-        row = dict(upsert.row)
-        if upsert.version is not None:
-            row[upsert.version] = 1
         try:
             with session.begin_nested():
-                session.execute(upsert.table.insert().values(row))
+                session.execute(upsert.table.insert().values(upsert.insert_row))
         except IntegrityError as error:
             if not _is_duplicate(error):
                 raise
@@ -300,7 +294,7 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
             await session.execute(statement, rows)
 
     async def _get(self, key: Any, lock: str | None) -> T | None:
-        found = await self._session.get(self.model, key, with_for_update=None if lock is None else _LOCKS[lock])
+        found = await self._session.get(self.model, key, with_for_update=None if lock is None else _for_update(lock))
         if found is not None and _pending_delete(self._session.sync_session, found):
             return None
         return found
@@ -331,12 +325,9 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
     async def _insert_or_keep(self, upsert: Upsert) -> bool:
         """INSERT in a savepoint; a duplicate key rolls it back: the row exists. Whether it inserted."""
         session = self._session
-        row = dict(upsert.row)
-        if upsert.version is not None:
-            row[upsert.version] = 1
         try:
             async with session.begin_nested():
-                await session.execute(upsert.table.insert().values(row))
+                await session.execute(upsert.table.insert().values(upsert.insert_row))
         except IntegrityError as error:
             if not _is_duplicate(error):
                 raise

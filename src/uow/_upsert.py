@@ -41,6 +41,11 @@ class Upsert:
     #: The version counter's column key, if the model has one.
     version: str | None
 
+    @property
+    def insert_row(self) -> dict[str, Any]:
+        """The row an INSERT writes: the values given, and a version counter's first value."""
+        return self.row if self.version is None else {**self.row, self.version: 1}
+
 
 def build_upsert(info: ModelInfo, what: str, obj_or_values: Any, on: Sequence[str] | None) -> Upsert:
     """Check an upsert of *info*'s model; raise :class:`~uow.errors.QueryError` naming what is wrong."""
