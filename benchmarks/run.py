@@ -348,6 +348,11 @@ def calibrate(call: Callable[[int], None], plan: Plan, ids: Iterator[int]) -> in
 
 def measure(variants: dict[str, Callable[[int], None]], plan: Plan, reference: str) -> dict[str, float]:
     """Median microseconds per call of each variant, over interleaved rounds."""
+    return {name: statistics.median(values) for name, values in sample(variants, plan, reference).items()}
+
+
+def sample(variants: dict[str, Callable[[int], None]], plan: Plan, reference: str) -> dict[str, list[float]]:
+    """Microseconds per call of each variant in each of the interleaved rounds, in round order."""
     ids = _ids()
     for call in variants.values():  # warm up: caches, compiled statements, the pool
         for _ in range(20):
@@ -361,7 +366,7 @@ def measure(variants: dict[str, Callable[[int], None]], plan: Plan, reference: s
         for _ in range(n):
             call(next(ids))
         samples[name].append((time.perf_counter() - start) / n * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 async def measure_async(
@@ -723,7 +728,12 @@ PAGE_ROWS, PAGE_SIZE, PAGE_OFFSET = 10_000, 20, 200
 
 
 def measure_page(engine: Engine, plan: Plan) -> dict[str, float]:
-    """Per-call µs of a 20-row page with its total over 10,000 rows: uow's page() against select() plus count()."""
+    """Per-call µs of a 20-row page with its total over 10,000 rows: uow's page() against select() plus count().
+
+    ``"ratio"`` is the median of the rounds' ratios, each of a page() batch to the select() + count() batch
+    beside it: the server's speed drifts by more than the difference over a run, and a round's two batches
+    share its moment. The rounds are twice the plan's, since this is one figure with a target of its own.
+    """
     with engine.begin() as connection:
         connection.execute(entries_table.delete())
         connection.execute(
@@ -750,7 +760,17 @@ def measure_page(engine: Engine, plan: Plan) -> dict[str, float]:
         assert len(page.items) == PAGE_SIZE
         assert page.total
 
-    return measure({"select() + count()": raw, "uow page()": paged}, plan, "select() + count()")
+    rounds = sample(
+        {"select() + count()": raw, "uow page()": paged},
+        Plan(plan.rounds * 2, plan.batch_seconds),
+        "select() + count()",
+    )
+    reference, value = rounds["select() + count()"], rounds["uow page()"]
+    return {
+        "select() + count()": statistics.median(reference),
+        "uow page()": statistics.median(value),
+        "ratio": statistics.median(ours / theirs for ours, theirs in zip(value, reference, strict=True)),
+    }
 
 
 def print_postgresql_extras(bulk: dict[str, float], threads: dict[int, dict[str, float]]) -> None:
@@ -973,11 +993,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_postgresql_extras(bulk, threads)
     if paging:
-        reference, value = paging["select() + count()"], paging["uow page()"]
+        reference, value, ratio = paging["select() + count()"], paging["uow page()"], paging["ratio"]
         print(
             f"\n{PAGE_SIZE}-row page with its total over {PAGE_ROWS:,} rows on PostgreSQL: uow page() {value:.0f} µs, "
-            f"select() + count() {reference:.0f} µs\n  target: page() ≤ 1.05x: {value / reference:.3f}x  "
-            f"{verdict(value / reference <= 1.05)}"
+            f"select() + count() {reference:.0f} µs\n  target: page() ≤ 1.05x (median of the rounds' ratios): "
+            f"{ratio:.3f}x  {verdict(ratio <= 1.05)}"
         )
     if args.markdown:
         print_markdown(results, bulk, threads)

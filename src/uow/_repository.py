@@ -14,7 +14,6 @@ import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeAlias, TypeVar
 
-import attrs
 from sqlalchemy.orm import QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -145,7 +144,7 @@ class _RepositoryBase(Generic[T]):
     def _peeking(query: Query) -> Query:
         """The page's query, one row longer: that row says whether another page follows."""
         assert query.limit is not None
-        return attrs.evolve(query, limit=query.limit + 1)
+        return query.limited(query.limit + 1)
 
     def _paged(self, query: Query, found: Sequence[T], total: int, more: bool | None = None) -> Page[T]:
         """The page of *found*, its rows from the page's start on: one more than the page holds if any
@@ -303,10 +302,13 @@ class Repository(_RepositoryBase[T], abc.ABC):
         query = self._page_query(where, filters, order_by, limit, offset, after, lock)
         if query.lock is not None:  # no row beyond the page is locked: counts say what follows
             found, total = self._list(query), self._count(query.whole())
-            rest = total - query.offset if query.start is None else self._count(attrs.evolve(query, limit=None))
+            rest = total - query.offset if query.start is None else self._count(query.limited(None))
             return self._paged(query, found, total, more=rest > len(found))
-        found = self._list(self._peeking(query))
-        return self._paged(query, found, self._count(query.whole()))
+        if query.start is None:  # an offset page: the total says whether another follows
+            found, total = self._list_and_count(query)
+            return self._paged(query, found, total, more=query.offset + len(found) < total)
+        found, total = self._list_and_count(self._peeking(query))  # one row more says it
+        return self._paged(query, found, total)
 
     def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
@@ -389,6 +391,10 @@ class Repository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     def _count(self, query: Query) -> int: ...
+
+    def _list_and_count(self, query: Query) -> tuple[Sequence[T], int]:
+        """What :meth:`_list` returns for *query*, and how many objects its whole listing holds, without a page."""
+        return self._list(query), self._count(query.whole())
 
     @abc.abstractmethod
     def _exists(self, query: Query) -> bool: ...
@@ -482,10 +488,13 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
         query = self._page_query(where, filters, order_by, limit, offset, after, lock)
         if query.lock is not None:  # no row beyond the page is locked: counts say what follows
             found, total = await self._list(query), await self._count(query.whole())
-            rest = total - query.offset if query.start is None else await self._count(attrs.evolve(query, limit=None))
+            rest = total - query.offset if query.start is None else await self._count(query.limited(None))
             return self._paged(query, found, total, more=rest > len(found))
-        found = await self._list(self._peeking(query))
-        return self._paged(query, found, await self._count(query.whole()))
+        if query.start is None:  # an offset page: the total says whether another follows
+            found, total = await self._list_and_count(query)
+            return self._paged(query, found, total, more=query.offset + len(found) < total)
+        found, total = await self._list_and_count(self._peeking(query))  # one row more says it
+        return self._paged(query, found, total)
 
     async def exists(self, *where: Where, **filters: Any) -> bool:
         """Whether :meth:`list` would return any object for the same clauses and filters."""
@@ -541,6 +550,10 @@ class AsyncRepository(_RepositoryBase[T], abc.ABC):
 
     @abc.abstractmethod
     async def _count(self, query: Query) -> int: ...
+
+    async def _list_and_count(self, query: Query) -> tuple[Sequence[T], int]:
+        """What :meth:`_list` returns for *query*, and how many objects its whole listing holds, without a page."""
+        return await self._list(query), await self._count(query.whole())
 
     @abc.abstractmethod
     async def _exists(self, query: Query) -> bool: ...

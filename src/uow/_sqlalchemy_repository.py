@@ -76,6 +76,20 @@ def _count_statement(info: ModelInfo, query: Query) -> Select[Any]:
     return _where(select(func.count()).select_from(info.model), query)
 
 
+#: The databases that read a page and its total in one statement, at no cost beyond the two statements'.
+#: PostgreSQL and MariaDB would compute the count column on every row that the sort reads, which costs them
+#: more than the round trip saves once many rows match (docs/repositories.md has the figures).
+_COUNTS_WITH_PAGE = frozenset({"sqlite"})
+
+
+def _page_statement(info: ModelInfo, query: Query, dialect: str) -> Select[Any]:
+    """The SELECT of *query* with a last column, the count of its whole listing: a page and its total in one
+    statement, and so from one snapshot. The count is a scalar subquery of its own FROM (never correlated with
+    the page's), which the database computes once."""
+    total = _count_statement(info, query.whole()).correlate(None).scalar_subquery()
+    return _list_statement(info, query, dialect).add_columns(total)
+
+
 def _exists_statement(info: ModelInfo, query: Query) -> Select[Any]:
     return select(_where(select(info.model), query).exists())
 
@@ -225,6 +239,16 @@ class SqlAlchemyRepository(Repository[T]):
     def _count(self, query: Query) -> int:
         return int(self._session.scalar(_count_statement(self._info, query)) or 0)
 
+    def _list_and_count(self, query: Query) -> tuple[Sequence[T], int]:
+        session = self._session
+        dialect = _dialect(session, self._info)
+        if dialect not in _COUNTS_WITH_PAGE:
+            return self._list(query), self._count(query.whole())
+        rows = session.execute(_page_statement(self._info, query, dialect)).all()
+        if not rows:  # no row carries the total: nothing matches, or the page starts past the end
+            return [], 0 if query.offset == 0 and query.start is None else self._count(query.whole())
+        return [row[0] for row in rows], int(rows[0][1])
+
     def _exists(self, query: Query) -> bool:
         return bool(self._session.scalar(_exists_statement(self._info, query)))
 
@@ -306,6 +330,16 @@ class AsyncSqlAlchemyRepository(AsyncRepository[T]):
 
     async def _count(self, query: Query) -> int:
         return int(await self._session.scalar(_count_statement(self._info, query)) or 0)
+
+    async def _list_and_count(self, query: Query) -> tuple[Sequence[T], int]:
+        session = self._session
+        dialect = _dialect(session.sync_session, self._info)
+        if dialect not in _COUNTS_WITH_PAGE:
+            return await self._list(query), await self._count(query.whole())
+        rows = (await session.execute(_page_statement(self._info, query, dialect))).all()
+        if not rows:  # no row carries the total: nothing matches, or the page starts past the end
+            return [], 0 if query.offset == 0 and query.start is None else await self._count(query.whole())
+        return [row[0] for row in rows], int(rows[0][1])
 
     async def _exists(self, query: Query) -> bool:
         return bool(await self._session.scalar(_exists_statement(self._info, query)))

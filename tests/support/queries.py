@@ -214,6 +214,35 @@ class QueryContract:
             past = await uow.notes.page(order_by=Note.text, limit=2, offset=7)
             assert ([], 5, None) == (past.items, past.total, past.next)
 
+    async def test_offset_pages_end_where_the_total_does(self, shop: Shop) -> None:
+        """An offset page has a next cursor exactly while objects follow it; keyword filters narrow the total too."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        async with uow:
+            middle = await uow.notes.page(order_by=Note.text, limit=2, offset=2)
+            assert (["c", "d"], 5) == ([note.text for note in middle.items], middle.total)
+            assert middle.next is not None
+            last = await uow.notes.page(order_by=Note.text, limit=2, offset=3)
+            assert (["d", "e"], 5, None) == ([note.text for note in last.items], last.total, last.next)
+            none = await uow.notes.page(Note.rank > 100, limit=2)
+            assert ([], 0, None) == (none.items, none.total, none.next)
+            red = await uow.notes.page(Note.rank > 0, order_by=Note.text, limit=1, tag="red")
+            assert (["a"], 1, None) == ([note.text for note in red.items], red.total, red.next)
+            following = await uow.notes.page(order_by=Note.text, limit=3, after=middle.next)
+            assert (["e"], 5, None) == ([note.text for note in following.items], following.total, following.next)
+
+    async def test_a_clause_or_ordering_checked_for_one_model_is_still_refused_for_another(self, shop: Shop) -> None:
+        """The same where clause or order_by object, accepted for notes, raises QueryError on another model."""
+        await notes(shop, *ROWS)
+        uow = shop.uow()
+        ranked, by_text = Note.rank > 1, Note.text.desc()
+        async with uow:
+            assert ["e", "d", "a"] == [note.text for note in await uow.notes.list(ranked, order_by=by_text)]
+            with pytest.raises(errors.QueryError, match="cannot answer the same way"):
+                await uow.skus.list(ranked)  # type: ignore[arg-type]
+            with pytest.raises(errors.QueryError, match="order_by"):
+                await uow.skus.list(order_by=by_text)
+
     async def test_keyset_cursor_survives_rows_added_before_it(self, shop: Shop) -> None:
         """A cursor on NOT NULL columns starts after its object, even when rows are inserted before it."""
         await notes(shop, *ROWS)
