@@ -20,6 +20,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from . import _hooks
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
+from ._outbox import Message, Outbox
 from ._ownership import current_task
 from ._repository import AsyncRepository
 from ._scope import (
@@ -36,7 +37,7 @@ from ._scope import (
     _Scope,
     _Transaction,
 )
-from .errors import ConcurrencyError, _concurrency_error
+from .errors import ConcurrencyError, OutboxError, _concurrency_error
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -80,6 +81,11 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     async def _begin_savepoint(self, session: Any) -> Any:
         """Begin a savepoint and return its handle."""
+
+    async def _store_messages(self, session: Any, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
+        """Write *messages*, with their payloads' bytes, to *outbox* in the session's transaction."""
+        msg = f"{type(self).__name__} cannot write an outbox: it does not define _store_messages()"
+        raise OutboxError(msg)
 
     @abc.abstractmethod
     async def _end_savepoint(self, handle: Any, *, release: bool) -> None:
@@ -288,6 +294,11 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         tx = scope.tx
         try:
             await self._flush(tx.session)
+            outbox = self.outbox
+            if outbox is not None and (tx.outbox or outbox.events is not None):
+                outgoing = self._outgoing(tx, outbox)
+                if outgoing:
+                    await self._store_messages(tx.session, outbox, outgoing)
             try:
                 await self._commit(tx.session)
             except BaseException as error:

@@ -8,6 +8,7 @@ from typing import Any
 from ._async_unit_of_work import AsyncUnitOfWork
 from ._machine import _UnitOfWorkCore
 from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession, _Savepoint
+from ._outbox import Message, Outbox
 from ._scope import _Transaction
 from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError
@@ -45,6 +46,15 @@ class _FakeCore(_UnitOfWorkCore):
         #: taken, ``"update"``, ``"skip_locked"`` or ``"nowait"``, so that a test can assert that a service
         #: locked what it changes. A composite key is a tuple.
         self.locked: dict[tuple[type[Any], Any], str] = {}
+
+    @property
+    def published(self) -> list[Message]:
+        """The messages that committed transactions wrote to the outbox, oldest first, for a test to assert on.
+
+        A relay would send exactly these: a message published in work that
+        rolled back, or in a savepoint that rolled back, is not among them.
+        """
+        return self.database.published
 
     def _prepare(self, tx: _Transaction) -> None:
         """The fake has no isolation levels, and read-only mode is enforced at flush."""
@@ -95,6 +105,9 @@ class FakeUnitOfWork(_FakeCore, UnitOfWork):
     def _commit(self, session: InMemorySession) -> None:
         session.commit()
 
+    def _store_messages(self, session: InMemorySession, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
+        session.stage_messages(message for message, _ in messages)
+
     def _rollback(self, session: InMemorySession) -> None:
         session.rollback()
 
@@ -122,6 +135,11 @@ class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
 
     async def _commit(self, session: InMemorySession) -> None:
         session.commit()
+
+    async def _store_messages(
+        self, session: InMemorySession, outbox: Outbox, messages: list[tuple[Message, bytes]]
+    ) -> None:
+        session.stage_messages(message for message, _ in messages)
 
     async def _rollback(self, session: InMemorySession) -> None:
         session.rollback()

@@ -16,13 +16,14 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import Token
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 from . import _hooks
 from ._declare import _Declarations
+from ._outbox import Message, Outbox
 from ._ownership import (
     _CONTEXTLIB,
     _ENTER_NAMES,
@@ -61,6 +62,7 @@ from .errors import (
     ConfigurationError,
     InactiveUnitOfWorkError,
     JoinedScopeError,
+    OutboxError,
     OwnershipError,
     ReadOnlyError,
     RollbackOnlyError,
@@ -80,6 +82,9 @@ _MAY_BE_HELD: dict[CodeType, bool] = {}
 
 class _UnitOfWorkCore(_Declarations):
     """The state machine shared by the sync and async units of work; does no I/O."""
+
+    #: Where :meth:`publish` writes, declared on the unit of work class; None: publishing is refused.
+    outbox: Outbox | None = None
 
     def __init__(
         self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
@@ -297,6 +302,7 @@ class _UnitOfWorkCore(_Declarations):
         elif scope.kind is SAVEPOINT:
             scope.hook_mark = len(tx.hooks)
             scope.event_marks = _hooks.event_marks(tx)
+            scope.outbox_mark = len(tx.outbox)
         if scope.read_only and not tx.write_guarded:
             tx.write_guarded = True
             self._guard_writes(tx)
@@ -691,6 +697,8 @@ class _UnitOfWorkCore(_Declarations):
     def _committed(self, scope: _Scope) -> None:
         tx = scope.tx
         tx.used = False
+        if tx.outbox:
+            tx.outbox.clear()  # written in the commit
         tx.commits += 1
         self.commits += 1
         parent = tx.parent
@@ -709,6 +717,7 @@ class _UnitOfWorkCore(_Declarations):
     def _rolled_back(self, tx: _Transaction) -> None:
         tx.used = False
         tx.hooks.clear()
+        tx.outbox.clear()
         self.rollbacks += 1
         if self._scopes[0].tx is tx:
             self.rolled_back = True
@@ -737,6 +746,7 @@ class _UnitOfWorkCore(_Declarations):
         tx = scope.tx
         if error is not None or not release:
             del tx.hooks[scope.hook_mark :]
+            del tx.outbox[scope.outbox_mark :]
             _hooks.drop_events_since(tx, scope.event_marks)
         self._pop(scope, state)
         if error is not None:
@@ -800,6 +810,46 @@ class _UnitOfWorkCore(_Declarations):
         scope = self._scope_for("on_commit()")
         scope.tx.hooks.append((callback, robust))
         scope.tx.used = True
+
+    def publish(
+        self, topic: str, payload: Any, *, key: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> Message:
+        """Publish a message through the outbox: written in the owner's real commit, sent after it by a relay.
+
+        Messages of one *key* are sent in the order they were committed.
+        The payload is serialized now, so that one the outbox cannot write
+        raises :class:`~uow.errors.OutboxError` here. A rollback drops the
+        message, and so does a savepoint that rolls back around it. Needs an
+        :class:`~uow.Outbox` declared on the unit of work's class.
+        """
+        outbox = self.outbox
+        if outbox is None:
+            msg = (
+                f"publish() needs an outbox: declare `outbox = uow.Outbox(metadata)` on {type(self).__name__} "
+                "or the unit of work class it derives from"
+            )
+            raise OutboxError(msg)
+        staged = outbox.message(topic, payload, key, headers)
+        scope = self._scope_for("publish()")
+        if scope.read_only:
+            self._check_write(f"a message to {topic!r}")
+        tx = scope.tx
+        tx.outbox.append(staged)
+        tx.used = True
+        return staged[0]
+
+    def _outgoing(self, tx: _Transaction, outbox: Outbox) -> list[tuple[Message, bytes]]:
+        """What the commit of *tx* writes to the outbox: the messages published, then those of its domain events."""
+        outgoing = tx.outbox
+        if outbox.events is not None:
+            outgoing = list(outgoing)
+            for repo in tx.repositories.values():
+                for obj in repo._seen.values():
+                    for event in getattr(obj, "events", None) or ():
+                        message = outbox.routed(event)
+                        if message is not None:
+                            outgoing.append((message, outbox.body(message)))
+        return outgoing
 
     def collect_new_events(self) -> Iterator[object]:
         """Yield the domain events of committed work, each once, oldest first.

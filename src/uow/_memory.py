@@ -41,6 +41,7 @@ from sqlalchemy.orm.base import (
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from ._outbox import Message
 from ._query import Order, Query, _QueryEvaluator, matcher, sort_rows
 from ._repository import AsyncRepository, Repository, _RepositoryBase
 from ._rows import Key, Overlay, Row, Store, coerce, is_generated, spec_of
@@ -251,6 +252,8 @@ class InMemoryDatabase:
 
     def __init__(self, unenforced: frozenset[str] = frozenset()) -> None:
         self.store = Store(unenforced)
+        #: The messages committed to the outbox, oldest first.
+        self.published: builtins.list[Message] = []
 
     def rows(self, model_or_table: Any) -> builtins.list[dict[str, Any]]:
         """The committed rows of a table, or of a mapped class's first table, in primary-key order.
@@ -302,6 +305,8 @@ class InMemorySession:
         self.locked: dict[tuple[type[Any], Any], str] = {}
         # While a read-only scope runs inside a read-write one: the state of every object when it began.
         self._watched: dict[int, tuple[Any, dict[str, Any]]] | None = None
+        # The messages the commit under way writes to the outbox.
+        self._messages: builtins.list[Message] = []
 
     # -- transaction ---------------------------------------------------------
 
@@ -318,10 +323,18 @@ class InMemorySession:
         try:
             self._overlay.commit()
         except BaseException as error:
+            self._messages = []
             self._fail(error)
             raise
+        if self._messages:
+            self._database.published.extend(self._messages)
+            self._messages = []
         self._inserted_ids = set()
         self._gone = {}
+
+    def stage_messages(self, messages: Iterable[Message]) -> None:
+        """Messages for the outbox, published if the commit under way succeeds."""
+        self._messages.extend(messages)
 
     def rollback(self) -> None:
         """Discard the writes; loaded objects stay, refreshed from the committed rows, as SQLAlchemy reloads them.
@@ -330,6 +343,7 @@ class InMemorySession:
         them; an object whose row is gone is forgotten too.
         """
         inserted = self._inserted_ids
+        self._messages = []
         self._overlay.end()
         self._pending.clear()
         self._deleted.clear()

@@ -19,6 +19,7 @@ from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._machine import _UnitOfWorkCore
+    from ._outbox import Message
     from ._repository import _RepositoryBase
 
 __all__ = ["ISOLATION_LEVELS", "Kind", "Plan", "Propagation", "State", "check_options"]
@@ -125,6 +126,7 @@ class _Transaction(_Health):
         "isolation_level",
         "nested_commits",
         "open",
+        "outbox",
         "outcome_unknown",
         "parent",
         "read_only",
@@ -147,6 +149,8 @@ class _Transaction(_Health):
         self.isolation_level = isolation_level
         self.repositories: dict[str, _RepositoryBase[Any]] = {}
         self.hooks: list[_Hook] = []
+        #: The messages published in it, with their payloads' bytes, for the outbox at its commit.
+        self.outbox: list[tuple[Message, bytes]] = []
         #: Whether a repository or the session was used since the last commit or rollback.
         self.used = False
         self.session: Any = None
@@ -191,6 +195,7 @@ class _Scope:
         "hook_mark",
         "kind",
         "narrows",
+        "outbox_mark",
         "read_only",
         "serial",
         "state",
@@ -216,10 +221,11 @@ class _Scope:
         self.serial = 0
         #: For a joined scope: read-only inside a read-write one, so its writes are checked at its end.
         self.narrows = False
-        #: For a savepoint: its handle, and the hooks and domain events there were when it began.
+        #: For a savepoint: its handle, and the hooks, domain events and messages there were when it began.
         self.handle: Any = None
         self.hook_mark = 0
         self.event_marks: Mapping[int, int] = _NO_MARKS
+        self.outbox_mark = 0
 
     @property
     def suspended(self) -> bool:

@@ -13,12 +13,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, event, insert
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ._machine import _UnitOfWorkCore
+from ._outbox import Message, Outbox
 from ._scope import _Transaction
 from ._sqlalchemy_repository import SqlAlchemyRepository
 from ._unit_of_work import UnitOfWork
@@ -357,6 +358,9 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
 
     def _commit(self, session: Session) -> None:
         session.commit()
+
+    def _store_messages(self, session: Session, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
+        session.execute(insert(outbox.table), outbox.rows(messages))
 
     def _rollback(self, session: Session) -> None:
         session.rollback()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
 from ._async_unit_of_work import AsyncUnitOfWork
+from ._outbox import Message, Outbox
 from ._scope import _Transaction
 from ._sqlalchemy import (
     _guard_session,
@@ -101,6 +102,11 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
 
     async def _commit(self, session: AsyncSession) -> None:
         await session.commit()
+
+    async def _store_messages(
+        self, session: AsyncSession, outbox: Outbox, messages: list[tuple[Message, bytes]]
+    ) -> None:
+        await session.execute(insert(outbox.table), outbox.rows(messages))
 
     async def _rollback(self, session: AsyncSession) -> None:
         await session.rollback()

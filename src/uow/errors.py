@@ -26,6 +26,7 @@ __all__ = [
     "ModelTypeError",
     "MultipleResultsError",
     "NotInRepositoryError",
+    "OutboxError",
     "OwnershipError",
     "QueryError",
     "ReadOnlyError",
@@ -117,6 +118,10 @@ def _concurrency_error(error: BaseException) -> ConcurrencyError:
 
 class QueryError(UowError, TypeError):
     """A repository query used something that the repositories cannot answer alike on every implementation."""
+
+
+class OutboxError(UowError, TypeError):
+    """A message cannot go to the outbox: none is declared, or its topic, key, headers or payload are wrong."""
 
 
 class ModelTypeError(UowError, TypeError):

@@ -11,7 +11,8 @@ from sqlalchemy.orm import sessionmaker
 
 from tests.support.contract import Contract
 from tests.support.databases import Database
-from tests.support.harness import Shop, sql_reader
+from tests.support.harness import Shop, sql_messages, sql_reader
+from tests.support.outbox import OutboxContract
 from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
@@ -22,11 +23,23 @@ from tests.support.uows import AsyncSqlAlchemyShopUnitOfWork, SqlAlchemyShopUnit
 async def _shop(request: pytest.FixtureRequest, database: Database, engine: Engine) -> AsyncIterator[Shop]:
     name = f"{database.backend}-{request.param}"
     if request.param == "sync":
-        yield Shop(name, lambda **kw: SqlAlchemyShopUnitOfWork(engine, **kw), sql_reader(engine), is_async=False)
+        yield Shop(
+            name,
+            lambda **kw: SqlAlchemyShopUnitOfWork(engine, **kw),
+            sql_reader(engine),
+            is_async=False,
+            messages=sql_messages(engine),
+        )
         return
     async_engine = create_async_engine(database.async_url)
     try:
-        yield Shop(name, lambda **kw: AsyncSqlAlchemyShopUnitOfWork(async_engine, **kw), sql_reader(engine), True)
+        yield Shop(
+            name,
+            lambda **kw: AsyncSqlAlchemyShopUnitOfWork(async_engine, **kw),
+            sql_reader(engine),
+            True,
+            messages=sql_messages(engine),
+        )
         assert 0 == async_engine.pool.checkedout()
     finally:
         await async_engine.dispose()
@@ -41,6 +54,7 @@ async def _async_shop(database: Database, engine: Engine) -> AsyncIterator[Shop]
             lambda **kw: AsyncSqlAlchemyShopUnitOfWork(async_engine, **kw),
             sql_reader(engine),
             is_async=True,
+            messages=sql_messages(engine),
         )
         assert 0 == async_engine.pool.checkedout()
     finally:
@@ -81,3 +95,7 @@ class TestAsyncDatabaseScopes(AsyncScopeContract):
 
 class TestDatabaseQueries(QueryContract):
     """SQLAlchemy repositories answer queries on every backend."""
+
+
+class TestDatabaseOutbox(OutboxContract):
+    """SQLAlchemy units of work write their messages to the outbox table in their commits."""

@@ -669,6 +669,13 @@ raising_in_async_block(
 )
 
 
+async def _publish_unwritable(unit: AsyncShopUnitOfWork) -> None:
+    unit.publish("orders", object())
+
+
+raising_in_async_block("outbox: a payload the serializer cannot write", errors.OutboxError, _publish_unwritable)
+
+
 @case("concurrency: update of a row another transaction deleted", errors.ConcurrencyError)
 async def _(s: Secrets) -> BaseException:
     unit = SqlAlchemyShopUnitOfWork(s.engine)

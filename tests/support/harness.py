@@ -9,15 +9,18 @@ plain SQL on a database, from the committed tables on the fake.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text
 
 from uow import FakeUnitOfWork
 from uow._memory import InMemoryDatabase
 from uow._repository import _RepositoryBase
+
+from .uows import OUTBOX
 
 
 class _SyncRepositoryAsAsync:
@@ -90,6 +93,8 @@ class Shop:
     new: Callable[..., Any]
     read: Callable[[type[Any], tuple[str, ...]], list[tuple[Any, ...]]]
     is_async: bool
+    #: The committed outbox, oldest first: (topic, key, payload as JSON read back, headers) of each message.
+    messages: Callable[[], list[tuple[str, str | None, Any, dict[str, str]]]] = attrs.field(kw_only=True)
 
     def uow(self, **kwargs: Any) -> Any:
         """A new unit of work with the async interface."""
@@ -114,6 +119,30 @@ def sql_reader(engine: Engine) -> Callable[[type[Any], tuple[str, ...]], list[tu
     return read
 
 
+def sql_messages(engine: Engine) -> Callable[[], list[tuple[str, str | None, Any, dict[str, str]]]]:
+    """Read the committed outbox through a separate connection, in its order."""
+
+    def read() -> list[tuple[str, str | None, Any, dict[str, str]]]:
+        table = OUTBOX.table
+        with engine.connect() as conn:
+            rows = conn.execute(select(table).order_by(table.c.position)).mappings().all()
+        return [(row["topic"], row["key"], json.loads(bytes(row["payload"])), row["headers"]) for row in rows]
+
+    return read
+
+
+def fake_messages(database: InMemoryDatabase) -> Callable[[], list[tuple[str, str | None, Any, dict[str, str]]]]:
+    """The fake's committed outbox, each payload written as the real outbox writes it."""
+
+    def read() -> list[tuple[str, str | None, Any, dict[str, str]]]:
+        return [
+            (message.topic, message.key, json.loads(OUTBOX.body(message)), dict(message.headers))
+            for message in database.published
+        ]
+
+    return read
+
+
 def fake_reader(database: InMemoryDatabase) -> Callable[[type[Any], tuple[str, ...]], list[tuple[Any, ...]]]:
     """Read the fake's committed tables directly."""
 
@@ -134,4 +163,4 @@ def fake_shop(uow_class: type[Any], *, is_async: bool) -> Shop:
 
     name = "fake-async" if is_async else "fake"
     assert issubclass(uow_class, FakeUnitOfWork) != is_async
-    return Shop(name, new, fake_reader(database), is_async)
+    return Shop(name, new, fake_reader(database), is_async, messages=fake_messages(database))

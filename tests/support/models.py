@@ -8,9 +8,13 @@ relationship, to exercise save-update cascades.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry, relationship
+
+import uow
 
 metadata = MetaData()
 mapper_registry = registry(metadata=metadata)
@@ -110,4 +114,15 @@ class Note(Base):
     slug: Mapped[str | None] = mapped_column(String(30), unique=True, default=None)
 
 
-TABLES = (lines, orders, items, skus, pairs, Note.__table__)
+def route(event: Any) -> uow.Message | None:
+    """The outbox's routing of domain events: a dict event with a topic is published; others are not."""
+    if isinstance(event, dict) and "topic" in event:
+        return uow.Message(event["topic"], event.get("payload"), key=event.get("key"))
+    return None
+
+
+#: The outbox of the shop's units of work, sync and async: one table on the models' metadata.
+OUTBOX = uow.Outbox(metadata, events=route)
+
+
+TABLES = (lines, orders, items, skus, pairs, Note.__table__, OUTBOX.table)

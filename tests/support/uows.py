@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uow
 
-from .models import Item, Note, Order, Pair, Sku
+from .models import OUTBOX, Item, Note, Order, Pair, Sku
 
 
 class ShopUnitOfWork(uow.UnitOfWork):
@@ -13,6 +13,7 @@ class ShopUnitOfWork(uow.UnitOfWork):
     pairs = uow.repository(Pair)
     orders = uow.repository(Order)
     notes = uow.repository(Note)
+    outbox = OUTBOX
 
 
 class SqlAlchemyShopUnitOfWork(uow.SqlAlchemyUnitOfWork, ShopUnitOfWork):
@@ -29,6 +30,7 @@ class AsyncShopUnitOfWork(uow.AsyncUnitOfWork):
     pairs = uow.repository(Pair)
     orders = uow.repository(Order)
     notes = uow.repository(Note)
+    outbox = OUTBOX
 
 
 class AsyncSqlAlchemyShopUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncShopUnitOfWork):

@@ -67,6 +67,7 @@ def service(unit: AllocationUnitOfWork) -> None:
         assert_type(unit.batches.list(reference="r"), list[Batch])
         assert_type(unit.batches.count(), int)
         assert_type(unit.batches.seen, tuple[Batch, ...])
+        assert_type(unit.publish("batches.allocated", {"ref": "r"}, key="r"), uow.Message)
         unit.commit()
 
 
@@ -78,6 +79,7 @@ def implementations(sql: SqlAlchemyAllocationUnitOfWork, fake: FakeAllocationUni
         assert_type(entered, FakeAllocationUnitOfWork)
         assert_type(fake.products, InMemoryProductRepository)
         assert_type(fake.committed, bool)
+        assert_type(fake.published, list[uow.Message])
         assert_type(fake.commits, int)
     service(sql)
     service(fake)

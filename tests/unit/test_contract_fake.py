@@ -7,6 +7,7 @@ import pytest
 from tests.support.contract import Contract
 from tests.support.harness import Shop, fake_shop
 from tests.support.models import Pair, Sku
+from tests.support.outbox import OutboxContract
 from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
@@ -58,3 +59,7 @@ def test_fake_records_the_rows_a_service_locked() -> None:
         fake.pairs.get(("x", 1), for_update=True, skip_locked=True)
         fake.skus.get("zz", for_update=True)
     assert {(Sku, "a"): "update", (Sku, "b"): "nowait", (Pair, ("x", 1)): "skip_locked"} == fake.locked
+
+
+class TestFakeOutbox(OutboxContract):
+    """The fakes publish what the databases would commit to the outbox."""
