@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.support.databases import Database, Provisioner, check_nothing_left
+from tests.support.databases import IN_CI, Database, Provisioner, check_nothing_left
 from tests.support.models import TABLES
 
 BACKENDS = ("sqlite", "postgresql", "mariadb")
@@ -48,3 +48,19 @@ def rows(eng: Engine, sql: str) -> list[tuple[object, ...]]:
     """Rows read through a separate connection, with plain SQL."""
     with eng.connect() as conn:
         return [tuple(row) for row in conn.execute(text(sql))]
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """Redis, for the relay's broker: skipped with the reason on a developer machine, a failure in CI."""
+    import redis
+
+    url = "redis://127.0.0.1:6379"
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.ConnectionError as error:
+        reason = f"Redis is not reachable at {url} ({error}); start it with scripts/services.sh"
+        if IN_CI:
+            pytest.fail(f"CI needs every broker: {reason}", pytrace=False)
+        pytest.skip(reason)
+    return url

@@ -1,0 +1,192 @@
+"""The relay on SQLite, PostgreSQL and MariaDB: committed messages sent once each, in order per key, refusals parked.
+
+The outbox is written by the sync units of work under test and read back
+through a separate connection; the relay runs on the async driver of each
+backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from tests.support.databases import Database
+from tests.support.models import OUTBOX
+from tests.support.uows import SqlAlchemyShopUnitOfWork
+from uow.relay import InMemoryBroker, Record, Relay
+
+
+@pytest.fixture(name="async_engine")
+async def _async_engine(database: Database, engine: Engine) -> AsyncIterator[AsyncEngine]:
+    built = create_async_engine(database.async_url, pool_size=6, max_overflow=0)
+    try:
+        yield built
+    finally:
+        await built.dispose()
+
+
+def publish(engine: Engine, *messages: tuple[str, Any, str | None], commit: bool = True) -> None:
+    """Publish each (topic, payload, key) in one block, and commit it or not."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with unit:
+        for topic, payload, key in messages:
+            unit.publish(topic, payload, key=key)
+        if commit:
+            unit.commit()
+
+
+def rows(engine: Engine) -> list[dict[str, Any]]:
+    """The outbox's rows, through a separate connection, in order."""
+    table = OUTBOX.table
+    with engine.connect() as connection:
+        return [dict(row) for row in connection.execute(select(table).order_by(table.c.position)).mappings()]
+
+
+def payloads(records: list[Record]) -> list[Any]:
+    return [json.loads(record.payload) for record in records]
+
+
+async def test_committed_messages_are_sent_in_order_and_marked_published(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    """A pass sends each key's committed messages in commit order, marked published; rolled-back ones never go."""
+    publish(engine, ("orders", 1, "a"), ("orders", 2, "b"))
+    publish(engine, ("orders", "lost", "a"), commit=False)
+    publish(engine, ("orders", 3, "a"))
+    broker = InMemoryBroker()
+    relay = Relay(async_engine, OUTBOX, broker)
+    assert 3 == await relay.relay_once()
+    by_key = {key: payloads([record for record in broker.received if record.key == key]) for key in "ab"}
+    assert {"a": [1, 3], "b": [2]} == by_key  # the order of each key; keys go side by side
+    assert 0 == await relay.relay_once()
+    stored = rows(engine)
+    assert [1, 2, 3] == [json.loads(row["payload"]) for row in stored]
+    assert all(row["published_at"] is not None for row in stored)
+    assert {row["message_id"] for row in stored} == {record.id for record in broker.received}
+
+
+async def test_a_refused_message_holds_back_its_key_then_is_parked_and_replayed(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    """A refusal delays its key only; after max_attempts the message is dead, and replay() sends it again."""
+    publish(engine, ("orders", "bad", "a"), ("orders", "a2", "a"), ("orders", "b1", "b"))
+    refusing = True
+    broker = InMemoryBroker(refuse=lambda record: ValueError("no") if refusing and b"bad" in record.payload else None)
+    relay = Relay(async_engine, OUTBOX, broker, max_attempts=2, backoff=lambda attempts: 0.0)
+    assert 1 == await relay.relay_once()
+    assert ["b1"] == payloads(broker.received)  # a2 waits behind the refused message of its key
+    first = rows(engine)[0]
+    assert (1, "ValueError: no", None) == (first["attempts"], first["last_error"], first["published_at"])
+    assert 0 == await relay.relay_once()  # refused again: dead now
+    assert ["bad"] == payloads(await relay.dead_letters())
+    assert 1 == await relay.relay_once()  # the key goes on without it
+    assert ["b1", "a2"] == payloads(broker.received)
+    refusing = False
+    assert 1 == await relay.replay()
+    assert 1 == await relay.relay_once()
+    assert ["b1", "a2", "bad"] == payloads(broker.received)
+    assert [] == await relay.dead_letters()
+
+
+async def test_an_unreachable_broker_counts_no_attempt(engine: Engine, async_engine: AsyncEngine) -> None:
+    """While the broker is down a pass raises and changes nothing; once it is back, everything goes."""
+    publish(engine, ("orders", 1, "a"))
+    broker = InMemoryBroker(down=True)
+    relay = Relay(async_engine, OUTBOX, broker)
+    with pytest.raises(ConnectionError):
+        await relay.relay_once()
+    assert [(0, None)] == [(row["attempts"], row["published_at"]) for row in rows(engine)]
+    broker.down = False
+    assert 1 == await relay.relay_once()
+
+
+async def test_published_messages_past_retention_are_purged(engine: Engine, async_engine: AsyncEngine) -> None:
+    """purge() deletes published messages older than the retention, and keeps the others."""
+    publish(engine, ("orders", 1, None), ("orders", 2, None))
+    relay = Relay(async_engine, OUTBOX, InMemoryBroker())
+    assert 2 == await relay.relay_once()
+    publish(engine, ("orders", 3, None))
+    table = OUTBOX.table
+    first = rows(engine)[0]
+    with engine.begin() as connection:  # published a year ago
+        old = first["published_at"].replace(year=first["published_at"].year - 1)
+        connection.execute(update(table).where(table.c.position == first["position"]).values(published_at=old))
+    assert 1 == await relay.purge()
+    assert [2, 3] == [json.loads(row["payload"]) for row in rows(engine)]
+
+
+async def test_relays_racing_on_one_outbox_send_each_message_once_in_order_per_key(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    """Four relays (one on SQLite) while commits go on: every message sent exactly once, each key in order."""
+    keys = [f"k{number}" for number in range(20)]
+    publish(engine, *[("orders", number, keys[number % 20]) for number in range(400)])
+    broker = InMemoryBroker()
+    relays = [Relay(async_engine, OUTBOX, broker, batch_size=50, poll_interval=0.01) for _ in range(4)]
+    if not relays[0].concurrent:
+        relays = relays[:1]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
+
+    def more() -> None:
+        for start in range(400, 800, 20):
+            publish(engine, *[("orders", number, keys[number % 20]) for number in range(start, start + 20)])
+
+    writer = threading.Thread(target=more)
+    writer.start()
+    await asyncio.to_thread(writer.join)
+    for _ in range(500):
+        if len(broker.received) >= 800:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.gather(*tasks)
+    sent = payloads(broker.received)
+    assert sorted(sent) == list(range(800))  # each once
+    for key in range(20):
+        mine = [number for number in sent if number % 20 == key]
+        assert mine == sorted(mine), f"key k{key} out of order"
+    assert 800 == sum(relay.published for relay in relays)
+
+
+async def test_redis_streams_receive_each_message_with_its_id_key_and_headers(
+    engine: Engine, async_engine: AsyncEngine, redis_url: str
+) -> None:
+    """The relay adds one stream entry per message, in order, carrying id, key, payload and headers."""
+    import redis
+
+    from uow.brokers import RedisStreams
+
+    prefix = f"uow-test-{secrets.token_hex(4)}:"
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with unit:
+        unit.publish("orders", {"n": 1}, key="a", headers={"by": "test"})
+        unit.publish("orders", {"n": 2})
+        unit.publish("audit", "x", key="a")
+        unit.commit()
+    broker = RedisStreams(redis_url, prefix=prefix)
+    try:
+        assert 3 == await Relay(async_engine, OUTBOX, broker).relay_once()
+    finally:
+        await broker.close()
+    reader = redis.Redis.from_url(redis_url)
+    try:
+        entries = [fields for _, fields in reader.xrange(f"{prefix}orders")]
+        audit = [fields for _, fields in reader.xrange(f"{prefix}audit")]
+    finally:
+        reader.delete(f"{prefix}orders", f"{prefix}audit")
+        reader.close()
+    stored = {row["payload"]: row["message_id"] for row in rows(engine)}
+    assert [
+        {b"id": stored[b'{"n":1}'].encode(), b"key": b"a", b"payload": b'{"n":1}', b"headers": b'{"by": "test"}'},
+        {b"id": stored[b'{"n":2}'].encode(), b"key": b"", b"payload": b'{"n":2}', b"headers": b"{}"},
+    ] == entries
+    assert [b'"x"'] == [fields[b"payload"] for fields in audit]
