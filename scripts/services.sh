@@ -3,8 +3,8 @@
 # JetStream, Mosquitto), if they are installed here and not running, each with the command its Debian
 # package uses. Used by CI; on a developer machine the integration tests skip a server they cannot reach.
 set -uo pipefail
-wait_for() {  # name, command
-    for _ in $(seq 1 30); do
+wait_for() {  # name, command, [seconds]
+    for _ in $(seq 1 "${3:-30}"); do
         if eval "$2" >/dev/null 2>&1; then return 0; fi
         sleep 1
     done
@@ -37,7 +37,7 @@ fi
 if [ -x /etc/init.d/rabbitmq-server ] && ! port_open 5672; then
     echo "services: starting RabbitMQ"
     /etc/init.d/rabbitmq-server start >/dev/null 2>&1 || true
-    wait_for RabbitMQ "port_open 5672"
+    wait_for RabbitMQ "port_open 5672" 90  # the Erlang node takes a while
 fi
 if [ -x /usr/sbin/nats-server ] && ! port_open 4222; then
     echo "services: starting NATS with JetStream"

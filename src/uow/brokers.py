@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import ConfigurationError
-from .relay import Record
+from .relay import Record, send_by_key
 
-__all__ = ["RedisStreams"]
+__all__ = ["NatsJetStream", "RabbitMQ", "RedisStreams"]
 
 
 def _missing(extra: str, module: str) -> ConfigurationError:
@@ -66,3 +66,129 @@ class RedisStreams:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class RabbitMQ:
+    """RabbitMQ: each message is published to *exchange* with its topic as routing key, with publisher confirms.
+
+    The default exchange (``""``) routes a message to the queue named by its
+    topic. Messages are persistent and mandatory: one that no queue takes
+    comes back as a refusal, counted against it, instead of vanishing. The
+    message id is the AMQP ``message_id``; the key is the header
+    ``uow-key``, beside the message's own headers.
+    """
+
+    def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:5672/", *, exchange: str = "") -> None:
+        try:
+            import aio_pika
+        except ImportError:
+            raise _missing("rabbitmq", "aio-pika") from None
+        self._aio_pika: Any = aio_pika
+        self.url = url
+        self.exchange_name = exchange
+        self._connection: Any = None
+        self._exchange: Any = None
+
+    async def _ready(self) -> Any:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            connection = self._connection = await self._aio_pika.connect(self.url)
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            if self.exchange_name:
+                self._exchange = await channel.get_exchange(self.exchange_name)
+            else:
+                self._exchange = channel.default_exchange
+        return self._exchange
+
+    async def send(self, records: Sequence[Record]) -> list[BaseException | None]:
+        """Publish each key's records in turn, awaiting each confirm; raises if RabbitMQ cannot be reached."""
+        import aiormq.exceptions
+
+        aio_pika = self._aio_pika
+        unreachable = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError)
+        try:
+            exchange = await self._ready()
+        except unreachable as error:
+            self._connection = None
+            raise ConnectionError(f"RabbitMQ cannot be reached: {error}") from error
+
+        async def send_one(record: Record) -> None:
+            headers: dict[str, Any] = dict(record.headers)
+            if record.key is not None:
+                headers["uow-key"] = record.key
+            message = aio_pika.Message(
+                record.payload,
+                message_id=record.id,
+                headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await exchange.publish(message, routing_key=record.topic, mandatory=True)
+
+        try:
+            return await send_by_key(records, send_one, unreachable)
+        except ConnectionError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            await connection.close()
+
+
+class NatsJetStream:
+    """NATS JetStream: each message is published on the subject *prefix* + topic, and acknowledged by its stream.
+
+    A stream must capture the subjects (``nats stream add``, or
+    ``jetstream.add_stream``); a message that none captures is refused.
+    The message id goes in the ``Nats-Msg-Id`` header, which JetStream uses
+    to drop a copy sent again within its duplicate window; the key in
+    ``uow-key``, beside the message's own headers.
+    """
+
+    def __init__(self, url: str = "nats://127.0.0.1:4222", *, prefix: str = "", timeout: float = 5.0) -> None:
+        try:
+            import nats
+        except ImportError:
+            raise _missing("nats", "nats-py") from None
+        self._nats: Any = nats
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self._client: Any = None
+
+    async def _ready(self) -> Any:
+        client = self._client
+        if client is None or not client.is_connected:
+            client = self._client = await self._nats.connect(
+                self.url, allow_reconnect=False, connect_timeout=self.timeout
+            )
+        return client.jetstream(timeout=self.timeout)
+
+    async def send(self, records: Sequence[Record]) -> list[BaseException | None]:
+        """Publish each key's records in turn, awaiting each acknowledgement; raises if NATS cannot be reached."""
+        import nats.errors
+
+        unreachable = (nats.errors.ConnectionClosedError, nats.errors.NoServersError, nats.errors.TimeoutError)
+        try:
+            jetstream = await self._ready()
+        except unreachable as error:
+            self._client = None
+            raise ConnectionError(f"NATS cannot be reached: {error}") from error
+
+        async def send_one(record: Record) -> None:
+            headers = {**record.headers, "Nats-Msg-Id": record.id}
+            if record.key is not None:
+                headers["uow-key"] = record.key
+            await jetstream.publish(self.prefix + record.topic, record.payload, headers=headers)
+
+        try:
+            return await send_by_key(records, send_one, unreachable)
+        except ConnectionError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and not client.is_closed:
+            await client.close()

@@ -52,6 +52,19 @@ class Record:
     attempts: int
 
 
+def _record(row: Any) -> Record:
+    """The record of an outbox row."""
+    return Record(
+        row["position"],
+        row["message_id"],
+        row["topic"],
+        row["key"],
+        bytes(row["payload"]),
+        dict(row["headers"]),
+        row["attempts"],
+    )
+
+
 class Broker(Protocol):
     """Where a relay sends messages.
 
@@ -67,12 +80,19 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
 
-async def send_by_key(records: Sequence[Record], send_one: Callable[[Record], Any]) -> list[BaseException | None]:
+async def send_by_key(
+    records: Sequence[Record],
+    send_one: Callable[[Record], Any],
+    unreachable: tuple[type[BaseException], ...] = (),
+) -> list[BaseException | None]:
     """Send each key's records one after another, and the keys at the same time; stop a key at its first failure.
 
     *send_one* returns once the broker confirmed the record. An error that
-    says the broker cannot be reached is raised; others are returned.
+    says the broker cannot be reached (``ConnectionError``, ``OSError``, a
+    timeout, or one of *unreachable*) is raised as ``ConnectionError``;
+    others are returned as the records' refusals.
     """
+    unreachable = (ConnectionError, OSError, asyncio.TimeoutError, *unreachable)
     outcomes: list[BaseException | None] = [None] * len(records)
     chains: dict[object, list[int]] = {}
     for index, record in enumerate(records):
@@ -82,8 +102,10 @@ async def send_by_key(records: Sequence[Record], send_one: Callable[[Record], An
         for position, index in enumerate(indexes):
             try:
                 await send_one(records[index])
-            except (ConnectionError, OSError, asyncio.TimeoutError):
-                raise
+            except unreachable as error:
+                if isinstance(error, ConnectionError):
+                    raise
+                raise ConnectionError(f"the broker cannot be reached: {type(error).__name__}: {error}") from error
             except Exception as error:
                 outcomes[index] = error
                 for later in indexes[position + 1 :]:
@@ -239,18 +261,7 @@ class Relay:
                 select(table).where(chosen).order_by(table.c.position).limit(self.batch_size + len(positions))
             )
         ).mappings()
-        return [
-            Record(
-                row["position"],
-                row["message_id"],
-                row["topic"],
-                row["key"],
-                bytes(row["payload"]),
-                dict(row["headers"]),
-                row["attempts"],
-            )
-            for row in rows
-        ]
+        return [_record(row) for row in rows]
 
     async def _settle(
         self, connection: AsyncConnection, records: list[Record], outcomes: Sequence[BaseException | None]
@@ -335,18 +346,7 @@ class Relay:
                     select(table).where(table.c.dead_at.is_not(None)).order_by(table.c.position).limit(limit)
                 )
             ).mappings()
-            return [
-                Record(
-                    row["position"],
-                    row["message_id"],
-                    row["topic"],
-                    row["key"],
-                    bytes(row["payload"]),
-                    dict(row["headers"]),
-                    row["attempts"],
-                )
-                for row in rows
-            ]
+            return [_record(row) for row in rows]
 
     async def replay(self, ids: Iterable[str] | None = None) -> int:
         """Send dead messages again (those of *ids*, or all): their attempts start over. How many."""
@@ -383,10 +383,13 @@ def _load(path: str) -> Outbox:
 
 
 def broker_for(url: str) -> Broker:
-    """The broker a URL names: ``redis://`` (Redis Streams) or ``memory://`` (in memory, for tests).
+    """The broker a URL names: ``redis://`` (Redis Streams), ``amqp://`` (RabbitMQ), ``nats://`` (NATS
+    JetStream), or ``memory://`` (in memory, for tests).
 
     The query parameters ``prefix`` and ``maxlen`` of a Redis URL go to
-    :class:`~uow.brokers.RedisStreams`, the others to the Redis client.
+    :class:`~uow.brokers.RedisStreams`, the others to the Redis client;
+    ``exchange`` of an AMQP URL to :class:`~uow.brokers.RabbitMQ`, and
+    ``prefix`` of a NATS URL to :class:`~uow.brokers.NatsJetStream`.
     """
     import urllib.parse
 
@@ -399,9 +402,21 @@ def broker_for(url: str) -> Broker:
         maxlen = query.pop("maxlen", None)
         client_url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
         return RedisStreams(client_url, prefix=prefix, maxlen=None if maxlen is None else int(maxlen))
+    if parts.scheme in ("amqp", "amqps"):
+        from .brokers import RabbitMQ
+
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        exchange = query.pop("exchange", "")
+        client_url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        return RabbitMQ(client_url, exchange=exchange)
+    if parts.scheme in ("nats", "tls"):
+        from .brokers import NatsJetStream
+
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        return NatsJetStream(urllib.parse.urlunsplit(parts._replace(query="")), prefix=query.get("prefix", ""))
     if parts.scheme == "memory":
         return InMemoryBroker()
-    msg = f"no broker for {url!r}: give a redis:// URL"
+    msg = f"no broker for {url!r}: give a redis://, amqp:// or nats:// URL"
     raise ConfigurationError(msg)
 
 
@@ -449,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uow.relay", description=main.__doc__)
     parser.add_argument("--database", required=True, help="async SQLAlchemy URL of the outbox's database")
     parser.add_argument("--outbox", required=True, help="module:attribute of the Outbox, or of its unit of work")
-    parser.add_argument("--broker", required=True, help="broker URL: redis://host:port")
+    parser.add_argument("--broker", required=True, help="broker URL: redis://, amqp:// or nats://")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--max-attempts", type=int, default=10)
     parser.add_argument("--poll-interval", type=float, default=1.0)

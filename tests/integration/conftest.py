@@ -64,3 +64,36 @@ def redis_url() -> str:
             pytest.fail(f"CI needs every broker: {reason}", pytrace=False)
         pytest.skip(reason)
     return url
+
+
+def _broker_down(name: str, url: str, error: BaseException) -> None:
+    reason = f"{name} is not reachable at {url} ({type(error).__name__}: {error}); start it with scripts/services.sh"
+    if IN_CI:
+        pytest.fail(f"CI needs every broker: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    """RabbitMQ (guest/guest), for the relay's broker: skipped with the reason on a developer machine, failed in CI."""
+    import socket
+
+    url = "amqp://guest:guest@127.0.0.1:5672/"
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError as error:
+        _broker_down("RabbitMQ", url, error)
+    return url
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """NATS with JetStream, for the relay's broker: skipped with the reason on a developer machine, failed in CI."""
+    import socket
+
+    url = "nats://127.0.0.1:4222"
+    try:
+        socket.create_connection(("127.0.0.1", 4222), timeout=2).close()
+    except OSError as error:
+        _broker_down("NATS", url, error)
+    return url

@@ -190,3 +190,81 @@ async def test_redis_streams_receive_each_message_with_its_id_key_and_headers(
         {b"id": stored[b'{"n":2}'].encode(), b"key": b"", b"payload": b'{"n":2}', b"headers": b"{}"},
     ] == entries
     assert [b'"x"'] == [fields[b"payload"] for fields in audit]
+
+
+async def test_rabbitmq_receives_each_message_confirmed_and_refuses_an_unroutable_one(
+    engine: Engine, async_engine: AsyncEngine, rabbitmq_url: str
+) -> None:
+    """Messages reach the queue named by their topic with id, key and headers; one no queue takes is refused."""
+    import aio_pika
+
+    from uow.brokers import RabbitMQ
+
+    queue_name = f"uow-test-{secrets.token_hex(4)}"
+    connection = await aio_pika.connect(rabbitmq_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, auto_delete=True)
+        unit = SqlAlchemyShopUnitOfWork(engine)
+        with unit:
+            unit.publish(queue_name, {"n": 1}, key="a", headers={"by": "test"})
+            unit.publish(f"{queue_name}-nowhere", {"n": 2}, key="b")
+            unit.publish(queue_name, {"n": 3}, key="a")
+            unit.commit()
+        broker = RabbitMQ(rabbitmq_url)
+        try:
+            assert 2 == await Relay(async_engine, OUTBOX, broker).relay_once()
+        finally:
+            await broker.close()
+        received = []
+        for _ in range(2):
+            message = await queue.get(timeout=5)
+            await message.ack()
+            received.append((json.loads(message.body), message.headers.get("uow-key"), message.message_id))
+        stored = {json.loads(row["payload"])["n"]: row for row in rows(engine)}
+        assert [({"n": 1}, "a", stored[1]["message_id"]), ({"n": 3}, "a", stored[3]["message_id"])] == received
+        assert (1, None) == (stored[2]["attempts"], stored[2]["published_at"])
+        assert "NO_ROUTE" in stored[2]["last_error"]
+    finally:
+        await connection.close()
+
+
+async def test_nats_jetstream_acknowledges_each_message_and_refuses_one_no_stream_captures(
+    engine: Engine, async_engine: AsyncEngine, nats_url: str
+) -> None:
+    """Messages land in the stream with Nats-Msg-Id and uow-key headers; a subject no stream captures is refused."""
+    import nats
+
+    from uow.brokers import NatsJetStream
+
+    prefix = f"uowtest{secrets.token_hex(4)}."
+    stream = prefix.rstrip(".").upper()
+    client = await nats.connect(nats_url)
+    try:
+        jetstream = client.jetstream()
+        await jetstream.add_stream(name=stream, subjects=[f"{prefix}orders.>"])
+        unit = SqlAlchemyShopUnitOfWork(engine)
+        with unit:
+            unit.publish("orders.placed", {"n": 1}, key="a", headers={"by": "test"})
+            unit.publish("refunds", {"n": 2}, key="b")
+            unit.publish("orders.placed", {"n": 3}, key="a")
+            unit.commit()
+        broker = NatsJetStream(nats_url, prefix=prefix)
+        try:
+            assert 2 == await Relay(async_engine, OUTBOX, broker).relay_once()
+        finally:
+            await broker.close()
+        stored = {json.loads(row["payload"])["n"]: row for row in rows(engine)}
+        found = []
+        for sequence in (1, 2):
+            message = await jetstream.get_msg(stream, sequence)
+            headers = message.headers or {}
+            found.append((json.loads(message.data), headers["uow-key"], headers.get("by"), headers["Nats-Msg-Id"]))
+        assert [
+            ({"n": 1}, "a", "test", stored[1]["message_id"]),
+            ({"n": 3}, "a", None, stored[3]["message_id"]),
+        ] == found
+        assert (1, None) == (stored[2]["attempts"], stored[2]["published_at"])
+    finally:
+        await client.jetstream().delete_stream(stream)
+        await client.close()
