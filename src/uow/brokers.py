@@ -68,6 +68,17 @@ class RedisStreams:
         await self.client.aclose()
 
 
+async def _sent_or_closed(
+    broker: Any, records: Sequence[Record], send_one: Any, unreachable: tuple[type[BaseException], ...]
+) -> list[BaseException | None]:
+    """:func:`~uow.relay.send_by_key`, dropping the broker's connection if it turns out unreachable."""
+    try:
+        return await send_by_key(records, send_one, unreachable)
+    except ConnectionError:
+        await broker.close()
+        raise
+
+
 class RabbitMQ:
     """RabbitMQ: each message is published to *exchange* with its topic as routing key, with publisher confirms.
 
@@ -124,11 +135,7 @@ class RabbitMQ:
             )
             await exchange.publish(message, routing_key=record.topic, mandatory=True)
 
-        try:
-            return await send_by_key(records, send_one, unreachable)
-        except ConnectionError:
-            await self.close()
-            raise
+        return await _sent_or_closed(self, records, send_one, unreachable)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
@@ -182,11 +189,7 @@ class NatsJetStream:
                 headers["uow-key"] = record.key
             await jetstream.publish(self.prefix + record.topic, record.payload, headers=headers)
 
-        try:
-            return await send_by_key(records, send_one, unreachable)
-        except ConnectionError:
-            await self.close()
-            raise
+        return await _sent_or_closed(self, records, send_one, unreachable)
 
     async def close(self) -> None:
         client, self._client = self._client, None
