@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Column,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
 )
 
 from .errors import OutboxError, _shown
@@ -90,9 +92,27 @@ def json_serializer(payload: object) -> bytes:
     return json.dumps(payload, default=_to_json, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def notify_ddl(table: Table) -> list[str]:
+    """PostgreSQL: the function and trigger that NOTIFY the table's channel (its name) after each INSERT into it.
+
+    The notification goes out when the inserting transaction commits, and a
+    relay that LISTENs starts its next pass at once instead of at its next
+    poll. ``metadata.create_all()`` runs these statements; a migration runs
+    them with ``op.execute()``.
+    """
+    name = table.name
+    function = f"{name}_notify"
+    qualified = f"{table.schema}.{name}" if table.schema else name
+    return [
+        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_notify('{name}', ''); RETURN NULL; END $$",
+        f"CREATE TRIGGER {function} AFTER INSERT ON {qualified} FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+    ]
+
+
 def outbox_table(metadata: MetaData, name: str = "uow_outbox") -> Table:
     """The outbox table, on *metadata*, so that the application's migrations create it with its own tables."""
-    return Table(
+    table = Table(
         name,
         metadata,
         # The order of the outbox: messages of one key are sent in this order.
@@ -112,6 +132,9 @@ def outbox_table(metadata: MetaData, name: str = "uow_outbox") -> Table:
         Index(f"ix_{name}_pending", "published_at", "dead_at", "position"),
         Index(f"ix_{name}_key", "key", "position"),
     )
+    for statement in notify_ddl(table):
+        event.listen(table, "after_create", DDL(statement).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
+    return table
 
 
 #: The columns of an outbox table, by name.
@@ -228,6 +251,16 @@ class Outbox:
             }
             for message, body in messages
         ]
+
+    def notify_statements(self) -> list[str]:
+        """PostgreSQL: the statements that make each commit to the outbox NOTIFY the relays (a trigger).
+
+        ``metadata.create_all()`` runs them with the table. Alembic's
+        autogenerate sees the table but not the trigger: add
+        ``for statement in outbox.notify_statements(): op.execute(statement)``
+        to the migration that creates the table.
+        """
+        return notify_ddl(self.table)
 
     def __repr__(self) -> str:
         return f"<Outbox {self.table.name}>"

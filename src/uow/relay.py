@@ -150,6 +150,18 @@ class InMemoryBroker:
         return [record for record in self.received if record.topic == name]
 
 
+async def _first(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    """Wait until *stop* or *wake* is set, or *timeout* seconds pass."""
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 def exponential_backoff(attempts: int) -> float:
     """Seconds before the next attempt at a message refused *attempts* times: 0.5 s doubling, at most 5 minutes."""
     return float(min(0.5 * 2 ** (attempts - 1), 300.0))
@@ -197,6 +209,8 @@ class Relay:
         self.backoff = backoff
         self.poll_interval = poll_interval
         self.retention = retention
+        #: Whether :meth:`run` listens for PostgreSQL's notifications of commits to the outbox.
+        self.listening = False
         #: Messages published, and refused, by this relay since it started.
         self.published = 0
         self.refused = 0
@@ -303,28 +317,79 @@ class Relay:
     # -- running ------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Relay until *stop* is set: pass after pass while there is work, polling every ``poll_interval`` when
-        there is none, and waiting longer while the broker or the database cannot be reached."""
+        """Relay until *stop* is set: pass after pass while there is work, then a pass when PostgreSQL notifies
+        a commit to the outbox, or every ``poll_interval`` seconds; longer waits while a pass fails."""
         stop = stop or asyncio.Event()
+        wake = asyncio.Event()
+        listener = await self._listen(wake)
+        self.listening = listener is not None
         pause = 0.0
         last_purge = 0.0
         loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            try:
-                published = await self.relay_once()
-                pause = 0.0
-            except Exception:
-                pause = min(max(pause * 2, 0.5), 30.0)
-                log.exception("uow relay: a pass failed; trying again in %.1f s", pause)
-                published = 0
-            if self.retention is not None and loop.time() - last_purge > 60:
-                last_purge = loop.time()
-                with contextlib.suppress(Exception):
-                    await self.purge()
-            if published and not pause:
-                continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause or self.poll_interval)
+        try:
+            while not stop.is_set():
+                wake.clear()  # a commit from now on wakes the next wait
+                try:
+                    published = await self.relay_once()
+                    pause = 0.0
+                except Exception:
+                    pause = min(max(pause * 2, 0.5), 30.0)
+                    log.exception("uow relay: a pass failed; trying again in %.1f s", pause)
+                    published = 0
+                if self.retention is not None and loop.time() - last_purge > 60:
+                    last_purge = loop.time()
+                    with contextlib.suppress(Exception):
+                        await self.purge()
+                if published and not pause:
+                    continue
+                await _first(stop, None if pause else wake, pause or self.poll_interval)
+        finally:
+            if listener is not None:
+                await listener()
+
+    async def _listen(self, wake: asyncio.Event) -> Callable[[], Any] | None:
+        """On PostgreSQL, LISTEN on the outbox's channel with a connection of its own, setting *wake* on each
+        notification; returns what stops it. None elsewhere, or if listening fails: the relay then polls."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        channel = self.outbox.table.name
+        connection = await self.engine.connect()
+        try:
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+            if hasattr(driver, "add_listener"):  # asyncpg
+
+                def notified(*_: object) -> None:
+                    wake.set()
+
+                await driver.add_listener(channel, notified)
+                task = None
+            else:  # psycopg: notifications arrive outside transactions only
+                await driver.set_autocommit(True)
+                await driver.execute(f'LISTEN "{channel}"')
+
+                async def receive() -> None:
+                    async for _ in driver.notifies():
+                        wake.set()
+
+                task = asyncio.create_task(receive())
+        except Exception:
+            log.warning(
+                "uow relay: cannot LISTEN on %r; polling every %s s", channel, self.poll_interval, exc_info=True
+            )
+            await connection.invalidate()
+            await connection.close()
+            return None
+
+        async def stop_listening() -> None:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await connection.invalidate()  # its settings changed for listening: never reused
+            await connection.close()
+
+        return stop_listening
 
     async def purge(self) -> int:
         """Delete the messages published longer ago than the retention; how many."""

@@ -268,3 +268,34 @@ async def test_nats_jetstream_acknowledges_each_message_and_refuses_one_no_strea
     finally:
         await client.jetstream().delete_stream(stream)
         await client.close()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_on_postgresql_a_commit_wakes_a_listening_relay_at_once(
+    database: Database, engine: Engine, driver: str
+) -> None:
+    """A relay that polls every 60 s sends a message within a second of its commit: NOTIFY woke it."""
+    url = database.url.set(drivername=f"postgresql+{driver}")
+    listening_engine = create_async_engine(url, pool_size=3, max_overflow=0)
+    broker = InMemoryBroker()
+    relay = Relay(listening_engine, OUTBOX, broker, poll_interval=60)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        for _ in range(100):  # the first pass has run, and the relay waits
+            if relay.listening:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert relay.listening
+        await asyncio.to_thread(publish, engine, ("orders", 1, "a"))
+        for _ in range(100):
+            if broker.received:
+                break
+            await asyncio.sleep(0.01)
+        assert [1] == payloads(broker.received)
+    finally:
+        stop.set()
+        await task
+        await listening_engine.dispose()
