@@ -795,6 +795,34 @@ def print_postgresql_extras(bulk: dict[str, float], threads: dict[int, dict[str,
         print(f"  target: throughput ≥ 0.95x raw at 1-8 threads: worst {worst:.3f}x  {verdict(worst >= 0.95)}")
 
 
+def print_outbox(
+    cost: dict[str, float], rates: dict[tuple[str, int], float], missing: dict[str, str], latency: dict[str, float]
+) -> None:
+    """The outbox's figures on PostgreSQL, with their targets."""
+    if cost:
+        print(
+            f"\nservice call with one event through the outbox: {cost['with one event']:.0f} µs, without "
+            f"{cost['without']:.0f} µs\n  target: ≤ 1.10x (median of the rounds' ratios): {cost['ratio']:.3f}x  "
+            f"{verdict(cost['ratio'] <= 1.10)}"
+        )
+    if rates:
+        print("\nrelay throughput, messages/s (5,000 messages over 100 keys, PostgreSQL outbox)")
+        print(f"{'broker':<22} {'1 relay':>10} {'4 relays':>10}  target")
+        for name in dict.fromkeys(broker for broker, _ in rates):
+            one, four = rates.get((name, 1), 0.0), rates.get((name, 4), 0.0)
+            target = 2000 if name.startswith("RabbitMQ") else 5000
+            print(f"{name:<22} {one:>10.0f} {four:>10.0f}  ≥ {target:,}/s: {verdict(min(one, four) >= target)}")
+    for name, reason in missing.items():
+        print(f"  {name}: not measured ({reason})")
+    if latency:
+        notify = "on" if latency["listening"] else "off"
+        print(
+            f"\ncommit to Redis at a steady 200 messages/s, PostgreSQL NOTIFY {notify}: "
+            f"p50 {latency['p50']:.1f} ms, p99 {latency['p99']:.1f} ms, {latency['lost']:.0f} not delivered\n"
+            f"  target: p99 ≤ 50 ms: {verdict(latency['p99'] <= 50 and not latency['lost'])}"
+        )
+
+
 def print_markdown(
     results: dict[str, dict[str, float]], bulk: dict[str, float], threads: dict[int, dict[str, float]]
 ) -> None:
@@ -930,6 +958,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, float]] = {}
     bulk: dict[str, float] = {}
     paging: dict[str, float] = {}
+    publish_cost: dict[str, float] = {}
+    relay_rates: dict[tuple[str, int], float] = {}
+    relay_missing: dict[str, str] = {}
+    latency: dict[str, float] = {}
     threads: dict[int, dict[str, float]] = {}
     for backend, make in (("SQLite memory", sqlite_memory), ("SQLite file", sqlite_file)):
         with make() as engine:
@@ -949,6 +981,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("PostgreSQL threads: done", file=sys.stderr)
                 paging = measure_page(engine, plan)
                 print("PostgreSQL page: done", file=sys.stderr)
+                import outbox as outbox_bench  # beside this file; imports this module as `run`
+
+                publish_cost = outbox_bench.measure_publish_cost(engine, plan)
+                print("PostgreSQL outbox: done", file=sys.stderr)
+                relay_rates, relay_missing, latency = outbox_bench.measure_relay(engine, schema)
+                print("relay: done", file=sys.stderr)
             results["async aiosqlite"] = asyncio.run(run_async("sqlite+aiosqlite://", plan))
             print("async aiosqlite: done", file=sys.stderr)
             results["async asyncpg"] = asyncio.run(
@@ -999,6 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
             f"select() + count() {reference:.0f} µs\n  target: page() ≤ 1.05x (median of the rounds' ratios): "
             f"{ratio:.3f}x  {verdict(ratio <= 1.05)}"
         )
+    print_outbox(publish_cost, relay_rates, relay_missing, latency)
     if args.markdown:
         print_markdown(results, bulk, threads)
     write_chart(results, bulk, threads, args.chart)

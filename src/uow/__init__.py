@@ -14,7 +14,7 @@ from ._async_unit_of_work import AsyncUnitOfWork
 from ._declare import repository
 from ._fake import AsyncFakeUnitOfWork, FakeUnitOfWork
 from ._memory import AsyncInMemoryRepository, InMemoryRepository
-from ._outbox import Message, Outbox
+from ._outbox import Inbox, Message, Outbox
 from ._ownership import current
 from ._query import Page
 from ._repository import AsyncRepository, Repository
@@ -35,6 +35,7 @@ __all__ = [
     "AsyncUnitOfWork",
     "FakeUnitOfWork",
     "InMemoryRepository",
+    "Inbox",
     "Message",
     "NEW_UOW",
     "Outbox",

@@ -20,7 +20,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from . import _hooks
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
-from ._outbox import Message, Outbox
+from ._outbox import Inbox, Message, Outbox
 from ._ownership import current_task
 from ._repository import AsyncRepository
 from ._scope import (
@@ -81,6 +81,11 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     async def _begin_savepoint(self, session: Any) -> Any:
         """Begin a savepoint and return its handle."""
+
+    async def _receive(self, session: Any, inbox: Inbox, consumer: str, message_id: str) -> bool:
+        """Insert the receipt of *message_id* for *consumer* unless one exists; whether it was inserted."""
+        msg = f"{type(self).__name__} cannot keep an inbox: it does not define _receive()"
+        raise OutboxError(msg)
 
     async def _store_messages(self, session: Any, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
         """Write *messages*, with their payloads' bytes, to *outbox* in the session's transaction."""
@@ -330,6 +335,20 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             tx.broken = True
             log.exception("uow: rollback after an error failed; the connection will be invalidated")
         self._rolled_back(tx)
+
+    async def receive(self, message_id: str, *, consumer: str = "default") -> bool:
+        """Record that this transaction handles the message *message_id*; False if *consumer* handled it before.
+
+        Call it first in the block that handles a message, and skip the
+        work when it returns False: the receipt is written to the inbox in
+        the same transaction as the work, so a message delivered twice is
+        handled once. A second delivery handled at the same time waits for
+        the first transaction, and returns False once it commits, True if it
+        rolls back. Needs an :class:`~uow.Inbox` declared on the unit of
+        work's class.
+        """
+        inbox, scope = self._inbox_for(message_id, consumer)
+        return await self._receive(scope.tx.session, inbox, consumer, message_id)
 
     def on_commit(self, callback: Callable[[], object], *, robust: bool = False) -> None:
         """Run *callback* after the outermost real commit; see :meth:`UnitOfWork.on_commit`.

@@ -8,7 +8,7 @@ from typing import Any
 from ._async_unit_of_work import AsyncUnitOfWork
 from ._machine import _UnitOfWorkCore
 from ._memory import AsyncInMemoryRepository, InMemoryDatabase, InMemoryRepository, InMemorySession, _Savepoint
-from ._outbox import Message, Outbox
+from ._outbox import Inbox, Message, Outbox
 from ._scope import _Transaction
 from ._unit_of_work import UnitOfWork
 from .errors import ConfigurationError
@@ -108,6 +108,9 @@ class FakeUnitOfWork(_FakeCore, UnitOfWork):
     def _store_messages(self, session: InMemorySession, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
         session.stage_messages(message for message, _ in messages)
 
+    def _receive(self, session: InMemorySession, inbox: Inbox, consumer: str, message_id: str) -> bool:
+        return session.receive(inbox.table, consumer, message_id)
+
     def _rollback(self, session: InMemorySession) -> None:
         session.rollback()
 
@@ -140,6 +143,9 @@ class AsyncFakeUnitOfWork(_FakeCore, AsyncUnitOfWork):
         self, session: InMemorySession, outbox: Outbox, messages: list[tuple[Message, bytes]]
     ) -> None:
         session.stage_messages(message for message, _ in messages)
+
+    async def _receive(self, session: InMemorySession, inbox: Inbox, consumer: str, message_id: str) -> bool:
+        return session.receive(inbox.table, consumer, message_id)
 
     async def _rollback(self, session: InMemorySession) -> None:
         session.rollback()

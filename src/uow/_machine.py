@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _hooks
 from ._declare import _Declarations
-from ._outbox import Message, Outbox
+from ._outbox import Inbox, Message, Outbox
 from ._ownership import (
     _CONTEXTLIB,
     _ENTER_NAMES,
@@ -85,6 +85,8 @@ class _UnitOfWorkCore(_Declarations):
 
     #: Where :meth:`publish` writes, declared on the unit of work class; None: publishing is refused.
     outbox: Outbox | None = None
+    #: Where ``receive()`` records the messages handled, declared on the unit of work class; None: refused.
+    inbox: Inbox | None = None
 
     def __init__(
         self, *, autocommit: bool = False, read_only: bool = False, isolation_level: str | None = None
@@ -837,6 +839,22 @@ class _UnitOfWorkCore(_Declarations):
         tx.outbox.append(staged)
         tx.used = True
         return staged[0]
+
+    def _inbox_for(self, message_id: str, consumer: str) -> tuple[Inbox, _Scope]:
+        """The inbox and the acting scope for ``receive()``, after checking them; the transaction counts as used."""
+        inbox = self.inbox
+        if inbox is None:
+            msg = (
+                f"receive() needs an inbox: declare `inbox = uow.Inbox(metadata)` on {type(self).__name__} "
+                "or the unit of work class it derives from"
+            )
+            raise OutboxError(msg)
+        inbox.check(message_id, consumer)
+        scope = self._scope_for("receive()")
+        if scope.read_only:
+            self._check_write(f"the receipt of message {message_id!r}")
+        scope.tx.used = True
+        return inbox, scope
 
     def _outgoing(self, tx: _Transaction, outbox: Outbox) -> list[tuple[Message, bytes]]:
         """What the commit of *tx* writes to the outbox: the messages published, then those of its domain events."""

@@ -23,6 +23,7 @@ stored.
 from __future__ import annotations
 
 import builtins
+import datetime
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -331,6 +332,17 @@ class InMemorySession:
             self._messages = []
         self._inserted_ids = set()
         self._gone = {}
+
+    def receive(self, table: Table, consumer: str, message_id: str) -> bool:
+        """Insert an inbox receipt unless this transaction sees one. A receipt that another open transaction
+        wrote raises OperationalError, where a database would make this call wait for that transaction."""
+        self._check_usable()
+        key = (consumer, message_id)
+        if self._overlay.row(table, key) is not None:
+            return False
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self._overlay.insert(table, {"consumer": consumer, "message_id": message_id, "received_at": now})
+        return True
 
     def stage_messages(self, messages: Iterable[Message]) -> None:
         """Messages for the outbox, published if the commit under way succeeds."""

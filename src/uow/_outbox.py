@@ -36,10 +36,13 @@ from sqlalchemy import (
     Text,
     event,
 )
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .errors import OutboxError, _shown
 
-__all__ = ["Message", "Outbox"]
+__all__ = ["Inbox", "Message", "Outbox"]
 
 #: The longest topic and key the table holds.
 _NAME_LENGTH = 255
@@ -264,3 +267,64 @@ class Outbox:
 
     def __repr__(self) -> str:
         return f"<Outbox {self.table.name}>"
+
+
+class Inbox:
+    """The inbox of a unit of work class: the ids of the messages its consumers have handled, one row each.
+
+    Declare it beside the outbox (``inbox = uow.Inbox(metadata)``); its
+    table (``uow_inbox`` unless *table* names another) goes on *metadata*.
+    ``uow.receive(message_id)`` records a message in the same transaction
+    as the work it causes, so that a message delivered again is recognised
+    and its work is done once.
+    """
+
+    def __init__(self, metadata: MetaData, *, table: str = "uow_inbox") -> None:
+        if not isinstance(metadata, MetaData):
+            msg = f"Inbox() takes the MetaData of the application's tables, not {_shown(metadata)}"
+            raise OutboxError(msg)
+        existing = metadata.tables.get(table)
+        if existing is not None:
+            if {column.name for column in existing.columns} != {"consumer", "message_id", "received_at"}:
+                msg = f"the metadata has a table {table!r} that is not an inbox; name the inbox Inbox(..., table=...)"
+                raise OutboxError(msg)
+            self.table = existing
+            return
+        self.table = Table(
+            table,
+            metadata,
+            Column("consumer", String(_NAME_LENGTH), primary_key=True),
+            Column("message_id", String(_NAME_LENGTH), primary_key=True),
+            Column("received_at", DateTime(timezone=True), nullable=False),
+        )
+
+    def receipt(self, consumer: str, message_id: str, dialect: str) -> Any:
+        """The INSERT of a receipt that does nothing if the message was received already (by this consumer)."""
+        values = {
+            "consumer": consumer,
+            "message_id": message_id,
+            "received_at": datetime.datetime.now(datetime.timezone.utc),
+        }
+        if dialect in ("mysql", "mariadb"):
+            return mysql_insert(self.table).values(values).prefix_with("IGNORE")
+        insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        statement = insert(self.table).values(values).on_conflict_do_nothing(index_elements=["consumer", "message_id"])
+        return statement.returning(self.table.c.message_id)  # a row if inserted: psycopg's rowcount may be -1
+
+    @staticmethod
+    def inserted(result: Any) -> bool:
+        """Whether the result of a :meth:`receipt` inserted the receipt."""
+        if result.returns_rows:
+            return result.first() is not None
+        return bool(result.rowcount == 1)
+
+    @staticmethod
+    def check(message_id: object, consumer: object) -> None:
+        """Refuse an id or consumer name that the table cannot hold."""
+        for name, value in (("message_id", message_id), ("consumer", consumer)):
+            if not isinstance(value, str) or not value or len(value) > _NAME_LENGTH:
+                msg = f"receive() takes a {name} of 1 to {_NAME_LENGTH} characters, not {_shown(value)}"
+                raise OutboxError(msg)
+
+    def __repr__(self) -> str:
+        return f"<Inbox {self.table.name}>"

@@ -19,7 +19,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, session
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from ._machine import _UnitOfWorkCore
-from ._outbox import Message, Outbox
+from ._outbox import Inbox, Message, Outbox
 from ._scope import _Transaction
 from ._sqlalchemy_repository import SqlAlchemyRepository
 from ._unit_of_work import UnitOfWork
@@ -361,6 +361,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
 
     def _store_messages(self, session: Session, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
         session.execute(insert(outbox.table), outbox.rows(messages))
+
+    def _receive(self, session: Session, inbox: Inbox, consumer: str, message_id: str) -> bool:
+        dialect = session.get_bind(clause=inbox.table).dialect.name
+        return inbox.inserted(session.execute(inbox.receipt(consumer, message_id, dialect)))
 
     def _rollback(self, session: Session) -> None:
         session.rollback()

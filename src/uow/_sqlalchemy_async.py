@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransa
 from sqlalchemy.orm import sessionmaker
 
 from ._async_unit_of_work import AsyncUnitOfWork
-from ._outbox import Message, Outbox
+from ._outbox import Inbox, Message, Outbox
 from ._scope import _Transaction
 from ._sqlalchemy import (
     _guard_session,
@@ -107,6 +107,10 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
         self, session: AsyncSession, outbox: Outbox, messages: list[tuple[Message, bytes]]
     ) -> None:
         await session.execute(insert(outbox.table), outbox.rows(messages))
+
+    async def _receive(self, session: AsyncSession, inbox: Inbox, consumer: str, message_id: str) -> bool:
+        dialect = session.sync_session.get_bind(clause=inbox.table).dialect.name
+        return inbox.inserted(await session.execute(inbox.receipt(consumer, message_id, dialect)))
 
     async def _rollback(self, session: AsyncSession) -> None:
         await session.rollback()

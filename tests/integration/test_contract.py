@@ -12,7 +12,7 @@ from sqlalchemy.orm import sessionmaker
 from tests.support.contract import Contract
 from tests.support.databases import Database
 from tests.support.harness import Shop, sql_messages, sql_reader
-from tests.support.outbox import OutboxContract
+from tests.support.outbox import InboxContract, OutboxContract
 from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
@@ -99,3 +99,7 @@ class TestDatabaseQueries(QueryContract):
 
 class TestDatabaseOutbox(OutboxContract):
     """SQLAlchemy units of work write their messages to the outbox table in their commits."""
+
+
+class TestDatabaseInbox(InboxContract):
+    """SQLAlchemy units of work record handled messages in the inbox table."""

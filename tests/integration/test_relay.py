@@ -299,3 +299,32 @@ async def test_on_postgresql_a_commit_wakes_a_listening_relay_at_once(
         stop.set()
         await task
         await listening_engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"], indirect=True)
+def test_consumers_racing_on_one_message_handle_it_once(engine: Engine) -> None:
+    """Eight threads handling the same 20 messages at once: each message's work is committed exactly once."""
+    from tests.support.models import Item
+
+    barrier = threading.Barrier(8)
+    handled: list[str] = []
+
+    def consume() -> None:
+        unit = SqlAlchemyShopUnitOfWork(engine)
+        barrier.wait()
+        for number in range(20):
+            with unit:
+                if not unit.receive(f"m{number}"):
+                    continue
+                unit.items.add(Item(f"m{number}"))
+                unit.commit()
+                handled.append(f"m{number}")
+
+    threads = [threading.Thread(target=consume) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with engine.connect() as connection:
+        names = sorted(connection.execute(select(Item.__table__.c.name)).scalars())  # type: ignore[attr-defined]
+    assert sorted(f"m{number}" for number in range(20)) == names == sorted(handled)

@@ -69,6 +69,9 @@ class SyncAsAsync:
     async def commit(self) -> None:
         self.wrapped.commit()
 
+    async def receive(self, message_id: str, **kwargs: Any) -> bool:
+        return bool(self.wrapped.receive(message_id, **kwargs))
+
     async def rollback(self) -> None:
         self.wrapped.rollback()
 

@@ -125,4 +125,8 @@ def route(event: Any) -> uow.Message | None:
 OUTBOX = uow.Outbox(metadata, events=route)
 
 
-TABLES = (lines, orders, items, skus, pairs, Note.__table__, OUTBOX.table)
+#: The inbox of the shop's units of work.
+INBOX = uow.Inbox(metadata)
+
+
+TABLES = (lines, orders, items, skus, pairs, Note.__table__, OUTBOX.table, INBOX.table)

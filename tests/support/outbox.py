@@ -147,3 +147,70 @@ class OutboxContract:
                     await uow.commit()
                 raise Boom
         assert [("inner", None, 2, {})] == shop.messages()
+
+
+async def handle(shop: Shop, message_id: str, name: str, *, consumer: str = "default", fail: bool = False) -> bool:
+    """A consumer's handler: record the message, add an item for it unless it was handled, commit or fail."""
+    uow = shop.uow()
+    async with uow:
+        if not await uow.receive(message_id, consumer=consumer):
+            return False
+        await uow.items.add(Item(name))
+        if fail:
+            raise Boom
+        await uow.commit()
+    return True
+
+
+class InboxContract:
+    """What receive() does, on every implementation: each message's work is done once per consumer."""
+
+    async def test_a_message_delivered_again_is_handled_once(self, shop: Shop) -> None:
+        """receive() says True the first time and False once that work committed; the work happens once."""
+        assert await handle(shop, "m1", "first")
+        assert not await handle(shop, "m1", "again")
+        assert await handle(shop, "m2", "second")
+        assert [("first",), ("second",)] == shop.committed(Item, "name")
+
+    async def test_a_receipt_rolls_back_with_the_work(self, shop: Shop) -> None:
+        """A handler that fails leaves no receipt, so the message is handled when it comes again."""
+        with pytest.raises(Boom):
+            await handle(shop, "m1", "failed", fail=True)
+        assert await handle(shop, "m1", "retried")
+        assert [("retried",)] == shop.committed(Item, "name")
+
+    async def test_each_consumer_handles_a_message_once(self, shop: Shop) -> None:
+        """Two consumers of one message each handle it once."""
+        assert await handle(shop, "m1", "billing", consumer="billing")
+        assert await handle(shop, "m1", "shipping", consumer="shipping")
+        assert not await handle(shop, "m1", "billing again", consumer="billing")
+        assert [("billing",), ("shipping",)] == shop.committed(Item, "name")
+
+    async def test_a_receipt_in_a_savepoint_that_rolls_back_is_dropped(self, shop: Shop) -> None:
+        """receive() inside a savepoint that rolls back leaves no receipt; a later receive() says True."""
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(Boom):
+                async with uow.savepoint():
+                    assert await uow.receive("m1")
+                    raise Boom
+            assert await uow.receive("m1")
+            assert not await uow.receive("m1")  # within one transaction, too
+            await uow.commit()
+        assert not await handle(shop, "m1", "again")
+
+    async def test_receive_refuses_bad_ids_read_only_work_and_no_block(self, shop: Shop) -> None:
+        """An empty or overlong id or consumer raises OutboxError; a read-only block ReadOnlyError; outside one."""
+        uow = shop.uow()
+        async with uow:
+            with pytest.raises(errors.OutboxError, match="message_id"):
+                await uow.receive("")
+            with pytest.raises(errors.OutboxError, match="consumer"):
+                await uow.receive("m1", consumer="x" * 256)
+        with pytest.raises(errors.InactiveUnitOfWorkError):
+            await uow.receive("m1")
+        reader = shop.uow(read_only=True)
+        async with reader:
+            with pytest.raises(errors.ReadOnlyError):
+                await reader.receive("m1")
+        assert await handle(shop, "m1", "first")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uow
 
-from .models import OUTBOX, Item, Note, Order, Pair, Sku
+from .models import INBOX, OUTBOX, Item, Note, Order, Pair, Sku
 
 
 class ShopUnitOfWork(uow.UnitOfWork):
@@ -14,6 +14,7 @@ class ShopUnitOfWork(uow.UnitOfWork):
     orders = uow.repository(Order)
     notes = uow.repository(Note)
     outbox = OUTBOX
+    inbox = INBOX
 
 
 class SqlAlchemyShopUnitOfWork(uow.SqlAlchemyUnitOfWork, ShopUnitOfWork):
@@ -31,6 +32,7 @@ class AsyncShopUnitOfWork(uow.AsyncUnitOfWork):
     orders = uow.repository(Order)
     notes = uow.repository(Note)
     outbox = OUTBOX
+    inbox = INBOX
 
 
 class AsyncSqlAlchemyShopUnitOfWork(uow.AsyncSqlAlchemyUnitOfWork, AsyncShopUnitOfWork):

@@ -7,7 +7,7 @@ import pytest
 from tests.support.contract import Contract
 from tests.support.harness import Shop, fake_shop
 from tests.support.models import Pair, Sku
-from tests.support.outbox import OutboxContract
+from tests.support.outbox import InboxContract, OutboxContract
 from tests.support.queries import QueryContract
 from tests.support.scopes import AsyncScopeContract, ScopeContract
 from tests.support.transactions import TransactionContract
@@ -63,3 +63,7 @@ def test_fake_records_the_rows_a_service_locked() -> None:
 
 class TestFakeOutbox(OutboxContract):
     """The fakes publish what the databases would commit to the outbox."""
+
+
+class TestFakeInbox(InboxContract):
+    """The fakes record handled messages as the databases do."""

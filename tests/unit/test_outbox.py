@@ -125,3 +125,20 @@ def test_the_outbox_table_is_on_the_metadata_for_migrations() -> None:
     assert {"position", "message_id", "topic", "key", "payload", "headers", "published_at"} <= set(
         FakeShopUnitOfWork.outbox.table.c.keys()
     )
+
+
+def test_the_fake_refuses_a_second_open_transaction_receiving_a_message_another_holds() -> None:
+    """Where a database makes a second receive() wait for the first transaction, the fake raises at once."""
+    from sqlalchemy.exc import OperationalError
+
+    from tests.support.harness import fake_shop
+
+    shop = fake_shop(FakeShopUnitOfWork, is_async=False)
+    first, second = shop.new(), shop.new()
+    with first:
+        assert first.receive("m1")
+        with second, pytest.raises(OperationalError, match="locked by another open transaction"):
+            second.receive("m1")
+        first.commit()
+    with second:
+        assert not second.receive("m1")
