@@ -6,6 +6,7 @@ Run by ``run.py`` after its PostgreSQL measurements, in the same schema.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import secrets
 import statistics
 import threading
@@ -71,18 +72,72 @@ def _fill(engine: Engine, count: int) -> None:
         connection.execute(insert(OUTBOX.table), OUTBOX.rows(messages))
 
 
-async def _drain(async_engine: AsyncEngine, broker: Broker, workers: int) -> float:
-    """Seconds for *workers* relays to send everything pending."""
-    relays = [Relay(async_engine, OUTBOX, broker, batch_size=500) for _ in range(workers)]
+async def _work(relay: Relay) -> None:
+    idle = 0
+    while idle < 3:  # three empty passes in a row: nothing left that this relay could take
+        idle = 0 if await relay.relay_once() else idle + 1
 
-    async def work(relay: Relay) -> None:
-        idle = 0
-        while idle < 3:  # three empty passes in a row: nothing left that this relay could take
-            idle = 0 if await relay.relay_once() else idle + 1
 
+def _relay_process(schema: str, broker: str, prefix: str, ready: Any, start: Any, done: Any) -> None:
+    """One relay in a process of its own, as relays run in production: ready, then drain from *start*."""
+
+    async def main() -> None:
+        async_engine = create_async_engine(
+            run.ASYNCPG_URL, connect_args={"server_settings": {"search_path": schema}}, pool_size=2
+        )
+        sender = _broker(broker, prefix)
+        relay = Relay(async_engine, OUTBOX, sender, batch_size=500)
+        try:
+            async with async_engine.connect():  # connected before the clock starts
+                pass
+            ready.release()
+            await asyncio.to_thread(start.wait)
+            await _work(relay)
+        finally:
+            await sender.close()
+            await async_engine.dispose()
+        done.release()
+
+    asyncio.run(main())
+
+
+def _broker(name: str, prefix: str) -> Broker:
+    from uow.brokers import NatsJetStream, RabbitMQ, RedisStreams
+
+    if name == "Redis Streams":
+        return RedisStreams(prefix=prefix)
+    if name.startswith("RabbitMQ"):
+        return _Renamed(RabbitMQ(), f"{prefix}bench.orders")
+    return NatsJetStream(prefix=prefix.replace(":", "."))
+
+
+async def _drain(async_engine: AsyncEngine, schema: str, name: str, prefix: str, workers: int) -> float:
+    """Seconds for *workers* relays, each in its own process (one: in this one), to send everything pending."""
+    if workers == 1:
+        broker = _broker(name, prefix)
+        try:
+            start = time.perf_counter()
+            await _work(Relay(async_engine, OUTBOX, broker, batch_size=500))
+            return time.perf_counter() - start
+        finally:
+            await broker.close()
+    context = multiprocessing.get_context("spawn")
+    ready, done, go = context.Semaphore(0), context.Semaphore(0), context.Event()
+    processes = [
+        context.Process(target=_relay_process, args=(schema, name, prefix, ready, go, done)) for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        await asyncio.to_thread(ready.acquire)
     start = time.perf_counter()
-    await asyncio.gather(*(work(relay) for relay in relays))
-    return time.perf_counter() - start
+    go.set()
+    for _ in processes:
+        await asyncio.to_thread(done.acquire)
+    elapsed = time.perf_counter() - start
+    for process in processes:
+        await asyncio.to_thread(process.join)
+    return elapsed
 
 
 async def _brokers(prefix: str) -> tuple[dict[str, Callable[[], Broker]], dict[str, str], Callable[[], Any]]:
@@ -97,7 +152,7 @@ async def _brokers(prefix: str) -> tuple[dict[str, Callable[[], Broker]], dict[s
 
         client = redis.asyncio.from_url("redis://127.0.0.1:6379")
         await client.ping()
-        found["Redis Streams"] = lambda: RedisStreams(prefix=prefix)
+        found["Redis Streams"] = lambda: RedisStreams(prefix=prefix)  # the latency run's
 
         async def drop_streams() -> None:
             await client.delete(f"{prefix}bench.orders")
@@ -161,16 +216,10 @@ async def _measure_relay(
     rates: dict[tuple[str, int], float] = {}
     latency: dict[str, float] = {}
     try:
-        for name, make in found.items():
+        for name in found:
             for workers in (1, 4):
                 _fill(engine, RELAY_MESSAGES)
-                broker = make()
-                if name.startswith("RabbitMQ"):  # the default exchange routes by queue name: the topic's queue
-                    broker = _Renamed(broker, f"{prefix}bench.orders")
-                try:
-                    rates[(name, workers)] = RELAY_MESSAGES / await _drain(async_engine, broker, workers)
-                finally:
-                    await broker.close()
+                rates[(name, workers)] = RELAY_MESSAGES / await _drain(async_engine, schema, name, prefix, workers)
                 with engine.begin() as connection:
                     connection.execute(delete(OUTBOX.table))
         if "Redis Streams" in found:
