@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.integration.test_relay import publish, rows
@@ -125,3 +125,56 @@ async def test_a_relay_killed_fifty_times_loses_nothing_and_keeps_each_keys_orde
         names = list(connection.execute(select(Item.__table__.c.name)).scalars())  # type: ignore[attr-defined]
     assert sorted(f"n{number}" for number in range(committed)) == sorted(names)
     print(f"{kills} kills, {committed} messages, {len(delivered) - committed} delivered twice", file=sys.stderr)
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_relays_whose_connections_are_terminated_resume_and_lose_nothing(
+    database: Database, engine: Engine, redis_url: str
+) -> None:
+    """Four relays to Redis while pg_terminate_backend() kills their connections: all sent, each key in order."""
+    prefix = f"uow-test-{secrets.token_hex(4)}:"
+    commit_messages(engine, 0, 1000)
+    async_engine = create_async_engine(database.async_url, pool_size=8, max_overflow=0, pool_pre_ping=True)
+    brokers = [RedisStreams(redis_url, prefix=prefix) for _ in range(4)]
+    relays = [Relay(async_engine, OUTBOX, broker, batch_size=20, poll_interval=0.02) for broker in brokers]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
+    reader = redis.Redis.from_url(redis_url)
+    terminated = 0
+    try:
+        name = database.url.database
+        for _ in range(200):
+            if all(row["published_at"] for row in rows(engine)):
+                break
+            with engine.connect() as connection:  # every other connection to the run's database: the relays'
+                terminated += sum(
+                    connection.execute(
+                        text(
+                            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = :name AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                        ),
+                        {"name": name},
+                    ).scalars()
+                )
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*tasks)
+        entries = [fields for _, fields in reader.xrange(f"{prefix}orders")]
+    finally:
+        stop.set()
+        for broker in brokers:
+            await broker.close()
+        await async_engine.dispose()
+        reader.delete(f"{prefix}orders")
+        reader.close()
+        engine.dispose()  # its idle connections may have been terminated too: the next test gets new ones
+    assert terminated > 0
+    stored = rows(engine)
+    assert all(row["published_at"] is not None for row in stored)
+    first_seen: dict[str, int] = {}
+    for fields in entries:
+        first_seen.setdefault(fields[b"id"].decode(), json.loads(fields[b"payload"]))
+    assert {row["message_id"] for row in stored} == set(first_seen)
+    for key in range(KEYS):
+        mine = [number for number in first_seen.values() if number % KEYS == key]
+        assert mine == sorted(mine), f"key k{key} first arrived out of order"
