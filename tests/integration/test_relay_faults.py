@@ -178,3 +178,79 @@ async def test_relays_whose_connections_are_terminated_resume_and_lose_nothing(
     for key in range(KEYS):
         mine = [number for number in first_seen.values() if number % KEYS == key]
         assert mine == sorted(mine), f"key k{key} first arrived out of order"
+
+
+def _nats_server() -> tuple[int, list[str]]:
+    """The running NATS server's process id and command line, to stop it and start it again as it was."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arguments and arguments[0].endswith(b"nats-server"):
+            return int(entry.name), [argument.decode() for argument in arguments if argument]
+    pytest.fail("no nats-server process to restart on this machine")
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_a_broker_restarted_during_a_run_gets_every_message_once_in_order(
+    database: Database, engine: Engine, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NATS stopped and started again while two relays send: every message in the stream once, each key in order."""
+    import nats
+
+    from uow.brokers import NatsJetStream
+
+    prefix = f"uowtest{secrets.token_hex(4)}."
+    stream = prefix.rstrip(".").upper()
+    client = await nats.connect(nats_url)
+    await client.jetstream().add_stream(name=stream, subjects=[f"{prefix}>"])  # stored on disk: kept over a restart
+    await client.close()
+    commit_messages(engine, 0, 1000)
+    async_engine = create_async_engine(database.async_url, pool_size=4, max_overflow=0)
+    brokers = [NatsJetStream(nats_url, prefix=prefix, timeout=2.0) for _ in range(2)]
+    relays = [Relay(async_engine, OUTBOX, broker, batch_size=20, poll_interval=0.02) for broker in brokers]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
+    try:
+        while sum(relay.published for relay in relays) < 200:  # the run is under way
+            await asyncio.sleep(0.01)
+        pid, command = _nats_server()
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the relays fail their passes meanwhile
+        # The server's own command line, as it ran, in a session of its own that outlives this test.
+        restart = ["setsid", "-f", *command]
+        subprocess.run(restart, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(400):
+            if all(row["published_at"] for row in rows(engine)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        for broker in brokers:
+            await broker.close()
+        await async_engine.dispose()
+    client = await nats.connect(nats_url)
+    try:
+        jetstream = client.jetstream()
+        info = await jetstream.stream_info(stream)
+        numbers = [
+            json.loads((await jetstream.get_msg(stream, sequence)).data)
+            for sequence in range(1, info.state.last_seq + 1)
+        ]
+        await jetstream.delete_stream(stream)
+    finally:
+        await client.close()
+    assert any("a pass failed" in record.getMessage() for record in caplog.records)  # the outage was felt
+    assert all(row["published_at"] is not None for row in rows(engine))
+    assert list(range(1000)) == sorted(numbers)  # each once: JetStream dropped the copies by Nats-Msg-Id
+    for key in range(KEYS):
+        mine = [number for number in numbers if number % KEYS == key]
+        assert mine == sorted(mine), f"key k{key} out of order"
