@@ -196,7 +196,7 @@ def _nats_server() -> tuple[int, list[str]]:
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 async def test_a_broker_restarted_during_a_run_gets_every_message_once_in_order(
-    database: Database, engine: Engine, nats_url: str, caplog: pytest.LogCaptureFixture
+    database: Database, engine: Engine, nats_url: str
 ) -> None:
     """NATS stopped and started again while two relays send: every message in the stream once, each key in order."""
     import nats
@@ -223,7 +223,9 @@ async def test_a_broker_restarted_during_a_run_gets_every_message_once_in_order(
             if not Path(f"/proc/{pid}").exists():
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # the relays fail their passes meanwhile
+        commit_messages(engine, 1000, 500)  # committed while the broker is down: the relays fail their passes
+        await asyncio.sleep(0.5)
+        assert sum(1 for row in rows(engine) if row["published_at"] is None) >= 500  # nothing got through
         # The server's own command line, as it ran, in a session of its own that outlives this test.
         restart = ["setsid", "-f", *command]
         subprocess.run(restart, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -248,9 +250,8 @@ async def test_a_broker_restarted_during_a_run_gets_every_message_once_in_order(
         await jetstream.delete_stream(stream)
     finally:
         await client.close()
-    assert any("a pass failed" in record.getMessage() for record in caplog.records)  # the outage was felt
     assert all(row["published_at"] is not None for row in rows(engine))
-    assert list(range(1000)) == sorted(numbers)  # each once: JetStream dropped the copies by Nats-Msg-Id
+    assert list(range(1500)) == sorted(numbers)  # each once: JetStream dropped the copies by Nats-Msg-Id
     for key in range(KEYS):
         mine = [number for number in numbers if number % KEYS == key]
         assert mine == sorted(mine), f"key k{key} out of order"
