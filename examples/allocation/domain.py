@@ -18,6 +18,7 @@ from datetime import date
 import attrs
 
 __all__ = [
+    "Allocated",
     "AllocationRequired",
     "Batch",
     "BatchQuantityChanged",
@@ -48,6 +49,16 @@ class OutOfStock(Event):
     """No batch of *sku* could take an order line."""
 
     sku: str
+
+
+@attrs.frozen
+class Allocated(Event):
+    """Order line *orderid* of *sku* was allocated to batch *batchref*: other services hear of it."""
+
+    orderid: str
+    sku: str
+    qty: int
+    batchref: str
 
 
 @attrs.frozen
@@ -141,6 +152,7 @@ class Product:
             if batch.can_allocate(line):
                 batch.allocate(line)
                 self.version_number += 1
+                self.events.append(Allocated(line.orderid, line.sku, line.qty, batch.reference))
                 return batch.reference
         self.events.append(OutOfStock(line.sku))
         return None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import services
-from .domain import AllocationRequired, BatchQuantityChanged, Event, OutOfStock
+from .domain import Allocated, AllocationRequired, BatchQuantityChanged, Event, OutOfStock
 from .unit_of_work import AllocationUnitOfWork
 
 __all__ = ["HANDLERS", "handle"]
@@ -39,6 +39,7 @@ HANDLERS: dict[type[Any], list[Handler]] = {
     BatchQuantityChanged: [change_batch_quantity],
     AllocationRequired: [reallocate],
     OutOfStock: [report_out_of_stock],
+    Allocated: [],  # other services hear of it through the outbox (see allocation.read_model)
 }
 
 

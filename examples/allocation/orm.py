@@ -14,9 +14,22 @@ from typing import Any
 from sqlalchemy import Column, Date, ForeignKey, Integer, MetaData, String, Table, event, inspect
 from sqlalchemy.orm import registry, relationship
 
-from .domain import Batch, OrderLine, Product
+import uow
 
-__all__ = ["allocations", "batches", "metadata", "order_lines", "products", "start_mappers"]
+from .domain import Allocated, Batch, OrderLine, Product
+from .read_model import AllocationView
+
+__all__ = [
+    "INBOX",
+    "OUTBOX",
+    "allocations",
+    "allocations_view",
+    "batches",
+    "metadata",
+    "order_lines",
+    "products",
+    "start_mappers",
+]
 
 metadata = MetaData()
 mapper_registry = registry(metadata=metadata)
@@ -56,6 +69,28 @@ allocations = Table(
 )
 
 
+#: The read model that the consumer of ``allocation.allocated`` keeps: which batch took each order line.
+allocations_view = Table(
+    "allocations_view",
+    metadata,
+    Column("orderid", String(255), primary_key=True),
+    Column("sku", String(255), primary_key=True),
+    Column("batchref", String(255), nullable=False),
+)
+
+
+def _route(event: object) -> uow.Message | None:
+    """The domain events other services hear of: each allocation, keyed by its order."""
+    if isinstance(event, Allocated):
+        return uow.Message("allocation.allocated", event, key=event.orderid)
+    return None
+
+
+#: The outbox that the allocation service's commits write ``Allocated`` to, and the inbox of its consumer.
+OUTBOX = uow.Outbox(metadata, events=_route)
+INBOX = uow.Inbox(metadata)
+
+
 def _is_mapped(cls: type[Any]) -> bool:
     return inspect(cls, raiseerr=False) is not None
 
@@ -89,6 +124,7 @@ def start_mappers() -> None:
         version_id_generator=False,
     )
     event.listen(Product, "load", _receive_load)
+    mapper_registry.map_imperatively(AllocationView, allocations_view)
 
 
 def _receive_load(product: Product, _context: object) -> None:

@@ -18,6 +18,7 @@ import uow
 
 from . import orm
 from .domain import Batch, Product
+from .read_model import AllocationView
 from .repository import InMemoryProductRepository, ProductRepository, SqlAlchemyProductRepository
 
 __all__ = ["AllocationUnitOfWork", "FakeAllocationUnitOfWork", "SqlAlchemyAllocationUnitOfWork"]
@@ -29,6 +30,11 @@ class AllocationUnitOfWork(uow.UnitOfWork):
     products = uow.repository(Product, ProductRepository)
     #: A read-side repository: batches are changed through their product, the aggregate.
     batches = uow.repository(Batch)
+    #: ``Allocated`` goes to other services through the outbox; their messages are received once.
+    #: The read model of the allocations, which the consumer of ``allocation.allocated`` keeps.
+    allocations_view = uow.repository(AllocationView)
+    outbox = orm.OUTBOX
+    inbox = orm.INBOX
 
 
 class SqlAlchemyAllocationUnitOfWork(uow.SqlAlchemyUnitOfWork, AllocationUnitOfWork):

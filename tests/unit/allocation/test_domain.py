@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from allocation.domain import AllocationRequired, Batch, InvalidQuantity, OrderLine, OutOfStock, Product
+from allocation.domain import Allocated, AllocationRequired, Batch, InvalidQuantity, OrderLine, OutOfStock, Product
 
 today = date.today()
 tomorrow = today + timedelta(days=1)
@@ -111,9 +111,19 @@ def test_records_out_of_stock_event_if_cannot_allocate() -> None:
     """A product with no batch that fits returns None and records OutOfStock."""
     product = Product("SMALL-FORK", [Batch("batch1", "SMALL-FORK", 10, eta=today)])
     product.allocate(OrderLine("order1", "SMALL-FORK", 10))
+    product.events.clear()  # the allocation's own event
 
     assert product.allocate(OrderLine("order2", "SMALL-FORK", 1)) is None
     assert [OutOfStock("SMALL-FORK")] == product.events
+
+
+def test_an_allocation_records_allocated_with_its_batch() -> None:
+    """A successful allocation records Allocated, naming the order line and the batch that took it."""
+    product = Product("SCANDI-PEN", [Batch("b1", "SCANDI-PEN", 10, eta=None)])
+
+    product.allocate(OrderLine("o1", "SCANDI-PEN", 4))
+
+    assert [Allocated("o1", "SCANDI-PEN", 4, "b1")] == product.events
 
 
 def test_allocate_increments_the_version_number() -> None:
@@ -132,6 +142,7 @@ def test_change_batch_quantity_deallocates_and_requires_reallocation() -> None:
     product = Product("INDIFFERENT-TABLE", [batch])
     for orderid in ("order1", "order2", "order3"):
         product.allocate(OrderLine(orderid, "INDIFFERENT-TABLE", 10))
+    product.events.clear()  # the allocations' own events
 
     product.change_batch_quantity("batch1", 15)
 
@@ -149,6 +160,7 @@ def test_change_batch_quantity_keeps_lines_that_still_fit() -> None:
     batch = Batch("batch1", "INDIFFERENT-TABLE", 50, eta=None)
     product = Product("INDIFFERENT-TABLE", [batch])
     product.allocate(OrderLine("order1", "INDIFFERENT-TABLE", 20))
+    product.events.clear()  # the allocation's own event
 
     product.change_batch_quantity("batch1", 60)
 
@@ -184,6 +196,7 @@ def test_change_batch_quantity_to_a_negative_quantity_is_refused_and_changes_not
     batch = Batch("batch1", "INDIFFERENT-TABLE", 50, eta=None)
     product = Product("INDIFFERENT-TABLE", [batch])
     product.allocate(OrderLine("order1", "INDIFFERENT-TABLE", 20))
+    product.events.clear()  # the allocation's own event
 
     with pytest.raises(InvalidQuantity, match="^the quantity of batch batch1 must be at least 0, not -1$"):
         product.change_batch_quantity("batch1", -1)
@@ -200,6 +213,7 @@ def test_change_batch_quantity_to_zero_deallocates_every_line() -> None:
     batch = Batch("batch1", "INDIFFERENT-TABLE", 50, eta=None)
     product = Product("INDIFFERENT-TABLE", [batch])
     product.allocate(OrderLine("order1", "INDIFFERENT-TABLE", 20))
+    product.events.clear()  # the allocation's own event
 
     product.change_batch_quantity("batch1", 0)
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from allocation import messagebus, services
 from allocation.domain import (
+    Allocated,
     AllocationRequired,
     BatchQuantityChanged,
     InvalidQuantity,
@@ -152,6 +153,7 @@ def test_change_batch_quantity_alone_leaves_the_events_to_the_bus(uow: FakeAlloc
     """The change_batch_quantity() service commits the deallocation and publishes AllocationRequired."""
     services.add_batch("batch1", "INDIFFERENT-TABLE", 50, None, uow)
     services.allocate("order1", "INDIFFERENT-TABLE", 20, uow)
+    assert [Allocated("order1", "INDIFFERENT-TABLE", 20, "batch1")] == list(uow.collect_new_events())
 
     services.change_batch_quantity("batch1", 10, uow)
 
