@@ -353,7 +353,11 @@ class Relay:
         if self.engine.dialect.name != "postgresql":
             return None
         channel = self.outbox.table.name
-        connection = await self.engine.connect()
+        try:
+            connection = await self.engine.connect()
+        except Exception:  # the database is down: poll, and let the passes wait for it
+            log.warning("uow relay: cannot connect to LISTEN on %r; polling instead", channel, exc_info=True)
+            return None
         try:
             raw = await connection.get_raw_connection()
             driver: Any = raw.driver_connection

@@ -328,3 +328,16 @@ def test_consumers_racing_on_one_message_handle_it_once(engine: Engine) -> None:
     with engine.connect() as connection:
         names = sorted(connection.execute(select(Item.__table__.c.name)).scalars())  # type: ignore[attr-defined]
     assert sorted(f"m{number}" for number in range(20)) == names == sorted(handled)
+
+
+async def test_a_relay_started_while_the_database_is_down_polls_and_keeps_trying() -> None:
+    """run() on a PostgreSQL that refuses connections logs, does not LISTEN, and returns when stopped."""
+    unreachable = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    relay = Relay(unreachable, OUTBOX, InMemoryBroker(), poll_interval=0.01)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    await unreachable.dispose()
+    assert (False, 0) == (relay.listening, relay.published)
