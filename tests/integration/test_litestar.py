@@ -874,10 +874,10 @@ async def send(client: httpx.AsyncClient, kind: str, mount: str, name: str) -> A
             return Answer(kind, mount, name, response.status_code, response.headers.get("x-client-port", ""))
     assert "gone" == kind
     try:
-        await client.post(f"{mount}/slow", params=params, timeout=0.05)
+        early = await client.post(f"{mount}/slow", params=params, timeout=0.05)
     except httpx.TimeoutException:
         return Answer(kind, mount, name, GONE, "")
-    pytest.fail(f"the client of {name} was answered before it left")
+    pytest.fail(f"the client of {name} was answered before it left: {early.status_code} {early.text[:300]}")
 
 
 async def test_on_uvicorn_concurrent_clients_get_the_status_of_their_commit_and_no_connection_stays_out(
