@@ -150,7 +150,7 @@ async def mw_slow(request: Request) -> JSONResponse:
     unit = uow.current(SqlAlchemyEntriesUnitOfWork)
     await unit.entries.add(Entry(name, name))
     await unit.session.flush()  # the connection is checked out, the row written, not committed
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.0)  # long after the client's 0.05 s timeout, even when its event loop is busy
     return JSONResponse({"name": name}, status_code=201)
 
 
@@ -220,7 +220,7 @@ def fastapi_app(mapped: bool) -> FastAPI:
     async def slow(name: str, uow: UnitOfWork) -> Any:
         await uow.entries.add(Entry(name, name))
         await uow.session.flush()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)  # long after the client's 0.05 s timeout, even when its event loop is busy
         return {"name": name}
 
     return app

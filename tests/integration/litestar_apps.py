@@ -143,7 +143,7 @@ async def slow(request: Request[Any, Any, Any], uow: UnitOfWork) -> Response[dic
     name = request.query_params["name"]
     await uow.entries.add(Entry(name, name))
     await uow.session.flush()  # type: ignore[attr-defined]  # the connection is checked out, the row written
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.0)  # long after the client's 0.05 s timeout, even when its event loop is busy
     return Response({"name": name}, status_code=201)
 
 
