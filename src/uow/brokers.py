@@ -29,7 +29,9 @@ class RedisStreams:
     entry is there once Redis answered, and with *maxlen* a stream keeps
     about that many entries. Redis acknowledges a write when it holds it in
     memory: with persistence off, a restart of Redis loses what consumers
-    had not read.
+    had not read. Redis runs the whole pipeline even when it refuses an
+    entry (a key holding another type than a stream): the later messages of
+    that key then arrive before the refused one, which the relay sends again.
     """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379", *, prefix: str = "", maxlen: int | None = None) -> None:
@@ -53,16 +55,9 @@ class RedisStreams:
                 }
                 pipe.xadd(self.prefix + record.topic, fields, maxlen=self.maxlen, approximate=self.maxlen is not None)
             results = await pipe.execute(raise_on_error=False)
-        outcomes: list[BaseException | None] = []
-        failed: dict[object, BaseException] = {}
-        for record, result in zip(records, results, strict=True):
-            chain = record.key if record.key is not None else ("no key", record.position)
-            if isinstance(result, BaseException) or chain in failed:
-                failed.setdefault(chain, result if isinstance(result, BaseException) else RuntimeError("not sent"))
-                outcomes.append(failed[chain])
-            else:
-                outcomes.append(None)
-        return outcomes
+        # Redis runs every command of a pipeline: an entry after a refused one of its key is in its stream
+        # all the same, and is reported sent, not sent again.
+        return [result if isinstance(result, BaseException) else None for result in results]
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -51,6 +51,11 @@ class Record:
     headers: dict[str, str]
     attempts: int
 
+    @property
+    def chain(self) -> object:
+        """What orders it: its key, or, for a message without a key, the message alone."""
+        return self.key if self.key is not None else ("no key", self.position)
+
 
 def _record(row: Any) -> Record:
     """The record of an outbox row."""
@@ -96,7 +101,7 @@ async def send_by_key(
     outcomes: list[BaseException | None] = [None] * len(records)
     chains: dict[object, list[int]] = {}
     for index, record in enumerate(records):
-        chains.setdefault(record.key if record.key is not None else ("no key", index), []).append(index)
+        chains.setdefault(record.chain, []).append(index)
 
     async def chain(indexes: list[int]) -> None:
         for position, index in enumerate(indexes):
@@ -289,7 +294,7 @@ class Relay:
         for record, outcome in zip(records, outcomes, strict=True):
             if outcome is None:
                 continue
-            chain = record.key if record.key is not None else ("no key", record.position)
+            chain = record.chain
             if chain in failed_keys:
                 continue  # not sent: it waits behind the one that failed
             failed_keys.add(chain)

@@ -341,3 +341,30 @@ async def test_a_relay_started_while_the_database_is_down_polls_and_keeps_trying
     await asyncio.wait_for(task, 5)
     await unreachable.dispose()
     assert (False, 0) == (relay.listening, relay.published)
+
+
+async def test_redis_refusing_one_entry_still_adds_the_rest_and_the_relay_says_so(
+    engine: Engine, async_engine: AsyncEngine, redis_url: str
+) -> None:
+    """An entry on a key that holds a string is refused and retried; the entries after it were added and are sent."""
+    import redis
+
+    from uow.brokers import RedisStreams
+
+    prefix = f"uow-test-{secrets.token_hex(4)}:"
+    reader = redis.Redis.from_url(redis_url)
+    reader.set(f"{prefix}broken", "not a stream")
+    try:
+        publish(engine, ("broken", 1, "a"), ("orders", 2, "a"), ("orders", 3, "b"))
+        broker = RedisStreams(redis_url, prefix=prefix)
+        try:
+            assert 2 == await Relay(async_engine, OUTBOX, broker).relay_once()
+        finally:
+            await broker.close()
+        added = [json.loads(fields[b"payload"]) for _, fields in reader.xrange(f"{prefix}orders")]
+    finally:
+        reader.delete(f"{prefix}broken", f"{prefix}orders")
+        reader.close()
+    assert [2, 3] == added
+    state = {json.loads(row["payload"]): (row["attempts"], row["published_at"] is not None) for row in rows(engine)}
+    assert {1: (1, False), 2: (0, True), 3: (0, True)} == state
