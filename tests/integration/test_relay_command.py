@@ -19,6 +19,18 @@ from tests.support.databases import Database
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: The environment of a relay process: it imports the test models from the repository.
+ENVIRONMENT = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def relay_command(database: Database, broker: str, *options: str) -> list[str]:
+    """``python -m uow.relay`` on the run's database and the test models' outbox, polling every 50 ms."""
+    database_url = database.async_url.render_as_string(hide_password=False)
+    outbox = "tests.support.models:OUTBOX"
+    return [sys.executable, "-m", "uow.relay", "--database", database_url, "--outbox", outbox, "--broker", broker,
+            "--poll-interval", "0.05", *options]  # fmt: skip
+
+
 def test_the_relay_command_sends_to_redis_and_stops_cleanly_on_sigterm(
     database: Database, engine: Engine, redis_url: str
 ) -> None:
@@ -26,21 +38,8 @@ def test_the_relay_command_sends_to_redis_and_stops_cleanly_on_sigterm(
     publish(engine, ("orders", 1, "a"), ("orders", 2, "b"))
     publish(engine, ("orders", "lost", "a"), commit=False)
     prefix = f"uow-test-{secrets.token_hex(4)}:"
-    command = [
-        sys.executable,
-        "-m",
-        "uow.relay",
-        "--database",
-        database.async_url.render_as_string(hide_password=False),
-        "--outbox",
-        "tests.support.models:OUTBOX",
-        "--broker",
-        f"{redis_url}/0?prefix={prefix}",
-        "--poll-interval",
-        "0.05",
-    ]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stderr=subprocess.PIPE, text=True)
+    command = relay_command(database, f"{redis_url}/0?prefix={prefix}")
+    process = subprocess.Popen(command, cwd=ROOT, env=ENVIRONMENT, stderr=subprocess.PIPE, text=True)
     reader = redis.Redis.from_url(redis_url)
     try:
         publish(engine, ("orders", 3, "a"))  # committed while the relay runs
@@ -65,13 +64,12 @@ def test_the_relay_command_sends_to_redis_and_stops_cleanly_on_sigterm(
 def test_the_relay_command_refuses_an_unknown_broker_or_outbox(database: Database, engine: Engine) -> None:
     """A broker URL of no known scheme, or an outbox path naming something else, exits with a clear error."""
     base = [sys.executable, "-m", "uow.relay", "--database", database.async_url.render_as_string(False)]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     for extra, expected in (
         (["--outbox", "tests.support.models:OUTBOX", "--broker", "kafka://x"], "no broker for 'kafka://x'"),
         (["--outbox", "tests.support.models:Item", "--broker", "memory://"], "neither a uow.Outbox"),
     ):
         finished = subprocess.run(
-            base + extra, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60, check=False
+            base + extra, cwd=ROOT, env=ENVIRONMENT, capture_output=True, text=True, timeout=60, check=False
         )
         assert 0 != finished.returncode
         assert expected in finished.stderr

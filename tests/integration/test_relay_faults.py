@@ -27,13 +27,13 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.integration.test_relay import publish, rows
+from tests.integration.test_relay_command import ENVIRONMENT, ROOT, relay_command
 from tests.support.databases import Database
 from tests.support.models import OUTBOX, Item
 from tests.support.uows import SqlAlchemyShopUnitOfWork
 from uow.brokers import RedisStreams
 from uow.relay import Relay
 
-ROOT = Path(__file__).resolve().parents[2]
 KEYS = 10
 
 
@@ -49,22 +49,7 @@ async def test_a_relay_killed_fifty_times_loses_nothing_and_keeps_each_keys_orde
 ) -> None:
     """50 SIGKILLs at random moments: every message delivered, first deliveries in order per key, handled once."""
     prefix = f"uow-test-{secrets.token_hex(4)}:"
-    command = [
-        sys.executable,
-        "-m",
-        "uow.relay",
-        "--database",
-        database.async_url.render_as_string(hide_password=False),
-        "--outbox",
-        "tests.support.models:OUTBOX",
-        "--broker",
-        f"{redis_url}/0?prefix={prefix}",
-        "--poll-interval",
-        "0.05",
-        "--batch-size",
-        "40",
-    ]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = relay_command(database, f"{redis_url}/0?prefix={prefix}", "--batch-size", "40")
     chance = random.Random(1234)
     committed = 0
     kills = 0
@@ -74,7 +59,7 @@ async def test_a_relay_killed_fifty_times_loses_nothing_and_keeps_each_keys_orde
             commit_messages(engine, committed, 200)
             committed += 200
             process = subprocess.Popen(
-                command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                command, cwd=ROOT, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             # Kill it once it has sent a random number of this round's messages: in the middle of its work.
             target = reader.xlen(f"{prefix}orders") + chance.randint(1, 150)
