@@ -19,6 +19,16 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy.orm.exc import StaleDataError
 
 from . import _hooks
+from ._hooks import (
+    AFTER_COMPLETION,
+    BEFORE_COMMIT,
+    COMMITTED,
+    ON_COMMIT,
+    ON_ROLLBACK,
+    ROLLED_BACK,
+    UNKNOWN,
+    Completion,
+)
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import current_task
@@ -237,11 +247,20 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             if plan is COMMIT:
                 await self._commit_scope(scope)
             elif plan is not NOTHING:
-                self._rolled_back(tx)
+                if tx.hooks:
+                    await _run_to_completion(self._discard(tx))  # now: the hooks run after the rollback
+                    await self._run_hooks(scope, ROLLED_BACK)
+                else:
+                    self._rolled_back(tx)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException:
-            await self._release(scope, True, state)
+            try:
+                if tx.hooks:  # left before its rollback was booked: the hooks still learn how it ended
+                    await _run_to_completion(self._discard(tx))
+                    await self._run_hooks(scope, ROLLED_BACK)
+            finally:
+                await self._release(scope, True, state)
             raise
         await self._release(scope, exc is not None, state)
 
@@ -297,7 +316,12 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _commit_scope(self, scope: _Scope) -> None:
         tx = scope.tx
+        if tx.committing:
+            self._begin_commit(scope)  # raises: a before_commit hook called commit()
+        unknown = False
         try:
+            if tx.hooks:
+                await self._before_commit(scope)
             await self._flush(tx.session)
             outbox = self.outbox
             if outbox is not None and (tx.outbox or outbox.events is not None):
@@ -307,25 +331,26 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             try:
                 await self._commit(tx.session)
             except BaseException as error:
-                tx.outcome_unknown = outcome_unknown(error)
+                tx.outcome_unknown = unknown = outcome_unknown(error)
                 raise
-        except StaleDataError as error:
+        except BaseException as error:
             await _run_to_completion(self._discard(tx))
-            if isinstance(error, ConcurrencyError):
-                raise
-            raise _concurrency_error(error) from error
-        except BaseException:
-            await _run_to_completion(self._discard(tx))
+            if tx.hooks:
+                await self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
+            if isinstance(error, StaleDataError) and not isinstance(error, ConcurrencyError):
+                raise _concurrency_error(error) from error
             raise
         self._committed(scope)
         if tx.hooks:
-            await self._run_hooks(scope)
+            await self._run_hooks(scope, COMMITTED)
 
     async def rollback(self) -> None:
         """Discard the uncommitted work of the owner's block now; see :meth:`UnitOfWork.rollback`."""
         scope = self._owner_scope("rollback()")
         await self._rollback(scope.tx.session)
         self._rolled_back_by_owner(scope)
+        if scope.tx.hooks:
+            await self._run_hooks(scope, ROLLED_BACK)
 
     async def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
@@ -355,12 +380,42 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
         The callback may be a coroutine function: what it returns is awaited.
         """
-        self._add_hook(callback, robust)
+        self._add_hook(ON_COMMIT, callback, robust)
 
-    async def _run_hooks(self, scope: _Scope) -> None:
+    def before_commit(self, callback: Callable[[], object]) -> None:
+        """Run *callback* inside the transaction when the owner commits it; see :meth:`UnitOfWork.before_commit`.
+
+        The callback may be a coroutine function: what it returns is awaited.
+        """
+        self._add_hook(BEFORE_COMMIT, callback)
+
+    def on_rollback(self, callback: Callable[[], object]) -> None:
+        """Run *callback* after a real rollback; see :meth:`UnitOfWork.on_rollback`.
+
+        The callback may be a coroutine function: what it returns is awaited.
+        """
+        self._add_hook(ON_ROLLBACK, callback)
+
+    def after_completion(self, callback: Callable[[Completion], object]) -> None:
+        """Run *callback* with the status once the transaction ended; see :meth:`UnitOfWork.after_completion`.
+
+        The callback may be a coroutine function: what it returns is awaited.
+        """
+        self._add_hook(AFTER_COMPLETION, callback)
+
+    async def _before_commit(self, scope: _Scope) -> None:
+        tx = scope.tx
+        tx.committing = True
+        try:
+            await _hooks.run_before_commit_async(tx.hooks)
+        finally:
+            tx.committing = False
+        self._before_commit_ran(scope)
+
+    async def _run_hooks(self, scope: _Scope, status: Completion) -> None:
         started = self._start_hooks(scope)
         try:
-            await _hooks.run_hooks_async(scope.tx.hooks)
+            await _hooks.run_hooks_async(scope.tx.hooks, status)
         finally:
             self._end_hooks(started)
 

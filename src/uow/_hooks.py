@@ -1,11 +1,22 @@
-"""``on_commit`` hooks and domain events: what runs, or is collected, after a real commit.
+"""Lifecycle hooks and domain events: what runs, or is collected, around a real commit or rollback.
 
-Hooks belong to a transaction: they run after its owner's real commit, in
-order, and are dropped when it rolls back, or with a savepoint that rolls
-back. Domain events are read from the ``events`` lists of the aggregates the
-transaction's repositories saw: moved to the unit of work's queue after the
-commit, cleared after a rollback, cut back to a savepoint's start when the
-savepoint rolls back.
+Hooks belong to a transaction, in one list in registration order, each
+tagged with its kind:
+
+* ``before_commit`` hooks run inside the transaction when its owner commits,
+  before the flush; one that raises vetoes the commit, which rolls back;
+* ``on_commit`` hooks run after the real commit;
+* ``on_rollback`` hooks run after a real rollback, a failed commit included,
+  when the database is known not to have committed;
+* ``after_completion`` hooks run once the transaction ended either way, with
+  its status: ``"committed"``, ``"rolled_back"`` or ``"unknown"`` (the
+  COMMIT failed in a way that may still have reached the database).
+
+A savepoint that rolls back drops the hooks registered inside it, of every
+kind; a released one keeps them for the transaction. Domain events are read
+from the ``events`` lists of the aggregates the transaction's repositories
+saw: moved to the unit of work's queue after the commit, cleared after a
+rollback, cut back to a savepoint's start when the savepoint rolls back.
 """
 
 from __future__ import annotations
@@ -15,58 +26,153 @@ import logging
 import types
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .errors import ConfigurationError, _shown
 
 if TYPE_CHECKING:
-    from ._scope import _Transaction
+    from ._scope import _Hook, _Transaction
 
 log = logging.getLogger("uow")
 
+#: How a transaction ended, as an ``after_completion`` hook is told.
+Completion = Literal["committed", "rolled_back", "unknown"]
+COMMITTED: Completion = "committed"
+ROLLED_BACK: Completion = "rolled_back"
+UNKNOWN: Completion = "unknown"
 
-def check_hook(callback: object, *, sync: bool) -> None:
-    """Refuse what cannot be an ``on_commit`` hook of a sync (*sync*) or async unit of work."""
+#: The kinds of hooks, named after the methods that register them.
+BEFORE_COMMIT = "before_commit"
+ON_COMMIT = "on_commit"
+ON_ROLLBACK = "on_rollback"
+AFTER_COMPLETION = "after_completion"
+
+
+def check_hook(callback: object, kind: str, *, sync: bool) -> None:
+    """Refuse what cannot be a hook of *kind* of a sync (*sync*) or async unit of work."""
     if not callable(callback):
-        msg = f"on_commit() takes a callable with no arguments, not {_shown(callback)}"
+        takes = "a callable that takes the status" if kind == AFTER_COMPLETION else "a callable with no arguments"
+        msg = f"{kind}() takes {takes}, not {_shown(callback)}"
         raise ConfigurationError(msg)
-    kind: type[object] = type(callback)
-    if sync and kind in (types.FunctionType, types.MethodType) and inspect.iscoroutinefunction(callback):
+    kind_of_callable: type[object] = type(callback)
+    if sync and kind_of_callable in (types.FunctionType, types.MethodType) and inspect.iscoroutinefunction(callback):
         msg = f"{_shown(callback)} is a coroutine function; a sync unit of work runs sync hooks only"
         raise ConfigurationError(msg)
 
 
-def run_hooks(hooks: list[tuple[Callable[[], object], bool]]) -> None:
-    """Run and drain *hooks* in order; a hook's new hooks run in the same pass."""
-    while hooks:
-        callback, robust = hooks.pop(0)
+def _refuse_awaitable(result: object, callback: Callable[..., object], kind: str) -> None:
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        msg = f"{kind} hook {_shown(callback)} returned an awaitable; a sync unit of work cannot await it"
+        raise ConfigurationError(msg)
+
+
+def _next(hooks: list[_Hook], kind: str) -> tuple[Callable[..., object], bool] | None:
+    """Take the first hook of *kind* out of *hooks*: the order of registration, hooks added meanwhile included."""
+    for index, (when, callback, robust) in enumerate(hooks):
+        if when == kind:
+            del hooks[index]
+            return callback, robust
+    return None
+
+
+def _drop(hooks: list[_Hook], kind: str) -> None:
+    hooks[:] = [hook for hook in hooks if hook[0] != kind]
+
+
+def _failed(kind: str, callback: Callable[..., object]) -> None:
+    log.exception("uow: %s hook %r failed", kind, callback, extra={"uow_hook": kind})
+
+
+def run_before_commit(hooks: list[_Hook]) -> None:
+    """Run the ``before_commit`` hooks of *hooks*; the first that raises stops them, and its error vetoes."""
+    while (found := _next(hooks, BEFORE_COMMIT)) is not None:
+        callback = found[0]
+        _refuse_awaitable(callback(), callback, BEFORE_COMMIT)
+
+
+async def run_before_commit_async(hooks: list[_Hook]) -> None:
+    """The async twin of :func:`run_before_commit`: what a hook returns is awaited."""
+    while (found := _next(hooks, BEFORE_COMMIT)) is not None:
+        result = found[0]()
+        if inspect.isawaitable(result):
+            await result
+
+
+def committed(hooks: list[_Hook]) -> None:
+    """The transaction committed: drop its ``on_rollback`` hooks; the others run next."""
+    _drop(hooks, ON_ROLLBACK)
+
+
+def rolled_back(hooks: list[_Hook]) -> None:
+    """The transaction rolled back: keep its ``on_rollback`` and ``after_completion`` hooks, which run next."""
+    hooks[:] = [hook for hook in hooks if hook[0] == ON_ROLLBACK or hook[0] == AFTER_COMPLETION]
+
+
+def run_hooks(hooks: list[_Hook], status: Completion) -> None:
+    """Run the hooks of a transaction that ended with *status*, and drain them.
+
+    After a commit: the ``on_commit`` hooks, then the ``after_completion``
+    ones. After a rollback: the ``on_rollback`` hooks (not when the status is
+    unknown: the work may have been committed), then the ``after_completion``
+    ones. A hook registered by a hook of this pass runs in it too. An
+    ``on_commit`` hook that raises, unless robust, drops the ``on_commit``
+    hooks after it, and its error is raised once the ``after_completion``
+    hooks have run; any other failure is logged.
+    """
+    failure: Exception | None = None
+    first = ON_COMMIT if status == COMMITTED else ON_ROLLBACK
+    while (found := _next(hooks, first)) is not None:
+        callback, robust = found
+        if status == UNKNOWN:
+            continue  # the work may be committed: no compensation runs
         try:
-            result = callback()
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()
-                msg = f"on_commit hook {_shown(callback)} returned an awaitable; a sync unit of work cannot await it"
-                raise ConfigurationError(msg)
+            _refuse_awaitable(callback(), callback, first)
+        except Exception as error:
+            if first == ON_COMMIT and not robust:
+                _drop(hooks, ON_COMMIT)
+                failure = error
+            else:
+                _failed(first, callback)
+    while (found := _next(hooks, AFTER_COMPLETION)) is not None:
+        callback = found[0]
+        try:
+            _refuse_awaitable(callback(status), callback, AFTER_COMPLETION)
         except Exception:
-            if not robust:
-                hooks.clear()
-                raise
-            log.exception("uow: on_commit hook %r failed", callback)
+            _failed(AFTER_COMPLETION, callback)
+    if failure is not None:
+        raise failure
 
 
-async def run_hooks_async(hooks: list[tuple[Callable[[], object], bool]]) -> None:
+async def run_hooks_async(hooks: list[_Hook], status: Completion) -> None:
     """The async twin of :func:`run_hooks`: what a hook returns is awaited."""
-    while hooks:
-        callback, robust = hooks.pop(0)
+    failure: Exception | None = None
+    first = ON_COMMIT if status == COMMITTED else ON_ROLLBACK
+    while (found := _next(hooks, first)) is not None:
+        callback, robust = found
+        if status == UNKNOWN:
+            continue
         try:
             result = callback()
             if inspect.isawaitable(result):
                 await result
+        except Exception as error:
+            if first == ON_COMMIT and not robust:
+                _drop(hooks, ON_COMMIT)
+                failure = error
+            else:
+                _failed(first, callback)
+    while (found := _next(hooks, AFTER_COMPLETION)) is not None:
+        callback = found[0]
+        try:
+            result = callback(status)
+            if inspect.isawaitable(result):
+                await result
         except Exception:
-            if not robust:
-                hooks.clear()
-                raise
-            log.exception("uow: on_commit hook %r failed", callback)
+            _failed(AFTER_COMPLETION, callback)
+    if failure is not None:
+        raise failure
 
 
 def collect_events(tx: _Transaction, queue: deque[object]) -> None:

@@ -21,6 +21,8 @@ from contextvars import Token
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import exc as sa_exc
+
 from . import _hooks
 from ._declare import _Declarations
 from ._outbox import Inbox, Message, Outbox
@@ -623,6 +625,8 @@ class _UnitOfWorkCore(_Declarations):
         scope = self._acting(strict=True)
         if scope.kind is not OWNER:
             raise _joined_error(what)
+        if scope.tx.committing:
+            raise _committing_error(what)
         return scope
 
     def _repository(self, name: str) -> Any:
@@ -701,6 +705,8 @@ class _UnitOfWorkCore(_Declarations):
         tx.used = False
         if tx.outbox:
             tx.outbox.clear()  # written in the commit
+        if tx.hooks:
+            _hooks.committed(tx.hooks)
         tx.commits += 1
         self.commits += 1
         parent = tx.parent
@@ -717,8 +723,10 @@ class _UnitOfWorkCore(_Declarations):
                     events.clear()
 
     def _rolled_back(self, tx: _Transaction) -> None:
+        """After a real rollback; the ``on_rollback`` and ``after_completion`` hooks stay, for the twin to run."""
         tx.used = False
-        tx.hooks.clear()
+        if tx.hooks:
+            _hooks.rolled_back(tx.hooks)
         tx.outbox.clear()
         self.rollbacks += 1
         if self._scopes[0].tx is tx:
@@ -807,11 +815,24 @@ class _UnitOfWorkCore(_Declarations):
             if scope.state is OPEN:
                 scope.state = SEALED
 
-    def _add_hook(self, callback: Callable[[], object], robust: bool) -> None:
-        _hooks.check_hook(callback, sync=bool(self._sync))
-        scope = self._scope_for("on_commit()")
-        scope.tx.hooks.append((callback, robust))
+    def _add_hook(self, kind: str, callback: Callable[..., object], robust: bool = False) -> None:
+        _hooks.check_hook(callback, kind, sync=bool(self._sync))
+        scope = self._scope_for(f"{kind}()")
+        scope.tx.hooks.append((kind, callback, robust))
         scope.tx.used = True
+
+    def _begin_commit(self, scope: _Scope) -> None:
+        """The owner's commit starts: refuse it from a ``before_commit`` hook, which runs inside a commit."""
+        if scope.tx.committing:
+            raise _committing_error("commit()")
+
+    def _before_commit_ran(self, scope: _Scope) -> None:
+        """The ``before_commit`` hooks ran: one of them may have made the transaction rollback-only."""
+        health = scope.health
+        if health.poison is not None:
+            raise self._rollback_only_error(scope) from health.poison
+        if health.rollback_only:
+            self._check_may_commit(scope)
 
     def publish(
         self, topic: str, payload: Any, *, key: str | None = None, headers: Mapping[str, str] | None = None
@@ -902,13 +923,27 @@ def _joined_error(what: str) -> JoinedScopeError:
     return JoinedScopeError(msg)
 
 
+def _committing_error(what: str) -> ConfigurationError:
+    msg = (
+        f"{what} inside a before_commit hook: the hook runs inside the owner's commit, which goes on when it "
+        "returns. Raise an exception in the hook to veto the commit; it then rolls back"
+    )
+    return ConfigurationError(msg)
+
+
 def _is_cancellation(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError)
 
 
 def outcome_unknown(error: BaseException) -> bool:
-    """Whether a commit that raised *error* may still have been applied by the database."""
-    return not is_retryable(error)
+    """Whether a COMMIT that raised *error* may still have been applied by the database.
+
+    Not when the database answered it with a refusal: a serialization
+    failure, a deadlock, or a constraint checked at COMMIT (a deferred one).
+    A lost connection, a timeout or a cancellation may have come after the
+    database committed.
+    """
+    return not (is_retryable(error) or isinstance(error, sa_exc.IntegrityError))
 
 
 def wrong_protocol(unit: _UnitOfWorkCore) -> ConfigurationError:

@@ -92,7 +92,8 @@ def check_isolation_level(isolation_level: str | None) -> None:
         raise ConfigurationError(msg)
 
 
-_Hook = tuple[Any, bool]
+#: A hook of a transaction: its kind (the name of the method that registered it), the callback, robust.
+_Hook = tuple[str, Any, bool]
 
 #: The event marks of a scope that is not a savepoint: none.
 _NO_MARKS: Mapping[int, int] = MappingProxyType({})
@@ -122,6 +123,7 @@ class _Transaction(_Health):
         "broken",
         "commit_on_exit",
         "commits",
+        "committing",
         "hooks",
         "isolation_level",
         "nested_commits",
@@ -174,6 +176,8 @@ class _Transaction(_Health):
         self.open = True
         #: Whether its owner commits on a clean exit (a @transactional call, or a block of the integrations).
         self.commit_on_exit = False
+        #: Whether its ``before_commit`` hooks are running: the commit has begun, and may not begin again.
+        self.committing = False
         #: The owner's setting of the context's current transaction, reset when the owner's scope closes.
         self.token: Token[_Transaction | None] | None = None
 

@@ -20,6 +20,16 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy.orm.exc import StaleDataError
 
 from . import _hooks
+from ._hooks import (
+    AFTER_COMPLETION,
+    BEFORE_COMMIT,
+    COMMITTED,
+    ON_COMMIT,
+    ON_ROLLBACK,
+    ROLLED_BACK,
+    UNKNOWN,
+    Completion,
+)
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import thread_and_task
@@ -268,10 +278,17 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             if plan is COMMIT:
                 self._commit_scope(scope)
             elif plan is not NOTHING:
-                self._rolled_back(tx)
+                if tx.hooks:
+                    self._discard(tx)  # now, so that the hooks run after the rollback, not before the close
+                    self._run_hooks(scope, ROLLED_BACK)
+                else:
+                    self._rolled_back(tx)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException:
+            if tx.hooks:  # left before its rollback was booked: the hooks still learn how it ended
+                self._discard(tx)
+                self._run_hooks(scope, ROLLED_BACK)
             self._release(scope, True, state)
             raise
         self._release(scope, exc is not None, state)
@@ -332,7 +349,12 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _commit_scope(self, scope: _Scope) -> None:
         tx = scope.tx
+        if tx.committing:
+            self._begin_commit(scope)  # raises: a before_commit hook called commit()
+        unknown = False
         try:
+            if tx.hooks:
+                self._before_commit(scope)
             self._flush(tx.session)
             outbox = self.outbox
             if outbox is not None and (tx.outbox or outbox.events is not None):
@@ -342,19 +364,18 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             try:
                 self._commit(tx.session)
             except BaseException as error:
-                tx.outcome_unknown = outcome_unknown(error)
+                tx.outcome_unknown = unknown = outcome_unknown(error)
                 raise
-        except StaleDataError as error:
+        except BaseException as error:
             self._discard(tx)
-            if isinstance(error, ConcurrencyError):
-                raise
-            raise _concurrency_error(error) from error
-        except BaseException:
-            self._discard(tx)
+            if tx.hooks:
+                self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
+            if isinstance(error, StaleDataError) and not isinstance(error, ConcurrencyError):
+                raise _concurrency_error(error) from error
             raise
         self._committed(scope)
         if tx.hooks:
-            self._run_hooks(scope)
+            self._run_hooks(scope, COMMITTED)
 
     def rollback(self) -> None:
         """Discard the uncommitted work of the owner's block now; the block goes on.
@@ -366,6 +387,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         scope = self._owner_scope("rollback()")
         self._rollback(scope.tx.session)
         self._rolled_back_by_owner(scope)
+        if scope.tx.hooks:
+            self._run_hooks(scope, ROLLED_BACK)
 
     def _discard(self, tx: _Transaction) -> None:
         """Roll back after an error; log, never raise, if the rollback fails too."""
@@ -400,12 +423,52 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         the data was committed; with ``robust=True`` the error is logged and
         the next hook runs.
         """
-        self._add_hook(callback, robust)
+        self._add_hook(ON_COMMIT, callback, robust)
 
-    def _run_hooks(self, scope: _Scope) -> None:
+    def before_commit(self, callback: Callable[[], object]) -> None:
+        """Run *callback* when the owner commits this transaction, inside it, before its changes are flushed.
+
+        The callback may still read and write through the unit of work. One
+        that raises vetoes the commit: the transaction rolls back and the
+        error propagates from ``commit()``. Hooks run in registration order;
+        one registered by a hook runs in the same pass. A savepoint that
+        rolls back drops the hooks registered inside it.
+        """
+        self._add_hook(BEFORE_COMMIT, callback)
+
+    def on_rollback(self, callback: Callable[[], object]) -> None:
+        """Run *callback* after this transaction rolls back for real, a failed commit included.
+
+        Not after a commit whose outcome is unknown (the connection was lost
+        during COMMIT): the work may be committed, so nothing that undoes it
+        runs. A savepoint that rolls back drops the hooks registered inside
+        it without running them. A hook that raises is logged; the next runs.
+        """
+        self._add_hook(ON_ROLLBACK, callback)
+
+    def after_completion(self, callback: Callable[[Completion], object]) -> None:
+        """Run *callback* once this transaction has ended, with how it ended.
+
+        The status is ``"committed"``, ``"rolled_back"``, or ``"unknown"`` when
+        the COMMIT failed in a way that may still have reached the database.
+        It runs after the ``on_commit`` or ``on_rollback`` hooks. A hook that
+        raises is logged; the next runs.
+        """
+        self._add_hook(AFTER_COMPLETION, callback)
+
+    def _before_commit(self, scope: _Scope) -> None:
+        tx = scope.tx
+        tx.committing = True
+        try:
+            _hooks.run_before_commit(tx.hooks)
+        finally:
+            tx.committing = False
+        self._before_commit_ran(scope)
+
+    def _run_hooks(self, scope: _Scope, status: Completion) -> None:
         started = self._start_hooks(scope)
         try:
-            _hooks.run_hooks(scope.tx.hooks)
+            _hooks.run_hooks(scope.tx.hooks, status)
         finally:
             self._end_hooks(started)
 

@@ -231,13 +231,16 @@ async def _async_timeout_engine(
 def test_killed_backend_fails_the_unit_of_work_and_the_next_one_commits(
     pg_engine: Engine, reader: Engine, killer: Killer, moment: str, entry: str
 ) -> None:
-    """psycopg: a killed backend raises OperationalError, commits nothing, is not retried; the next one commits."""
+    """psycopg: a killed backend raises OperationalError, commits nothing, is not retried, tells the hooks its end."""
     unit = SqlAlchemyShopUnitOfWork(pg_engine)
     pids: list[int] = []
     calls: list[int] = []
+    ended: list[str] = []
 
     def service(uow: ShopUnitOfWork = NEW_UOW) -> None:
         calls.append(1)
+        uow.on_rollback(lambda: ended.append("on_rollback"))
+        uow.after_completion(ended.append)
         session: Session = uow.session  # type: ignore[attr-defined]
         uow.items.add(Item("before the kill"))
         session.flush()
@@ -261,6 +264,8 @@ def test_killed_backend_fails_the_unit_of_work_and_the_next_one_commits(
     killed = ("OperationalError", "AdminShutdown", "AdminShutdown", "57P01", True)
     check_failed(unit, pg_engine, caught.value, killed, TERMINATED)
     assert [1] == calls
+    # A COMMIT whose connection died may have committed: no on_rollback, and the status says so.
+    assert (["unknown"] if moment == "before_commit" else ["on_rollback", "rolled_back"]) == ended
     assert pids == killer.killed
     assert [] == item_names(reader)
 
@@ -273,13 +278,16 @@ def test_killed_backend_fails_the_unit_of_work_and_the_next_one_commits(
 async def test_async_killed_backend_fails_the_unit_of_work_and_the_next_one_commits(
     pg_async_engine: AsyncEngine, reader: Engine, killer: Killer, moment: str, entry: str
 ) -> None:
-    """asyncpg: a killed backend raises DBAPIError, commits nothing, is not retried; the next one commits."""
+    """asyncpg: a killed backend raises DBAPIError, commits nothing, is not retried, tells the hooks how it ended."""
     unit = AsyncSqlAlchemyShopUnitOfWork(pg_async_engine)
     pids: list[int] = []
     calls: list[int] = []
+    ended: list[str] = []
 
     async def service(uow: AsyncShopUnitOfWork = NEW_UOW) -> None:
         calls.append(1)
+        uow.on_rollback(lambda: ended.append("on_rollback"))
+        uow.after_completion(ended.append)
         session: AsyncSession = uow.session  # type: ignore[attr-defined]
         await uow.items.add(Item("before the kill"))
         await session.flush()
@@ -303,6 +311,7 @@ async def test_async_killed_backend_fails_the_unit_of_work_and_the_next_one_comm
     killed = ("DBAPIError", "Error", "ConnectionDoesNotExistError", "08003", True)
     check_failed(unit, pg_async_engine, caught.value, killed, TERMINATED)
     assert [1] == calls
+    assert (["unknown"] if moment == "before_commit" else ["on_rollback", "rolled_back"]) == ended
     assert pids == killer.killed
     assert [] == item_names(reader)
 

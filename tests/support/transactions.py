@@ -576,6 +576,215 @@ class TransactionContract:
         with pytest.raises(errors.InactiveUnitOfWorkError, match="on_commit"):
             uow.on_commit(lambda: None)
 
+    # -- before_commit, on_rollback and after_completion -------------------------------
+
+    async def test_lifecycle_hooks_run_in_order_around_a_commit(self, shop: Shop) -> None:
+        """before_commit runs inside the transaction and its write commits; on_commit, then after_completion follow."""
+        uow = shop.uow()
+        ran: list[str] = []
+
+        def audit() -> Any:
+            ran.append("before_commit")
+            if shop.is_async:
+                return uow.skus.add(Sku("audit"))  # a write inside the transaction, which uow awaits
+            return uow.wrapped.skus.add(Sku("audit"))
+
+        async with uow:
+            uow.after_completion(lambda status: ran.append(f"after_completion {status}"))
+            uow.on_commit(lambda: ran.append("on_commit"))
+            uow.on_rollback(lambda: ran.append("on_rollback"))
+            uow.before_commit(audit)
+            await uow.skus.add(Sku("a"))
+            assert [] == ran
+            await uow.commit()
+            assert ["before_commit", "on_commit", "after_completion committed"] == ran
+            await uow.skus.add(Sku("b"))
+        assert ["before_commit", "on_commit", "after_completion committed"] == ran  # the rollback found no hooks
+        assert ["a", "audit"] == codes(shop)
+
+    async def test_before_commit_that_raises_vetoes_the_commit(self, shop: Shop) -> None:
+        """A before_commit hook that raises: nothing is committed, the rollback hooks run, the block goes on."""
+        uow = shop.uow()
+        ran: list[str] = []
+
+        def veto() -> None:
+            raise Boom("veto")
+
+        async with uow:
+            await uow.skus.add(Sku("vetoed"))
+            uow.before_commit(veto)
+            uow.on_commit(lambda: ran.append("on_commit"))
+            uow.on_rollback(lambda: ran.append("on_rollback"))
+            uow.after_completion(lambda status: ran.append(status))
+            with pytest.raises(Boom, match="veto"):
+                await uow.commit()
+            assert ["on_rollback", "rolled_back"] == ran
+            assert not uow.committed
+            await uow.skus.add(Sku("later"))
+            await uow.commit()
+        assert ["later"] == codes(shop)
+
+    async def test_before_commit_may_not_commit_or_roll_back(self, shop: Shop) -> None:
+        """commit() or rollback() inside a before_commit hook raises ConfigurationError, which vetoes the commit."""
+        for method in ("commit", "rollback"):
+            uow = shop.uow()
+            ran: list[str] = []
+
+            def nested(method: str = method, uow: Any = uow) -> Any:
+                return getattr(uow, method)()
+
+            async with uow:
+                await uow.skus.add(Sku(method))
+                uow.before_commit(nested)
+                uow.after_completion(lambda status, ran=ran: ran.append(status))
+                with pytest.raises(errors.ConfigurationError, match="before_commit hook"):
+                    await uow.commit()
+            assert ["rolled_back"] == ran
+        assert [] == codes(shop)
+
+    async def test_before_commit_that_makes_the_transaction_rollback_only_vetoes(self, shop: Shop) -> None:
+        """set_rollback_only() in a before_commit hook refuses the commit with RollbackOnlyError."""
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            uow.before_commit(uow.set_rollback_only)
+            uow.on_rollback(lambda: ran.append("on_rollback"))
+            with pytest.raises(errors.RollbackOnlyError):
+                await uow.commit()
+        assert ["on_rollback"] == ran
+        assert [] == codes(shop)
+
+    async def test_before_commit_runs_at_the_owners_commit_only(self, shop: Shop) -> None:
+        """A joined commit() and a released savepoint run no before_commit hook; the owner's commit runs each once."""
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            async with uow.savepoint():
+                uow.before_commit(lambda: ran.append("from a savepoint"))
+            async with uow.transaction():
+                uow.before_commit(lambda: ran.append("from a joined scope"))
+                await uow.skus.add(Sku("a"))
+                await uow.commit()
+            assert [] == ran
+            await uow.commit()
+            await uow.skus.add(Sku("b"))
+            await uow.commit()
+        assert ["from a savepoint", "from a joined scope"] == ran
+        assert ["a", "b"] == codes(shop)
+
+    async def test_on_rollback_runs_after_each_kind_of_rollback(self, shop: Shop) -> None:
+        """on_rollback runs after an exception leaves the owner, after rollback(), and after a commit that failed."""
+        await seed(shop, "dup")
+        uow = shop.uow()
+        ran: list[str] = []
+        with pytest.raises(Boom):
+            async with uow:
+                uow.on_rollback(lambda: ran.append("exception"))
+                raise Boom("service")
+        async with uow:
+            uow.on_rollback(lambda: ran.append("rollback()"))
+            await uow.rollback()
+            assert ["exception", "rollback()"] == ran
+            uow.on_rollback(lambda: ran.append("failed commit"))
+            uow.after_completion(lambda status: ran.append(status))
+            await uow.skus.add(Sku("dup"))
+            with pytest.raises(IntegrityError):
+                await uow.commit()
+        async with uow:
+            uow.on_rollback(lambda: ran.append("left without commit"))
+        assert ["exception", "rollback()", "failed commit", "rolled_back", "left without commit"] == ran
+        assert ["dup"] == codes(shop)
+
+    async def test_on_rollback_hooks_are_dropped_by_a_commit(self, shop: Shop) -> None:
+        """A commit drops the on_rollback hooks registered before it: a later rollback in the block runs none."""
+        uow = shop.uow()
+        ran: list[str] = []
+        with pytest.raises(Boom):
+            async with uow:
+                uow.on_rollback(lambda: ran.append("before the commit"))
+                await uow.skus.add(Sku("a"))
+                await uow.commit()
+                uow.on_rollback(lambda: ran.append("after the commit"))
+                raise Boom("service")
+        assert ["after the commit"] == ran
+        assert ["a"] == codes(shop)
+
+    async def test_hooks_of_every_kind_from_a_rolled_back_savepoint_are_dropped(self, shop: Shop) -> None:
+        """A savepoint that rolls back drops its before_commit, on_rollback and after_completion hooks."""
+        uow = shop.uow()
+        ran: list[str] = []
+        async with uow:
+            uow.after_completion(lambda status: ran.append(f"kept {status}"))
+            with pytest.raises(Boom):
+                async with uow.savepoint():
+                    uow.before_commit(lambda: ran.append("before_commit"))
+                    uow.on_rollback(lambda: ran.append("on_rollback"))
+                    uow.after_completion(lambda status: ran.append(f"dropped {status}"))
+                    raise Boom("inner")
+            await uow.skus.add(Sku("a"))
+            await uow.commit()
+        assert ["kept committed"] == ran
+
+    async def test_after_completion_runs_when_an_on_commit_hook_fails(
+        self, shop: Shop, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A failing on_commit hook still lets after_completion run; failures of the others are logged, not raised."""
+        uow = shop.uow()
+        ran: list[str] = []
+
+        def broken(*args: object) -> None:
+            raise Boom("hook")
+
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            uow.on_commit(broken)
+            uow.after_completion(broken)
+            uow.after_completion(lambda status: ran.append(status))
+            with caplog.at_level(logging.ERROR, logger="uow"), pytest.raises(Boom, match="hook"):
+                await uow.commit()
+        with caplog.at_level(logging.ERROR, logger="uow"), pytest.raises(KeyError):
+            async with uow:
+                uow.on_rollback(broken)
+                uow.after_completion(lambda status: ran.append(status))
+                raise KeyError("the service's own error")
+        assert ["committed", "rolled_back"] == ran
+        assert ["a"] == codes(shop)
+        failed = [record.getMessage() for record in caplog.records if "hook" in record.getMessage()]
+        assert 2 == len(failed)
+        assert "after_completion hook" in failed[0]
+        assert "on_rollback hook" in failed[1]
+
+    async def test_a_rollback_hook_that_enters_the_unit_of_work_gets_a_transaction_of_its_own(self, shop: Shop) -> None:
+        """An on_rollback hook may record the failure: its block is a new transaction, which commits."""
+        uow = shop.uow()
+
+        async def record_async() -> None:
+            async with uow:
+                await uow.skus.add(Sku("failure recorded"))
+                await uow.commit()
+
+        def record() -> None:
+            unit = uow.wrapped
+            with unit:
+                unit.skus.add(Sku("failure recorded"))
+                unit.commit()
+
+        with pytest.raises(Boom):
+            async with uow:
+                await uow.skus.add(Sku("lost"))
+                uow.on_rollback(record_async if shop.is_async else record)
+                raise Boom("service")
+        assert ["failure recorded"] == codes(shop)
+        assert not uow.active
+
+    async def test_lifecycle_hooks_outside_a_block_raise(self, shop: Shop) -> None:
+        """before_commit(), on_rollback() and after_completion() need an active block."""
+        uow = shop.uow()
+        for method in ("before_commit", "on_rollback", "after_completion"):
+            with pytest.raises(errors.InactiveUnitOfWorkError, match=method):
+                getattr(uow, method)(lambda *args: None)
+
     # -- domain events -----------------------------------------------------------------
 
     async def test_events_wait_for_the_owners_commit(self, shop: Shop) -> None:

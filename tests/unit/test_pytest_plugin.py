@@ -304,7 +304,7 @@ def test_execute_runs_the_hooks_as_the_unit_of_work_does(caplog: pytest.LogCaptu
 
     assert [first, broken] == hooks[:2]
     assert 4 == len(hooks)
-    assert ["broken"] == [record.args[0].__name__ for record in caplog.records]  # type: ignore[index,union-attr]
+    assert ["broken"] == [record.args[1].__name__ for record in caplog.records]  # type: ignore[index,union-attr]
 
 
 def test_a_failing_hook_still_fails_the_commit_under_execute() -> None:
