@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import datetime
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -116,6 +117,16 @@ class _Plan:
         #: Whether a delete could cascade from or to its objects: relationships, or a delete-orphan parent.
         self.cascades = bool(self.relationships or mapper._delete_orphans)
         self.defaults = _defaults_of(self)
+        #: Whether a flush can write its objects the short way (:meth:`InMemorySession._flush_simple`): one
+        #: table that does not refer to itself, and nothing that cascades, synchronizes foreign keys, counts
+        #: versions or sets a discriminator.
+        self.simple = (
+            not self.cascades
+            and self.version is None
+            and mapper.polymorphic_on is None
+            and len(self.tables) == 1
+            and not spec_of(self.table).self_referencing
+        )
         #: What the fake cannot model, by the name an opt-out gives it, with a description.
         self.unmodelled: dict[str, str] = {}
         #: What the fake cannot model and no opt-out can leave aside.
@@ -142,7 +153,10 @@ class _Plan:
 
     def key_of(self, obj: object) -> Key:
         values = obj.__dict__
-        return tuple(values.get(name) for name in self.primary_key)
+        primary_key = self.primary_key
+        if len(primary_key) == 1:  # the usual key, built without a generator
+            return (values.get(primary_key[0]),)
+        return tuple(values.get(name) for name in primary_key)
 
     def table_key(self, table: Table, obj: object) -> Key:
         """The key of *obj*'s row in *table*: its columns that map the primary key."""
@@ -704,6 +718,9 @@ class InMemorySession:
                     break
             else:
                 return  # nothing added, removed or changed through an attribute since the last flush
+        if not self._deleted and self._all_simple():
+            self._flush_simple()
+            return
         inserts = self._cascade_new()
         self._cascade_deletes()
         changed = self._changed_since_watch()
@@ -807,7 +824,7 @@ class InMemorySession:
             for position, function, arguments in self._updates(obj, snapshot, order):
                 statements.append((position, 1, 0, sequence, function, arguments))
         if len(statements) > 1:
-            statements.sort(key=lambda item: item[:4])
+            statements.sort(key=_first_four)
         for *_, function, arguments in statements:
             function(*arguments)
         for adds, table, row in links:
@@ -838,6 +855,78 @@ class InMemorySession:
         for *_, table, key in deletions:
             overlay.delete(table, key)
         # The flush went through: the objects are what their rows hold now.
+        self._flushed(inserts, dirty)
+        for obj in self._deleted.values():
+            plan = _plan(obj)
+            if self._identity.get((plan.base, plan.key_of(obj))) is obj:
+                del self._identity[(plan.base, plan.key_of(obj))]
+            self._gone[(plan.base, plan.key_of(obj))] = self._loaded.pop(id(obj))
+        self._pending.clear()
+        self._deleted.clear()
+        self._commit_states()
+
+    def _all_simple(self) -> bool:
+        """Whether every object this flush could write has a simple plan (see :attr:`_Plan.simple`)."""
+        return all(_plan(obj).simple for obj in self._pending.values()) and all(
+            _plan(obj).simple for obj, _ in self._loaded.values()
+        )
+
+    def _flush_simple(self) -> None:
+        """:meth:`_flush` when nothing is deleted and every object pending or loaded has a simple plan.
+
+        It is the general flush with the steps that then do nothing left out:
+        with no relationships there is nothing to cascade, synchronize or link,
+        so the new objects are the pending ones and no collection changed; with
+        no deletions there is no row switch and nothing to delete; with one
+        table that does not refer to itself per object, no version counter and
+        no discriminator, each new object is one INSERT and each changed one at
+        most one UPDATE. The statements run in the general flush's order.
+        """
+        loaded = self._loaded
+        inserts = [obj for ident, obj in self._pending.items() if ident not in loaded]
+        changed = self._changed_since_watch()
+        if changed and self.check_write is not None:
+            self.check_write(f"{len(inserts)} new, {changed} changed and 0 deleted objects")
+        dirty = [(obj, snapshot) for obj, snapshot in loaded.values() if self._dirty(obj, snapshot)]
+        if not inserts and not dirty:
+            return  # nothing changed
+        if self.check_write is not None:
+            self.check_write(f"{len(inserts)} new, {len(dirty)} changed and 0 deleted objects")
+        overlay = self._overlay
+        order = _position
+        statements: list[tuple[int, int, int, Callable[..., Any], tuple[Any, ...]]] = []
+        for sequence, obj in enumerate(inserts):
+            plan = _plan(obj)
+            values = obj.__dict__
+            if plan.generated is not None and values.get(plan.generated) is None:
+                setattr(obj, plan.generated, overlay.next_key(plan.table))
+            _apply_defaults(plan, obj)
+            ((table, columns),) = plan.columns
+            row = {
+                column_key: values.get(attribute) if attribute is not None else None
+                for column_key, attribute, _ in columns
+            }
+            statements.append((order(table), 0, sequence, overlay.insert, (table, row)))
+        if len(dirty) > 1:
+            dirty.sort(
+                key=lambda item: (
+                    order(_plan(item[0]).table),
+                    _sort_key(tuple(item[1].get(name) for name in _plan(item[0]).primary_key)),
+                )
+            )
+        for sequence, (obj, snapshot) in enumerate(dirty):
+            for position, function, arguments in self._updates(obj, snapshot, order):
+                statements.append((position, 1, sequence, function, arguments))
+        if len(statements) > 1:
+            statements.sort(key=_first_three)
+        for *_, function, arguments in statements:
+            function(*arguments)
+        self._flushed(inserts, dirty)
+        self._pending.clear()
+        self._commit_states()
+
+    def _flushed(self, inserts: list[Any], dirty: list[tuple[Any, dict[str, Any]]]) -> None:
+        """After a flush went through: the new and the changed objects are what their rows hold now."""
         for obj in inserts:
             plan = _plan(obj)
             self._pending.pop(id(obj), None)
@@ -854,13 +943,9 @@ class InMemorySession:
                 self._identity[(plan.base, new_key)] = obj
             values = obj.__dict__
             self._loaded[id(obj)] = (obj, {name: values.get(name, old) for name, old in snapshot.items()})
-        for obj in self._deleted.values():
-            plan = _plan(obj)
-            if self._identity.get((plan.base, plan.key_of(obj))) is obj:
-                del self._identity[(plan.base, plan.key_of(obj))]
-            self._gone[(plan.base, plan.key_of(obj))] = self._loaded.pop(id(obj))
-        self._pending.clear()
-        self._deleted.clear()
+
+    def _commit_states(self) -> None:
+        """The ORM's record of changed attributes starts again from what the flush wrote."""
         for obj, _ in self._loaded.values():
             state = instance_state(obj)
             if state.modified:
@@ -1192,8 +1277,12 @@ class InMemorySession:
         self._check_usable()
         mapper = _mapper(model)
         plan = plan_of(mapper)
-        parts = key if isinstance(key, tuple) and len(plan.primary_key) > 1 else (key,)
-        parts = tuple(coerce(column, part) for column, part in zip(plan.pk_columns, parts, strict=False))
+        pk_columns = plan.pk_columns
+        if len(pk_columns) == 1:  # the usual key, built without a generator
+            parts: Key = (coerce(pk_columns[0], key),)
+        else:
+            parts = key if isinstance(key, tuple) else (key,)
+            parts = tuple(coerce(column, part) for column, part in zip(pk_columns, parts, strict=False))
         if lock is not None:
             self.flush()
             if self._overlay.row(plan_of(plan.base).table, parts) is not None and not self._lock(plan, parts, lock):
@@ -1406,6 +1495,10 @@ def _raiser(rel: Any) -> Callable[[Any, Any], Any]:
 
 
 _positions: dict[MetaData, tuple[int, dict[Table, int]]] = {}
+
+#: The sort keys of a flush's statements: the items before the method and its arguments.
+_first_three = operator.itemgetter(0, 1, 2)
+_first_four = operator.itemgetter(0, 1, 2, 3)
 
 
 def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], int]:
