@@ -152,16 +152,18 @@ class _Plan:
                 self.unmodelled[where] = f"the server default of {where!r}, which is not a literal"
 
     def key_of(self, obj: object) -> Key:
-        values = obj.__dict__
-        primary_key = self.primary_key
-        if len(primary_key) == 1:  # the usual key, built without a generator
-            return (values.get(primary_key[0]),)
-        return tuple(values.get(name) for name in primary_key)
+        return _picked(obj.__dict__, self.primary_key)
 
     def table_key(self, table: Table, obj: object) -> Key:
         """The key of *obj*'s row in *table*: its columns that map the primary key."""
-        values = obj.__dict__
-        return tuple(values.get(attribute) for attribute in self.key_attributes[table])
+        return _picked(obj.__dict__, self.key_attributes[table])
+
+
+def _picked(values: dict[str, Any], names: tuple[str, ...]) -> Key:
+    """The values of *names* in *values*, None for a missing one, as a key."""
+    if len(names) == 1:  # the usual key, built without a generator
+        return (values.get(names[0]),)
+    return tuple(values.get(name) for name in names)
 
 
 def _attribute_of(mapper: Mapper[Any], column: Any) -> str | None:
@@ -179,9 +181,12 @@ _class_plans: dict[type[Any], _Plan] = {}
 
 def _plan(obj: Any) -> _Plan:
     """The plan of *obj*'s class, in one lookup once known."""
-    found = _class_plans.get(type(obj))
-    if found is None:
-        found = _class_plans[type(obj)] = plan_of(_mapper(obj))
+    return _class_plans.get(type(obj)) or _plan_of_class(type(obj))
+
+
+def _plan_of_class(cls: type[Any]) -> _Plan:
+    """The plan of mapped class *cls*, remembered for :func:`_plan`."""
+    found = _class_plans[cls] = plan_of(_mapper(cls))
     return found
 
 
@@ -699,8 +704,9 @@ class InMemorySession:
             self.check_write(pending)
 
     def flush(self) -> None:
-        self._check_usable()
-        if self._flushing:
+        if self._failed is not None:
+            self._check_usable()
+        if self._flushing or self._unchanged():
             return
         self._flushing = True
         try:
@@ -711,13 +717,13 @@ class InMemorySession:
         finally:
             self._flushing = False
 
+    def _unchanged(self) -> bool:
+        """Whether nothing was added, removed or changed through an attribute since the last flush."""
+        if self._pending or self._deleted or self._watched is not None:
+            return False
+        return not any(instance_state(obj).modified for obj, _ in self._loaded.values())
+
     def _flush(self) -> None:
-        if not self._pending and not self._deleted and self._watched is None:
-            for obj, _ in self._loaded.values():
-                if instance_state(obj).modified:
-                    break
-            else:
-                return  # nothing added, removed or changed through an attribute since the last flush
         if not self._deleted and self._all_simple():
             self._flush_simple()
             return
@@ -884,7 +890,7 @@ class InMemorySession:
         """
         loaded = self._loaded
         inserts = [obj for ident, obj in self._pending.items() if ident not in loaded]
-        changed = self._changed_since_watch()
+        changed = 0 if self._watched is None else self._changed_since_watch()
         if changed and self.check_write is not None:
             self.check_write(f"{len(inserts)} new, {changed} changed and 0 deleted objects")
         dirty = [(obj, snapshot) for obj, snapshot in loaded.values() if self._dirty(obj, snapshot)]
@@ -931,11 +937,12 @@ class InMemorySession:
             plan = _plan(obj)
             self._pending.pop(id(obj), None)
             self._remember(plan, obj)
-            self._install_loaders(obj, plan)
+            if plan.relationships:
+                self._install_loaders(obj, plan)
             self._inserted_ids.add(id(obj))
         for obj, snapshot in dirty:
             plan = _plan(obj)
-            old_key = tuple(snapshot.get(name) for name in plan.primary_key)
+            old_key = _picked(snapshot, plan.primary_key)
             new_key = plan.key_of(obj)
             if old_key != new_key:  # the primary key changed: the identity map follows the row
                 if self._identity.get((plan.base, old_key)) is obj:
@@ -970,7 +977,7 @@ class InMemorySession:
             }
             if not row:
                 continue
-            key = tuple(snapshot.get(attribute) for attribute in plan.key_attributes[table])
+            key = _picked(snapshot, plan.key_attributes[table])
             yield order(table), self._update, (table, key, row)
 
     def _update(self, table: Table, key: Key, row: Row) -> None:
@@ -988,7 +995,7 @@ class InMemorySession:
         if plan.version is None:
             return
         table = plan.tables[0]
-        current = self._overlay.row(table, tuple(snapshot.get(name) for name in plan.primary_key))
+        current = self._overlay.row(table, _picked(snapshot, plan.primary_key))
         loaded = snapshot.get(plan.version)
         if current is None or current.get(plan.version_column) != loaded:
             name = spec_of(table).name
@@ -1037,9 +1044,10 @@ class InMemorySession:
         )
 
     def _remember(self, plan: _Plan, obj: Any) -> None:
-        key = plan.key_of(obj)
+        values = obj.__dict__
+        key = _picked(values, plan.primary_key)
         self._identity[(plan.base, key)] = obj
-        self._loaded[id(obj)] = (obj, _columns(plan, obj))
+        self._loaded[id(obj)] = (obj, {name: values.get(name) for name in plan.column_keys})  # _columns()
         # Persistent, as the ORM marks a loaded or flushed object: its parents are then known to be
         # there until a collection or a reference lets go of it, which makes it an orphan.
         instance_state(obj).key = (plan.base.class_, key, None)
@@ -1275,8 +1283,7 @@ class InMemorySession:
         With *lock*, its row is locked first, as ``SELECT ... FOR UPDATE`` does.
         """
         self._check_usable()
-        mapper = _mapper(model)
-        plan = plan_of(mapper)
+        plan = _class_plans.get(model) or _plan_of_class(model)
         pk_columns = plan.pk_columns
         if len(pk_columns) == 1:  # the usual key, built without a generator
             parts: Key = (coerce(pk_columns[0], key),)
@@ -1326,7 +1333,9 @@ class InMemorySession:
         self._remember(actual, obj)
         self._install_loaders(obj, actual)
         state = instance_state(obj)
-        state.manager.dispatch.load(state, None)  # the "load" event, and @reconstructor methods
+        load = state.manager.dispatch.load
+        if load:  # the "load" event, and @reconstructor methods; false when nothing listens
+            load(state, None)
         return obj
 
     def _matching(

@@ -210,6 +210,8 @@ def coerce(column: Any, value: Any) -> Any:
     if isinstance(kind, Boolean):
         return value
     if isinstance(kind, Integer):
+        if type(value) is int:  # the usual value, as it is
+            return value
         if isinstance(value, str) and _INTEGER.match(value.strip()):
             return int(value)
         if isinstance(value, float) and value.is_integer():
@@ -270,9 +272,9 @@ class _Indexes:
 
     def __init__(self, spec: TableSpec) -> None:
         #: Per unique constraint: its values to the key of the row that holds them.
-        self.unique: list[dict[Key, Key]] = [{} for _ in spec.uniques]
+        self.unique: list[dict[Key, Key]] = [{} for _ in spec.uniques] if spec.uniques else []
         #: Per foreign key: the values it refers to, to the keys of the rows that refer to them.
-        self.refs: list[dict[Key, set[Key]]] = [{} for _ in spec.foreign_keys]
+        self.refs: list[dict[Key, set[Key]]] = [{} for _ in spec.foreign_keys] if spec.foreign_keys else []
 
     def add(self, spec: TableSpec, key: Key, row: Row) -> None:
         for index, columns in zip(self.unique, spec.unique_columns, strict=True):
@@ -500,7 +502,7 @@ class Overlay:
 
     def insert(self, table: Table, row: Row) -> Key:
         """INSERT *row*, complete with defaults and its key; return the key."""
-        spec = spec_of(table)
+        spec = _specs.get(table) or spec_of(table)
         statement = spec.insert_statement
         if spec.generated is not None and row.get(spec.generated) is None:
             row[spec.generated] = self.next_key(table)
@@ -534,7 +536,7 @@ class Overlay:
 
     def update(self, table: Table, key: Key, row: Row) -> None:
         """UPDATE the row with *key* to *row*; a changed key moves it."""
-        spec = spec_of(table)
+        spec = _specs.get(table) or spec_of(table)
         statement = spec.update_statement
         old = self.row(table, key)
         if old is None:
