@@ -506,6 +506,64 @@ def measure_join(plan: Plan) -> tuple[float, float, float]:
     return medians["plain"], medians["found"], medians["passed"]
 
 
+def measure_otel(plan: Plan) -> dict[str, float]:
+    """Per-call µs of the service call on SQLite in memory: raw, uow, and uow with OpenTelemetry on.
+
+    OpenTelemetry is on for the batches of the last variant only: the SDK's tracer provider with a batch
+    processor and an exporter that drops the spans, and a meter provider with a reader, as an application
+    that exports would have them.
+    """
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        from uow.otel import UowInstrumentor
+    except ImportError:
+        return {}
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(Dropped()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instrumentor = UowInstrumentor()
+    with sqlite_memory() as engine:
+        variants = sync_variants(engine)
+        repository, raw = variants["uow (repository)"], variants["raw SQLAlchemy"]
+
+        def switched(on: bool, call: Callable[[int], None]) -> Callable[[int], None]:
+            def run_one(product_id: int) -> None:
+                if on != instrumentor.is_instrumented_by_opentelemetry:
+                    if on:
+                        instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+                    else:
+                        instrumentor.uninstrument()
+                call(product_id)
+
+            return run_one
+
+        try:
+            medians = measure(
+                {
+                    "raw SQLAlchemy": switched(False, raw),
+                    "uow, OpenTelemetry off": switched(False, repository),
+                    "uow, OpenTelemetry on": switched(True, repository),
+                },
+                plan,
+                "raw SQLAlchemy",
+            )
+        finally:
+            if instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.uninstrument()
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+    return medians
+
+
 def fake_unit_test() -> None:
     """A unit test of the service on the fake: a fresh unit of work, one product, one call, one check."""
     fake = FakeShopUnitOfWork()
@@ -998,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         results["async aiosqlite"] = asyncio.run(run_async("sqlite+aiosqlite://", plan))
 
     plain, found, passed = measure_join(plan)
+    otel = measure_otel(plan)
     fake, sqlite = measure_fake(plan)
     sizes = measure_fake_size(plan)
 
@@ -1029,6 +1088,14 @@ def main(argv: list[str] | None = None) -> int:
         f"  fake with {FAKE_SIZES[-1]:,} rows ≤ 1.5x fake with {FAKE_SIZES[0]} (one service call):  {growth:.2f}x "
         f"({large:.1f} vs {small:.1f} µs)  {'met' if growth <= 1.5 else 'missed'}"
     )
+    if otel:
+        raw, off, on = otel["raw SQLAlchemy"], otel["uow, OpenTelemetry off"], otel["uow, OpenTelemetry on"]
+        print(
+            f"  OpenTelemetry on SQLite memory: uow/raw {off / raw:.3f}x off, {on / raw:.3f}x on; "
+            f"+{on - off:.1f} µs per transaction on ({raw:.1f} µs raw)"
+        )
+    else:
+        print("  OpenTelemetry: not measured (the SDK is not installed)")
     print_postgresql_extras(bulk, threads)
     if paging:
         reference, value, ratio = paging["select() + count()"], paging["uow page()"], paging["ratio"]

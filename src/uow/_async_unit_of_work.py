@@ -12,13 +12,14 @@ import abc
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import _hooks
+from . import _hooks, _observe
 from ._hooks import (
     AFTER_COMPLETION,
     BEFORE_COMMIT,
@@ -30,6 +31,9 @@ from ._hooks import (
     Completion,
 )
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
+from ._observe import FAILED_COMMIT, ROLLBACK_ONLY
+from ._observe import ROLLED_BACK as ROLLED_BACK_OUTCOME
+from ._observe import UNKNOWN as UNKNOWN_OUTCOME
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import current_task
 from ._repository import AsyncRepository
@@ -91,6 +95,10 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     async def _begin_savepoint(self, session: Any) -> Any:
         """Begin a savepoint and return its handle."""
+
+    async def _connect(self, session: Any) -> bool:
+        """Take the session's connection now, if it has one to take; whether it did. For the wait-time metric."""
+        return False
 
     async def _receive(self, session: Any, inbox: Inbox, consumer: str, message_id: str) -> bool:
         """Insert the receipt of *message_id* for *consumer* unless one exists; whether it was inserted."""
@@ -180,6 +188,20 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             await self._flush(tx.session)  # the writes pending so far are the outer scope's
             self._read_only_scope(tx.session, starts=True)
         self._push(scope)
+        if tx.watch is not None and _observe.telemetry is not None and scope.kind is OWNER:
+            await self._connect_traced(scope)
+
+    async def _connect_traced(self, scope: _Scope) -> None:
+        """Take the new transaction's connection in its span, timed for the wait-time metric."""
+        tx = scope.tx
+        started = time.perf_counter()
+        try:
+            connected = await self._connect(tx.session)
+        except BaseException as error:
+            await self._exit_owner(scope, error)  # the block never began: its session and scope close
+            raise
+        if connected and tx.watch is not None:
+            _observe.waited(tx.watch, time.perf_counter() - started)
 
     async def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
         if scope.state is CLOSED or scope.state is CLOSED_EARLY:
@@ -240,24 +262,29 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         tx = scope.tx
+        booked = False  # whether the transaction's end was booked, and its hooks run
         try:
             if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 await self._flush(tx.session)  # a write left pending is refused, not silently dropped
             plan = self._owner_exit_plan(scope, exc)
             if plan is COMMIT:
+                booked = True  # a commit that fails books its rollback itself
                 await self._commit_scope(scope)
             elif plan is not NOTHING:
+                booked = True
+                outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK_OUTCOME
+                cause = exc if exc is not None else scope.health.poison
                 if tx.hooks:
-                    await _run_to_completion(self._discard(tx))  # now: the hooks run after the rollback
+                    await _run_to_completion(self._discard(tx, cause, outcome))  # now: the hooks run after the rollback
                     await self._run_hooks(scope, ROLLED_BACK)
                 else:
-                    self._rolled_back(tx)
+                    self._rolled_back(tx, cause, outcome)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
-        except BaseException:
+        except BaseException as error:
             try:
-                if tx.hooks:  # left before its rollback was booked: the hooks still learn how it ended
-                    await _run_to_completion(self._discard(tx))
+                if tx.hooks and not booked:  # left before its rollback was booked: the hooks still learn how it ended
+                    await _run_to_completion(self._discard(tx, error))
                     await self._run_hooks(scope, ROLLED_BACK)
             finally:
                 await self._release(scope, True, state)
@@ -334,7 +361,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 tx.outcome_unknown = unknown = outcome_unknown(error)
                 raise
         except BaseException as error:
-            await _run_to_completion(self._discard(tx))
+            await _run_to_completion(self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT))
             if tx.hooks:
                 await self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
             if isinstance(error, StaleDataError) and not isinstance(error, ConcurrencyError):
@@ -352,14 +379,14 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.tx.hooks:
             await self._run_hooks(scope, ROLLED_BACK)
 
-    async def _discard(self, tx: _Transaction) -> None:
-        """Roll back after an error; log, never raise, if the rollback fails too."""
+    async def _discard(self, tx: _Transaction, cause: BaseException | None, outcome: str = ROLLED_BACK_OUTCOME) -> None:
+        """Roll back after *cause*; log, never raise, if the rollback fails too."""
         try:
             await self._rollback(tx.session)
         except Exception:
             tx.broken = True
             log.exception("uow: rollback after an error failed; the connection will be invalidated")
-        self._rolled_back(tx)
+        self._rolled_back(tx, cause, outcome)
 
     async def receive(self, message_id: str, *, consumer: str = "default") -> bool:
         """Record that this transaction handles the message *message_id*; False if *consumer* handled it before.

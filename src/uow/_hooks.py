@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
+from . import _observe
 from .errors import ConfigurationError, _shown
 
 if TYPE_CHECKING:
@@ -81,8 +82,19 @@ def _drop(hooks: list[_Hook], kind: str) -> None:
     hooks[:] = [hook for hook in hooks if hook[0] != kind]
 
 
-def _failed(kind: str, callback: Callable[..., object]) -> None:
-    log.exception("uow: %s hook %r failed", kind, callback, extra={"uow_hook": kind})
+def _failed(kind: str, callback: Callable[..., object], error: BaseException, *, logged: bool = True) -> None:
+    """A hook of *kind* raised *error*: log it (unless it propagates), and tell the transaction's span."""
+    if logged:
+        log.exception("uow: %s hook %r failed", kind, callback, extra={"uow_hook": kind})
+    _observe.event(
+        None,
+        "uow.hook.failed",
+        **{
+            "uow.hook": kind,
+            "code.function.name": getattr(callback, "__qualname__", type(callback).__qualname__),
+            "error.type": type(error).__qualname__,
+        },
+    )
 
 
 def run_before_commit(hooks: list[_Hook]) -> None:
@@ -133,14 +145,15 @@ def run_hooks(hooks: list[_Hook], status: Completion) -> None:
             if first == ON_COMMIT and not robust:
                 _drop(hooks, ON_COMMIT)
                 failure = error
+                _failed(first, callback, error, logged=False)  # raised from commit() instead
             else:
-                _failed(first, callback)
+                _failed(first, callback, error)
     while (found := _next(hooks, AFTER_COMPLETION)) is not None:
         callback = found[0]
         try:
             _refuse_awaitable(callback(status), callback, AFTER_COMPLETION)
-        except Exception:
-            _failed(AFTER_COMPLETION, callback)
+        except Exception as error:
+            _failed(AFTER_COMPLETION, callback, error)
     if failure is not None:
         raise failure
 
@@ -161,16 +174,17 @@ async def run_hooks_async(hooks: list[_Hook], status: Completion) -> None:
             if first == ON_COMMIT and not robust:
                 _drop(hooks, ON_COMMIT)
                 failure = error
+                _failed(first, callback, error, logged=False)  # raised from commit() instead
             else:
-                _failed(first, callback)
+                _failed(first, callback, error)
     while (found := _next(hooks, AFTER_COMPLETION)) is not None:
         callback = found[0]
         try:
             result = callback(status)
             if inspect.isawaitable(result):
                 await result
-        except Exception:
-            _failed(AFTER_COMPLETION, callback)
+        except Exception as error:
+            _failed(AFTER_COMPLETION, callback, error)
     if failure is not None:
         raise failure
 

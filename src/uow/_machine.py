@@ -21,9 +21,10 @@ from contextvars import Token
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from sqlalchemy import exc as sa_exc
 
-from . import _hooks
+from . import _hooks, _observe
 from ._declare import _Declarations
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import (
@@ -72,6 +73,8 @@ from .errors import (
 )
 
 log = logging.getLogger("uow")
+_log_enabled = log.isEnabledFor
+_INFO = logging.INFO
 
 
 _Started = tuple[Token[_Transaction | None], _Scope, State]
@@ -284,7 +287,7 @@ class _UnitOfWorkCore(_Declarations):
             f"{type(self).__name__} is in use by {holder}, and {describe(here)} tried to enter it at the same "
             "time: sessions are not thread- or task-safe. Give each thread and task its own unit of work"
         )
-        return OwnershipError(msg)
+        return self._violated(OwnershipError(msg))
 
     def _abandon(self) -> None:
         """Entering an owner failed before its scope was pushed: give the claim back if nothing else holds it."""
@@ -303,10 +306,14 @@ class _UnitOfWorkCore(_Declarations):
                 self.committed = False
                 self.rolled_back = False
             tx.token = _current.set(tx)
+            if _observe.telemetry is not None or _log_enabled(_INFO):
+                _observe.begin(self, tx)
         elif scope.kind is SAVEPOINT:
             scope.hook_mark = len(tx.hooks)
             scope.event_marks = _hooks.event_marks(tx)
             scope.outbox_mark = len(tx.outbox)
+            if tx.watch is not None:
+                tx.watch.savepoints += 1
         if scope.read_only and not tx.write_guarded:
             tx.write_guarded = True
             self._guard_writes(tx)
@@ -372,6 +379,8 @@ class _UnitOfWorkCore(_Declarations):
             tx = scope.tx
             tx.open = False
             tx.spare = None
+            if tx.watch is not None:
+                _observe.closed(tx)
             repositories = tx.repositories
             for repo in repositories.values():
                 repo._close()
@@ -458,7 +467,7 @@ class _UnitOfWorkCore(_Declarations):
             "rolled back. Leave a block before leaving the block it was entered in, for example by exhausting a "
             "generator before the block that started it ends"
         )
-        return OwnershipError(msg)
+        return self._violated(OwnershipError(msg))
 
     def _closing_early(self, held: _Scope) -> None:
         log.warning(
@@ -521,7 +530,7 @@ class _UnitOfWorkCore(_Declarations):
             "finishes or is closed, as its work would land in the generator's block. Exhaust the generator, or "
             "close() it, first; or give it a unit of work of its own"
         )
-        return OwnershipError(msg)
+        return self._violated(OwnershipError(msg))
 
     def _delegate_error(self) -> OwnershipError:
         msg = (
@@ -530,7 +539,7 @@ class _UnitOfWorkCore(_Declarations):
             "of its blocks: uow cannot tell which block that code belongs to. Use `async with asyncio.timeout(...)`"
             " around the call instead of asyncio.wait_for()"
         )
-        return OwnershipError(msg)
+        return self._violated(OwnershipError(msg))
 
     def _resumed_error(self, holder: FrameType) -> OwnershipError:
         msg = (
@@ -538,7 +547,7 @@ class _UnitOfWorkCore(_Declarations):
             "outer block ended and closed it; resumed now, it may not use the unit of work, as its block is "
             "gone. Exhaust or close the generator before the block that started it ends"
         )
-        return OwnershipError(msg)
+        return self._violated(OwnershipError(msg))
 
     def _check_owner(self) -> None:
         here = self._here()
@@ -549,7 +558,17 @@ class _UnitOfWorkCore(_Declarations):
                 f"{type(self).__name__} was entered by {shown} and used from {describe(here)}: sessions are not "
                 "thread- or task-safe. Give each thread and task its own unit of work"
             )
-            raise OwnershipError(msg)
+            raise self._violated(OwnershipError(msg))
+
+    def _violated(self, error: OwnershipError) -> OwnershipError:
+        """*error* is about to be raised: an event on the span of the transaction it concerns, if one is traced."""
+        scopes = self._scopes
+        watch = scopes[0].tx.watch if scopes else None
+        if _observe.telemetry is not None:
+            _observe.event(
+                watch, "uow.ownership_violation", **{"error.type": "OwnershipError", "uow.message": str(error)}
+            )
+        return error
 
     def _check_use(self, what: str) -> _Scope:
         """The scope the running code acts in, after checking that *what* may use it now."""
@@ -707,6 +726,8 @@ class _UnitOfWorkCore(_Declarations):
             tx.outbox.clear()  # written in the commit
         if tx.hooks:
             _hooks.committed(tx.hooks)
+        if tx.watch is not None:
+            _observe.ended(tx.watch, _observe.COMMITTED, None)
         tx.commits += 1
         self.commits += 1
         parent = tx.parent
@@ -722,8 +743,15 @@ class _UnitOfWorkCore(_Declarations):
                     self._events.extend(events)
                     events.clear()
 
-    def _rolled_back(self, tx: _Transaction) -> None:
-        """After a real rollback; the ``on_rollback`` and ``after_completion`` hooks stay, for the twin to run."""
+    def _rolled_back(
+        self, tx: _Transaction, cause: BaseException | None = None, outcome: str = _observe.ROLLED_BACK
+    ) -> None:
+        """After a real rollback, which *cause* brought about, if anything did.
+
+        The ``on_rollback`` and ``after_completion`` hooks stay, for the twin to run.
+        """
+        if tx.watch is not None:
+            _observe.ended(tx.watch, outcome, cause)
         tx.used = False
         if tx.hooks:
             _hooks.rolled_back(tx.hooks)
@@ -754,6 +782,8 @@ class _UnitOfWorkCore(_Declarations):
         rollback leaves it unusable, and only the owner can end it.
         """
         tx = scope.tx
+        if tx.watch is not None:
+            _observe.savepoint(tx.watch, release and error is None)
         if error is not None or not release:
             del tx.hooks[scope.hook_mark :]
             del tx.outbox[scope.outbox_mark :]
@@ -852,6 +882,8 @@ class _UnitOfWorkCore(_Declarations):
                 "or the unit of work class it derives from"
             )
             raise OutboxError(msg)
+        if _observe.telemetry is not None and (headers is None or isinstance(headers, Mapping)):
+            headers = _observe.telemetry.inject(headers or {})  # the trace goes on where the relay sends it
         staged = outbox.message(topic, payload, key, headers)
         scope = self._scope_for("publish()")
         if scope.read_only:
@@ -887,6 +919,8 @@ class _UnitOfWorkCore(_Declarations):
                     for event in getattr(obj, "events", None) or ():
                         message = outbox.routed(event)
                         if message is not None:
+                            if _observe.telemetry is not None:
+                                message = attrs.evolve(message, headers=_observe.telemetry.inject(message.headers))
                             outgoing.append((message, outbox.body(message)))
         return outgoing
 
@@ -965,7 +999,17 @@ def wrong_protocol(unit: _UnitOfWorkCore) -> ConfigurationError:
 class _BlockOptions:
     """The options of a block, and the step before entering it that does no I/O; the twins' blocks add the rest."""
 
-    __slots__ = ("_commit_on_exit", "_isolation_level", "_propagation", "_read_only", "_savepoint", "_scope", "owner")
+    __slots__ = (
+        "_attempt",
+        "_commit_on_exit",
+        "_function",
+        "_isolation_level",
+        "_propagation",
+        "_read_only",
+        "_savepoint",
+        "_scope",
+        "owner",
+    )
 
     def __init__(
         self,
@@ -975,8 +1019,13 @@ class _BlockOptions:
         *,
         commit_on_exit: bool = False,
         savepoint: bool = False,
+        function: str | None = None,
+        attempt: int = 1,
     ) -> None:
         self._propagation = propagation
+        #: The service function of a @transactional call, and which attempt this is: for logs and traces.
+        self._function = function
+        self._attempt = attempt
         self._read_only = read_only
         self._isolation_level = isolation_level
         self._commit_on_exit = commit_on_exit
@@ -1001,6 +1050,12 @@ class _BlockOptions:
             bare=False,  # the block holds its scope: its exit needs no frame to find it
         )
         self.owner = scope.kind is OWNER
+        if self.owner:
+            tx = scope.tx
+            tx.propagation = self._propagation
+            if self._function is not None:
+                tx.function = self._function
+                tx.attempt = self._attempt
         return scope
 
     @property

@@ -327,6 +327,8 @@ class InMemorySession:
         self._watched: dict[int, tuple[Any, dict[str, Any]]] | None = None
         # The messages the commit under way writes to the outbox.
         self._messages: builtins.list[Message] = []
+        #: Per class name, the objects the flushes inserted, updated or deleted: counted while traced.
+        self.flushed_counts: dict[str, int] | None = None
 
     # -- transaction ---------------------------------------------------------
 
@@ -933,6 +935,11 @@ class InMemorySession:
 
     def _flushed(self, inserts: list[Any], dirty: list[tuple[Any, dict[str, Any]]]) -> None:
         """After a flush went through: the new and the changed objects are what their rows hold now."""
+        counts = self.flushed_counts
+        if counts is not None:
+            for obj in (*inserts, *(obj for obj, _ in dirty), *self._deleted.values()):
+                name = type(obj).__name__
+                counts[name] = counts.get(name, 0) + 1
         for obj in inserts:
             plan = _plan(obj)
             self._pending.pop(id(obj), None)

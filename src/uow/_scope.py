@@ -19,6 +19,7 @@ from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._machine import _UnitOfWorkCore
+    from ._observe import Watch
     from ._outbox import Message
     from ._repository import _RepositoryBase
 
@@ -119,11 +120,15 @@ class _Health:
 class _Transaction(_Health):
     """One physical transaction: a session, its repositories and its hooks; the health of its owner's scope."""
 
+    # "attempt", "function" and "propagation" are set only where known, and read with a default: the
+    # block's propagation mode, and the service function and attempt number of a @transactional call.
     __slots__ = (
+        "attempt",
         "broken",
         "commit_on_exit",
         "commits",
         "committing",
+        "function",
         "hooks",
         "isolation_level",
         "nested_commits",
@@ -131,6 +136,7 @@ class _Transaction(_Health):
         "outbox",
         "outcome_unknown",
         "parent",
+        "propagation",
         "read_only",
         "refused",
         "repositories",
@@ -139,8 +145,13 @@ class _Transaction(_Health):
         "token",
         "unit",
         "used",
+        "watch",
         "write_guarded",
     )
+
+    attempt: int
+    function: str
+    propagation: str
 
     def __init__(self, unit: _UnitOfWorkCore, read_only: bool, isolation_level: str | None) -> None:
         self.poison = None
@@ -178,6 +189,8 @@ class _Transaction(_Health):
         self.commit_on_exit = False
         #: Whether its ``before_commit`` hooks are running: the commit has begun, and may not begin again.
         self.committing = False
+        #: What the log records and OpenTelemetry know of it, when it is watched (see ``_observe.py``).
+        self.watch: Watch | None = None
         #: The owner's setting of the context's current transaction, reset when the owner's scope closes.
         self.token: Token[_Transaction | None] | None = None
 

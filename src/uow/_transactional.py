@@ -16,6 +16,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar, Union, overload
 
 import attrs
 
+from . import _observe
 from ._async_unit_of_work import AsyncBlock, AsyncUnitOfWork
 from ._machine import _BlockOptions, _UnitOfWorkCore
 from ._ownership import _current, active_here
@@ -113,14 +114,7 @@ class Retry:
         ):
             raise error
         delay = self.delay(attempt)
-        log.warning(
-            "uow: %s failed with %s; retry %d of %d in %.3f s",
-            name,
-            _describe_error(error),
-            attempt,
-            self.retries,
-            delay,
-        )
+        _observe.retry(name, attempt, self.retries, delay, error)
         return delay
 
 
@@ -135,11 +129,6 @@ def _as_retry(retries: int | Retry) -> Retry:
         msg = f"retries takes a number of retries (0 or more) or a uow.Retry, not {retries!r}"
         raise ConfigurationError(msg)
     return Retry(retries=retries) if retries else _NO_RETRY
-
-
-def _describe_error(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 @attrs.frozen
@@ -465,7 +454,9 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
         unit, args = options._bind(args, kwargs, index, route)
         attempt = 0
         while True:
-            block = Block(unit, propagation, read_only, isolation_level, commit_on_exit=True)
+            block = Block(
+                unit, propagation, read_only, isolation_level, commit_on_exit=True, function=name, attempt=attempt + 1
+            )
             try:
                 with block:
                     return func(*args, **kwargs)
@@ -522,7 +513,9 @@ def _async_wrapper(
         unit, args = options._bind(args, kwargs, index, route)
         attempt = 0
         while True:
-            block = AsyncBlock(unit, propagation, read_only, isolation_level, commit_on_exit=True)
+            block = AsyncBlock(
+                unit, propagation, read_only, isolation_level, commit_on_exit=True, function=name, attempt=attempt + 1
+            )
             try:
                 async with block:
                     return await func(*args, **kwargs)

@@ -13,13 +13,14 @@ import abc
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import _hooks
+from . import _hooks, _observe
 from ._hooks import (
     AFTER_COMPLETION,
     BEFORE_COMMIT,
@@ -31,6 +32,9 @@ from ._hooks import (
     Completion,
 )
 from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
+from ._observe import FAILED_COMMIT, ROLLBACK_ONLY
+from ._observe import ROLLED_BACK as ROLLED_BACK_OUTCOME
+from ._observe import UNKNOWN as UNKNOWN_OUTCOME
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import thread_and_task
 from ._repository import Repository
@@ -110,6 +114,10 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     def _begin_savepoint(self, session: Any) -> Any:
         """Begin a savepoint and return its handle."""
+
+    def _connect(self, session: Any) -> bool:
+        """Take the session's connection now, if it has one to take; whether it did. For the wait-time metric."""
+        return False
 
     def _receive(self, session: Any, inbox: Inbox, consumer: str, message_id: str) -> bool:
         """Insert the receipt of *message_id* for *consumer* unless one exists; whether it was inserted."""
@@ -211,6 +219,20 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             self._flush(tx.session)  # the writes pending so far are the outer scope's
             self._read_only_scope(tx.session, starts=True)
         self._push(scope)
+        if tx.watch is not None and _observe.telemetry is not None and scope.kind is OWNER:
+            self._connect_traced(scope)
+
+    def _connect_traced(self, scope: _Scope) -> None:
+        """Take the new transaction's connection in its span, timed for the wait-time metric."""
+        tx = scope.tx
+        started = time.perf_counter()
+        try:
+            connected = self._connect(tx.session)
+        except BaseException as error:
+            self._exit_owner(scope, error)  # the block never began: its session and scope close
+            raise
+        if connected and tx.watch is not None:
+            _observe.waited(tx.watch, time.perf_counter() - started)
 
     def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
         if scope.state is CLOSED or scope.state is CLOSED_EARLY:
@@ -271,25 +293,32 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         tx = scope.tx
+        booked = False  # whether the transaction's end was booked, and its hooks run
         try:
             if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 self._flush(tx.session)  # a write left pending is refused, not silently dropped
             plan = self._owner_exit_plan(scope, exc)
             if plan is COMMIT:
+                booked = True  # a commit that fails books its rollback itself
                 self._commit_scope(scope)
             elif plan is not NOTHING:
+                booked = True
+                outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK_OUTCOME
+                cause = exc if exc is not None else scope.health.poison
                 if tx.hooks:
-                    self._discard(tx)  # now, so that the hooks run after the rollback, not before the close
+                    self._discard(tx, cause, outcome)  # now, so that the hooks run after the rollback, not the close
                     self._run_hooks(scope, ROLLED_BACK)
                 else:
-                    self._rolled_back(tx)
+                    self._rolled_back(tx, cause, outcome)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
-        except BaseException:
-            if tx.hooks:  # left before its rollback was booked: the hooks still learn how it ended
-                self._discard(tx)
-                self._run_hooks(scope, ROLLED_BACK)
-            self._release(scope, True, state)
+        except BaseException as error:
+            try:
+                if tx.hooks and not booked:  # left before its rollback was booked: the hooks still learn how it ended
+                    self._discard(tx, error)
+                    self._run_hooks(scope, ROLLED_BACK)
+            finally:
+                self._release(scope, True, state)
             raise
         self._release(scope, exc is not None, state)
 
@@ -367,7 +396,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 tx.outcome_unknown = unknown = outcome_unknown(error)
                 raise
         except BaseException as error:
-            self._discard(tx)
+            self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT)
             if tx.hooks:
                 self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
             if isinstance(error, StaleDataError) and not isinstance(error, ConcurrencyError):
@@ -390,14 +419,14 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.tx.hooks:
             self._run_hooks(scope, ROLLED_BACK)
 
-    def _discard(self, tx: _Transaction) -> None:
-        """Roll back after an error; log, never raise, if the rollback fails too."""
+    def _discard(self, tx: _Transaction, cause: BaseException | None, outcome: str = ROLLED_BACK_OUTCOME) -> None:
+        """Roll back after *cause*; log, never raise, if the rollback fails too."""
         try:
             self._rollback(tx.session)
         except Exception:
             tx.broken = True
             log.exception("uow: rollback after an error failed; the connection will be invalidated")
-        self._rolled_back(tx)
+        self._rolled_back(tx, cause, outcome)
 
     def receive(self, message_id: str, *, consumer: str = "default") -> bool:
         """Record that this transaction handles the message *message_id*; False if *consumer* handled it before.

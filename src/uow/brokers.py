@@ -34,6 +34,9 @@ class RedisStreams:
     that key then arrive before the refused one, which the relay sends again.
     """
 
+    #: The ``messaging.system`` of the relay's OpenTelemetry spans.
+    system = "redis"
+
     def __init__(self, url: str = "redis://127.0.0.1:6379", *, prefix: str = "", maxlen: int | None = None) -> None:
         try:
             import redis.asyncio
@@ -83,6 +86,9 @@ class RabbitMQ:
     message id is the AMQP ``message_id``; the key is the header
     ``uow-key``, beside the message's own headers.
     """
+
+    #: The ``messaging.system`` of the relay's OpenTelemetry spans.
+    system = "rabbitmq"
 
     def __init__(self, url: str = "amqp://guest:guest@127.0.0.1:5672/", *, exchange: str = "") -> None:
         try:
@@ -147,6 +153,9 @@ class NatsJetStream:
     to drop a copy sent again within its duplicate window; the key in
     ``uow-key``, beside the message's own headers.
     """
+
+    #: The ``messaging.system`` of the relay's OpenTelemetry spans.
+    system = "nats"
 
     def __init__(self, url: str = "nats://127.0.0.1:4222", *, prefix: str = "", timeout: float = 5.0) -> None:
         try:

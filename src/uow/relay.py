@@ -23,11 +23,12 @@ import contextlib
 import datetime
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
 
+from . import _observe
 from ._outbox import Outbox
 from .errors import ConfigurationError
 
@@ -133,6 +134,8 @@ class InMemoryBroker:
     refuse: Callable[[Record], BaseException | None] = lambda record: None
     down: bool = False
     received: list[Record] = attrs.field(factory=list)
+    #: The ``messaging.system`` of the relay's OpenTelemetry spans.
+    system: ClassVar[str] = "memory"
 
     async def send(self, records: Sequence[Record]) -> list[BaseException | None]:
         if self.down:
@@ -233,8 +236,29 @@ class Relay:
             records = await self._claim(connection)
             if not records:
                 return 0
-            outcomes = await self.broker.send(records)
+            telemetry = _observe.telemetry
+            if telemetry is None:
+                outcomes = await self.broker.send(records)
+            else:
+                outcomes = await self._send_traced(telemetry, records)
             return await self._settle(connection, records, outcomes)
+
+    async def _send_traced(self, telemetry: _observe.Telemetry, records: list[Record]) -> list[BaseException | None]:
+        """Send *records*, each in a producer span that continues the trace of the transaction that published it."""
+        system = getattr(self.broker, "system", type(self.broker).__name__.lower())
+        spans: list[Any] = []
+        sending: list[Record] = []
+        for record in records:
+            span, headers = telemetry.sending(system, record.topic, record.id, record.headers)
+            spans.append(span)
+            sending.append(attrs.evolve(record, headers=headers))
+        outcomes: list[BaseException | None] = [ConnectionError("the broker cannot be reached")] * len(records)
+        try:
+            outcomes = await self.broker.send(sending)
+        finally:
+            for span, outcome in zip(spans, outcomes, strict=True):
+                telemetry.sent(span, outcome)
+        return outcomes
 
     async def _claim(self, connection: AsyncConnection) -> list[Record]:
         table = self.outbox.table

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, text
 
 from tests.support.databases import IN_CI, Database, Provisioner, check_nothing_left
 from tests.support.models import TABLES
+from tests.support.otel import otel  # noqa: F401  # the fixture, for the tests of this directory
 
 BACKENDS = ("sqlite", "postgresql", "mariadb")
 

@@ -142,9 +142,15 @@ def uow_records() -> Iterator[list[logging.LogRecord]]:
 
 
 def formatted(records: list[logging.LogRecord]) -> list[str]:
-    """The records as a handler would write them, tracebacks included."""
+    """The records as a handler would write them, tracebacks included, with the fields uow passes in ``extra``."""
     formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
-    return [formatter.format(record) for record in records]
+    fields = [{key: value for key, value in vars(record).items() if key.startswith("uow_")} for record in records]
+    return [f"{formatter.format(record)} {extra!r}" for record, extra in zip(records, fields, strict=True)]
+
+
+def events_logged(records: list[logging.LogRecord]) -> set[str]:
+    """The ``uow_event`` fields of the structured records: what the search above read."""
+    return {str(getattr(record, "uow_event", "")) for record in records} - {""}
 
 
 def flask_app(url: str | URL, **config: object) -> tuple[Flask, UnitOfWorkExtension[SqlAlchemyShopUnitOfWork]]:
@@ -332,6 +338,7 @@ def test_sync_run_logs_no_password(secrets: Secrets, uow_records: list[logging.L
     messages = [record.getMessage() for record in uow_records]
     assert 2 == sum(" retry " in message for message in messages)
     assert 1 == sum("on_commit hook" in message for message in messages)
+    assert {"begin", "commit", "rollback", "retry"} == events_logged(uow_records)
     assert [] == shown(*formatted(uow_records))
 
 
@@ -365,6 +372,7 @@ async def test_async_run_logs_no_password(secrets: Secrets, uow_records: list[lo
     messages = [record.getMessage() for record in uow_records]
     assert 2 == sum(" retry " in message for message in messages)
     assert 1 == sum("on_commit hook" in message for message in messages)
+    assert {"begin", "commit", "rollback", "retry"} == events_logged(uow_records)
     assert [] == shown(*formatted(uow_records))
 
 

@@ -778,6 +778,19 @@ class TransactionContract:
         assert ["failure recorded"] == codes(shop)
         assert not uow.active
 
+    async def test_hooks_learn_of_a_read_only_block_that_refuses_its_write(self, shop: Shop) -> None:
+        """A read-only block left with a pending write raises ReadOnlyError; its rollback hooks run, once."""
+        uow = shop.uow()
+        ran: list[str] = []
+        with pytest.raises(errors.ReadOnlyError):
+            async with uow.transaction(read_only=True):
+                uow.on_rollback(lambda: ran.append("on_rollback"))
+                uow.after_completion(lambda status: ran.append(status))
+                await uow.skus.add(Sku("a"))
+        assert ["on_rollback", "rolled_back"] == ran
+        assert not uow.active
+        assert [] == codes(shop)
+
     async def test_lifecycle_hooks_outside_a_block_raise(self, shop: Shop) -> None:
         """before_commit(), on_rollback() and after_completion() need an active block."""
         uow = shop.uow()

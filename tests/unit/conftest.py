@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.pool import Pool
 
+from tests.support.otel import otel  # noqa: F401  # the fixture, for the tests of this directory
+
 
 @pytest.fixture(autouse=True)
 def _no_database_connections(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,7 +37,7 @@ class CatalogueUnitOfWork(uow.UnitOfWork):
 
 def test_public_names_are_exported() -> None:
     """uow.__all__ lists exactly the public names, sorted, and each exists; integration modules load on demand."""
-    integrations = {"brokers", "fastapi", "flask", "litestar", "pytest_plugin", "relay", "starlette"}
+    integrations = {"brokers", "fastapi", "flask", "litestar", "otel", "pytest_plugin", "relay", "starlette"}
     public = sorted(
         # "@py_..." names: pytest rewrites the asserts of uow's modules, since uow ships a pytest plugin.
         name

@@ -1,0 +1,167 @@
+"""OpenTelemetry on real databases: statement spans nest under the transaction's, and its attributes and events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import propagate
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.trace import SpanKind
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tests.integration.conftest import rows
+from tests.support.databases import Database, Provisioner
+from tests.support.models import OUTBOX, Item, Sku
+from tests.support.otel import Recorded, events
+from tests.support.uows import AsyncSqlAlchemyShopUnitOfWork, SqlAlchemyShopUnitOfWork
+from uow.relay import InMemoryBroker, Relay
+
+UNIT = "SqlAlchemyShopUnitOfWork"
+
+#: The code a duplicate key's IntegrityError carries on each backend: SQLSTATE, MySQL's error number, none.
+DUPLICATE_CODE = {"postgresql": "23505", "mariadb": "1062", "sqlite": None}
+
+
+@pytest.fixture
+def statements(engine: Engine, otel: Recorded) -> Iterator[None]:
+    """OpenTelemetry's SQLAlchemy instrumentation on *engine*, with the same tracer provider as uow's.
+
+    Its releases up to 0.66b1 declare SQLAlchemy below 2.1 and instrument nothing on 2.1 unless told to
+    skip that check; the instrumentation itself works on 2.1.
+    """
+    instrumentor = SQLAlchemyInstrumentor()
+    instrumentor.instrument(engine=engine, tracer_provider=otel.tracer_provider, skip_dep_check=True)
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_statement_spans_nest_under_the_transaction_span(engine: Engine, otel: Recorded, statements: None) -> None:
+    """Every statement the transaction runs is a child span of the transaction's span."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with unit:
+        unit.skus.add(Sku("LAMP"))
+        assert [] == unit.items.list(name="none")
+        unit.commit()
+    tree = otel.tree()
+    assert (UNIT, None) == tree[-1]
+    children = tree[:-1]
+    assert len(children) >= 2  # the SELECT and the INSERT, and what the dialect adds (BEGIN, COMMIT, connect)
+    assert all(parent == UNIT for _, parent in children), tree
+    assert [("LAMP",)] == rows(engine, "SELECT code FROM uow_skus")
+
+
+def test_flushed_objects_are_counted_per_model(engine: Engine, otel: Recorded) -> None:
+    """uow.flushed.<Model> counts the objects the transaction's flushes inserted, updated and deleted."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with unit:
+        unit.items.add(Item("box", 1))
+        unit.commit()
+    with unit:
+        [box] = unit.items.list()
+        box.qty = 2
+        unit.skus.add_all([Sku("A"), Sku("B")])
+        unit.session.flush()
+        first_sku = unit.skus.get("A")
+        assert first_sku is not None
+        unit.skus.remove(first_sku)
+        unit.commit()
+    first, second = otel.spans()
+    assert 1 == (first.attributes or {})["uow.flushed.Item"]
+    attributes = second.attributes or {}
+    assert (1, 3) == (attributes["uow.flushed.Item"], attributes["uow.flushed.Sku"])
+    assert [("B",)] == rows(engine, "SELECT code FROM uow_skus")
+
+
+def test_a_failed_commit_names_the_database_error(engine: Engine, database: Database, otel: Recorded) -> None:
+    """A duplicate key: outcome failed_commit, and the rollback event carries the database's error code."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with unit:
+        unit.skus.add(Sku("DUP"))
+        unit.commit()
+    with unit:
+        unit.skus.add(Sku("DUP"))
+        with pytest.raises(IntegrityError):
+            unit.commit()
+    span = otel.spans()[-1]
+    assert "failed_commit" == (span.attributes or {})["uow.outcome"]
+    assert ["uow.rollback"] == events(span)
+    rollback = span.events[0].attributes or {}
+    assert "IntegrityError" == rollback["error.type"]
+    assert DUPLICATE_CODE[database.backend] == rollback.get("db.response.status_code")
+    assert [("DUP",)] == rows(engine, "SELECT code FROM uow_skus")
+
+
+async def test_async_transactions_count_their_flushes(
+    engine: Engine, database: Database, provisioner: Provisioner, otel: Recorded
+) -> None:
+    """An async unit of work on each backend's async driver: one span, committed, its flushes counted."""
+    eng = create_async_engine(database.async_url)
+    provisioner.track(eng.sync_engine)
+    try:
+        unit = AsyncSqlAlchemyShopUnitOfWork(eng)
+        async with unit:
+            await unit.skus.add(Sku("ASYNC"))
+            await unit.commit()
+    finally:
+        await eng.dispose()
+    span = otel.span("AsyncSqlAlchemyShopUnitOfWork")
+    assert ("committed", 1) == ((span.attributes or {})["uow.outcome"], (span.attributes or {})["uow.flushed.Sku"])
+    assert [("ASYNC",)] == rows(engine, "SELECT code FROM uow_skus")
+
+
+async def test_a_relayed_message_continues_the_trace_of_its_transaction(
+    engine: Engine, database: Database, provisioner: Provisioner, otel: Recorded
+) -> None:
+    """publish() stores the trace in the message; the relay's send span continues it; a consumer's block nests."""
+    tracer = otel.tracer_provider.get_tracer("test")
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with tracer.start_as_current_span("POST /orders"), unit:
+        unit.publish("orders", {"order": 1}, key="a")
+        unit.commit()
+    [stored] = rows(engine, "SELECT headers FROM uow_outbox")
+    assert "traceparent" in str(stored[0])  # kept with the message, read back without uow
+    built = create_async_engine(database.async_url)
+    provisioner.track(built.sync_engine)
+    broker = InMemoryBroker()
+    try:
+        assert 1 == await Relay(built, OUTBOX, broker).relay_once()
+    finally:
+        await built.dispose()
+    [record] = broker.received
+    with (
+        tracer.start_as_current_span(
+            "process orders", context=propagate.extract(record.headers), kind=SpanKind.CONSUMER
+        ),
+        unit,
+    ):
+        assert unit.receive(record.id, consumer="orders-view")
+        unit.commit()
+    assert [
+        (UNIT, "POST /orders"),
+        ("POST /orders", None),
+        ("send orders", UNIT),
+        (UNIT, "process orders"),
+        ("process orders", "send orders"),
+    ] == otel.tree()
+    send = otel.span("send orders")
+    assert ("memory", "orders", record.id) == tuple(
+        (send.attributes or {})[name]
+        for name in ("messaging.system", "messaging.destination.name", "messaging.message.id")
+    )
+    assert 1 == len({span.context.trace_id for span in otel.spans()})  # one trace, from the request to the consumer
+
+
+def test_the_time_to_get_a_connection_is_recorded(engine: Engine, otel: Recorded) -> None:
+    """With OpenTelemetry on, each transaction's wait for its connection goes to db.client.connection.wait_time."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    for code in ("A", "B"):
+        with unit:
+            unit.skus.add(Sku(code))
+            unit.commit()
+    assert [({"uow.unit_of_work": UNIT}, 2)] == otel.points("db.client.connection.wait_time")
+    assert [("A",), ("B",)] == rows(engine, "SELECT code FROM uow_skus ORDER BY code")
