@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, Literal, TypeVar, cast, get_args
 
 from flask import Flask, current_app, g, has_app_context, has_request_context, request
-from flask.signals import request_tearing_down
+from flask.signals import request_started, request_tearing_down
 from sqlalchemy import URL, Engine, create_engine
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import sessionmaker
@@ -160,6 +160,7 @@ class UnitOfWorkExtension(Generic[U]):
         app.teardown_request(self._teardown_request)
         app.teardown_appcontext(self._teardown_appcontext)
         request_tearing_down.connect(_request_torn_down, app)
+        request_started.connect(_nest_in_traced_requests, app)
         app.extensions[_EXTENSION_KEY] = _AppState(self, engine, factory or self.factory)
 
     @property
@@ -291,6 +292,54 @@ class UnitOfWorkExtension(Generic[U]):
             entry.unit.__exit__(None, None, None)  # a failed commit raises to whoever ends the context
         else:
             _discard(entry.unit, exc)
+
+
+#: The module of OpenTelemetry's Flask instrumentation, whose hooks start and end a request's span.
+_TRACING_MODULE = "opentelemetry.instrumentation.flask"
+
+
+def _nest_in_traced_requests(sender: Flask, **extra: object) -> None:
+    """Once per app, at its first request: begin each request's unit of work inside the request's span.
+
+    OpenTelemetry's Flask instrumentation starts the request's span in a
+    ``before_request`` function and ends it in a ``teardown_request`` one.
+    Set up after the extension (``instrument_app(app)`` on an app that an
+    app factory built), its functions would run after the extension's: the
+    transaction's span would begin first and become the request span's
+    parent, and the two would leave the context in the wrong order. So the
+    extension's two functions move, once, next to OpenTelemetry's: its
+    ``before_request`` right after OpenTelemetry's, its ``teardown_request``
+    right before it (Flask runs teardown functions last registered first).
+    The lists are replaced, not changed in place, so a request running them
+    meanwhile is not disturbed. Nothing moves when OpenTelemetry came first.
+    """
+    request_started.disconnect(_nest_in_traced_requests, sender)
+    state = sender.extensions.get(_EXTENSION_KEY)
+    if not isinstance(state, _AppState):
+        return
+    extension = state.extension
+    before = sender.before_request_funcs.get(None, [])
+    moved = _after_last_traced(before, extension._before_request)
+    if moved is not None:
+        sender.before_request_funcs[None] = moved
+    teardown = sender.teardown_request_funcs.get(None, [])
+    moved = _after_last_traced(teardown, extension._teardown_request)
+    if moved is not None:
+        sender.teardown_request_funcs[None] = moved
+
+
+def _after_last_traced(functions: list[Any], ours: Any) -> list[Any] | None:
+    """*functions* with *ours* moved after the last of OpenTelemetry's; None if it is there already."""
+    traced = [index for index, function in enumerate(functions) if _traced(function)]
+    if not traced or ours not in functions or functions.index(ours) > traced[-1]:
+        return None
+    rest = [function for function in functions if function != ours]
+    last = max(index for index, function in enumerate(rest) if _traced(function))
+    return [*rest[: last + 1], ours, *rest[last + 1 :]]
+
+
+def _traced(function: object) -> bool:
+    return getattr(function, "__module__", None) == _TRACING_MODULE
 
 
 def _request_torn_down(sender: Flask, **extra: object) -> None:
