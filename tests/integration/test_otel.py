@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import propagate
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.trace import SpanKind
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -20,6 +26,7 @@ from tests.support.uows import AsyncSqlAlchemyShopUnitOfWork, SqlAlchemyShopUnit
 from uow.relay import InMemoryBroker, Relay
 
 UNIT = "SqlAlchemyShopUnitOfWork"
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The code a duplicate key's IntegrityError carries on each backend: SQLSTATE, MySQL's error number, none.
 DUPLICATE_CODE = {"postgresql": "23505", "mariadb": "1062", "sqlite": None}
@@ -165,3 +172,54 @@ def test_the_time_to_get_a_connection_is_recorded(engine: Engine, otel: Recorded
             unit.commit()
     assert [({"uow.unit_of_work": UNIT}, 2)] == otel.points("db.client.connection.wait_time")
     assert [("A",), ("B",)] == rows(engine, "SELECT code FROM uow_skus ORDER BY code")
+
+
+#: A service run under `opentelemetry-instrument`: no call to the instrumentor in the program itself.
+AUTO_INSTRUMENTED = """
+import sys
+
+from sqlalchemy import create_engine
+
+from tests.support.models import Sku, metadata
+from tests.support.uows import SqlAlchemyShopUnitOfWork
+
+engine = create_engine(sys.argv[1])
+metadata.create_all(engine)
+unit = SqlAlchemyShopUnitOfWork(engine)
+with unit:
+    unit.skus.add(Sku("AUTO"))
+    unit.commit()
+"""
+
+
+def test_opentelemetry_instrument_switches_it_on(tmp_path: Path) -> None:
+    """A program run under opentelemetry-instrument gets its transaction spans through uow's entry point."""
+    script = tmp_path / "service.py"
+    script.write_text(AUTO_INSTRUMENTED)
+    url = f"sqlite:///{tmp_path / 'service.sqlite3'}"
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "sqlalchemy,flask,asgi",
+    }
+    instrument = Path(sys.executable).parent / "opentelemetry-instrument"
+    done = subprocess.run(
+        [str(instrument), sys.executable, str(script), url],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr
+    spans = [json.loads(chunk) for chunk in re.findall(r"^\{\n.*?^\}$", done.stdout, flags=re.MULTILINE | re.DOTALL)]
+    [span] = [span for span in spans if span["name"] == UNIT]
+    assert ("committed", 1) == (span["attributes"]["uow.outcome"], span["attributes"]["uow.flushed.Sku"])
+    reader = create_engine(url)
+    try:
+        assert [("AUTO",)] == rows(reader, "SELECT code FROM uow_skus")
+    finally:
+        reader.dispose()
