@@ -66,6 +66,8 @@ class Telemetry(Protocol):
 
     def sent(self, span: Any, error: BaseException | None) -> None: ...
 
+    def relayed(self, system: str, topic: str, result: str, lag: float | None) -> None: ...
+
 
 #: The OpenTelemetry side, while ``UowInstrumentor`` has it on; None otherwise.
 telemetry: Telemetry | None = None

@@ -49,6 +49,8 @@ ROLLBACKS = "uow.transaction.rollbacks"
 RETRIES = "uow.transaction.retries"
 ACTIVE = "uow.transaction.active"
 WAIT_TIME = "db.client.connection.wait_time"
+RELAYED = "uow.relay.messages"
+LAG = "uow.relay.lag"
 
 
 def _version() -> str:
@@ -75,6 +77,12 @@ class _Telemetry:
         self.retries = meter.create_counter(RETRIES, unit="{retry}", description="Attempts run again by @transactional")
         self.active = meter.create_up_down_counter(
             ACTIVE, unit="{transaction}", description="Units of work with an owner's transaction open"
+        )
+        self.relayed_messages = meter.create_counter(
+            RELAYED, unit="{message}", description="Messages a relay sent (published), or that a broker refused"
+        )
+        self.lag = meter.create_histogram(
+            LAG, unit="s", description="From the commit that published a message to the relay's record of its send"
         )
         self.wait_time = meter.create_histogram(
             WAIT_TIME, unit="s", description="The time it took to obtain a connection for a transaction"
@@ -182,6 +190,12 @@ class _Telemetry:
         carrier = {name: value for name, value in headers.items() if name not in ("traceparent", "tracestate")}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return span, carrier
+
+    def relayed(self, system: str, topic: str, result: str, lag: float | None) -> None:
+        attributes = {"messaging.system": system, "messaging.destination.name": topic}
+        self.relayed_messages.add(1, {**attributes, "uow.relay.result": result})
+        if lag is not None:
+            self.lag.record(lag, attributes)
 
     def sent(self, span: Any, error: BaseException | None) -> None:
         if error is not None:

@@ -51,6 +51,8 @@ class Record:
     payload: bytes
     headers: dict[str, str]
     attempts: int
+    #: When the transaction that published it committed; None for a record not read from an outbox.
+    created_at: datetime.datetime | None = None
 
     @property
     def chain(self) -> object:
@@ -68,6 +70,7 @@ def _record(row: Any) -> Record:
         bytes(row["payload"]),
         dict(row["headers"]),
         row["attempts"],
+        row["created_at"],
     )
 
 
@@ -177,6 +180,15 @@ def exponential_backoff(attempts: int) -> float:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _lag(created_at: datetime.datetime | None, now: datetime.datetime) -> float | None:
+    """Seconds from a message's commit to *now*; a naive time (SQLite keeps no zone) is UTC, as it was written."""
+    if created_at is None:
+        return None
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (now - created_at).total_seconds())
 
 
 class Relay:
@@ -315,6 +327,7 @@ class Relay:
         if sent:
             await connection.execute(update(table).where(table.c.position.in_(sent)).values(published_at=now))
         failed_keys: set[object] = set()
+        refusals: list[tuple[Record, str]] = []  # each refused message that counts an attempt, and its fate
         for record, outcome in zip(records, outcomes, strict=True):
             if outcome is None:
                 continue
@@ -324,6 +337,7 @@ class Relay:
             failed_keys.add(chain)
             attempts = record.attempts + 1
             values: dict[str, Any] = {"attempts": attempts, "last_error": f"{type(outcome).__name__}: {outcome}"}
+            refusals.append((record, "dead" if attempts >= self.max_attempts else "refused"))
             if attempts >= self.max_attempts:
                 values["dead_at"] = now
                 log.error(
@@ -341,6 +355,14 @@ class Relay:
             await connection.execute(update(table).where(table.c.position == record.position).values(**values))
             self.refused += 1
         self.published += len(sent)
+        telemetry = _observe.telemetry
+        if telemetry is not None:
+            system = getattr(self.broker, "system", type(self.broker).__name__.lower())
+            for record, outcome in zip(records, outcomes, strict=True):
+                if outcome is None:
+                    telemetry.relayed(system, record.topic, "published", _lag(record.created_at, now))
+            for record, result in refusals:
+                telemetry.relayed(system, record.topic, result, None)
         return len(sent)
 
     # -- running ------------------------------------------------------------------------------------

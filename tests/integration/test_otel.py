@@ -223,3 +223,32 @@ def test_opentelemetry_instrument_switches_it_on(tmp_path: Path) -> None:
         assert [("AUTO",)] == rows(reader, "SELECT code FROM uow_skus")
     finally:
         reader.dispose()
+
+
+async def test_the_relay_counts_what_it_sent_and_measures_the_lag(
+    engine: Engine, database: Database, provisioner: Provisioner, otel: Recorded
+) -> None:
+    """uow.relay.messages counts published, refused and dead messages; uow.relay.lag records each published one."""
+    unit = SqlAlchemyShopUnitOfWork(engine)
+    with unit:
+        for payload, key in (("bad", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")):
+            unit.publish("orders", payload, key=key)
+        unit.commit()
+    built = create_async_engine(database.async_url)
+    provisioner.track(built.sync_engine)
+    broker = InMemoryBroker(refuse=lambda record: ValueError("no") if b"bad" in record.payload else None)
+    try:
+        relay = Relay(built, OUTBOX, broker, max_attempts=2, backoff=lambda attempts: 0.0)
+        assert 2 == await relay.relay_once()  # b1 and b2; "bad" refused once, a2 waits behind it
+        assert 0 == await relay.relay_once()  # "bad" refused again: dead
+        assert 1 == await relay.relay_once()  # a2 goes on without it
+    finally:
+        await built.dispose()
+    counted = {point["uow.relay.result"]: value for point, value in otel.points("uow.relay.messages")}
+    assert {"published": 3, "refused": 1, "dead": 1} == counted
+    [(attributes, lagged)] = otel.points("uow.relay.lag")
+    assert ({"messaging.system": "memory", "messaging.destination.name": "orders"}, 3) == (attributes, lagged)
+    published, dead = rows(engine, "SELECT COUNT(published_at), COUNT(dead_at) FROM uow_outbox")[
+        0
+    ]  # read back without the relay: three sent, one parked
+    assert (3, 1) == (published, dead)
