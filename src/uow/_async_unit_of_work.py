@@ -12,14 +12,13 @@ import abc
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import _hooks, _observe
+from . import _hooks
 from ._hooks import (
     AFTER_COMPLETION,
     BEFORE_COMMIT,
@@ -95,10 +94,6 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     async def _begin_savepoint(self, session: Any) -> Any:
         """Begin a savepoint and return its handle."""
-
-    async def _connect(self, session: Any) -> bool:
-        """Take the session's connection now, if it has one to take; whether it did. For the wait-time metric."""
-        return False
 
     async def _receive(self, session: Any, inbox: Inbox, consumer: str, message_id: str) -> bool:
         """Insert the receipt of *message_id* for *consumer* unless one exists; whether it was inserted."""
@@ -188,20 +183,6 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             await self._flush(tx.session)  # the writes pending so far are the outer scope's
             self._read_only_scope(tx.session, starts=True)
         self._push(scope)
-        if tx.watch is not None and _observe.telemetry is not None and scope.kind is OWNER:
-            await self._connect_traced(scope)
-
-    async def _connect_traced(self, scope: _Scope) -> None:
-        """Take the new transaction's connection in its span, timed for the wait-time metric."""
-        tx = scope.tx
-        started = time.perf_counter()
-        try:
-            connected = await self._connect(tx.session)
-        except BaseException as error:
-            await self._exit_owner(scope, error)  # the block never began: its session and scope close
-            raise
-        if connected and tx.watch is not None:
-            _observe.waited(tx.watch, time.perf_counter() - started)
 
     async def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
         if scope.state is CLOSED or scope.state is CLOSED_EARLY:
@@ -262,7 +243,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         tx = scope.tx
-        booked = False  # whether the transaction's end was booked, and its hooks run
+        booked = False  # whether the transaction's end was booked
         try:
             if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 await self._flush(tx.session)  # a write left pending is refused, not silently dropped
@@ -273,23 +254,15 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             elif plan is not NOTHING:
                 booked = True
                 outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK_OUTCOME
-                cause = exc if exc is not None else scope.health.poison
-                if tx.hooks:
-                    await _run_to_completion(self._discard(tx, cause, outcome))  # now: the hooks run after the rollback
-                    await self._run_hooks(scope, ROLLED_BACK)
-                else:
-                    self._rolled_back(tx, cause, outcome)
+                self._rolled_back(tx, exc if exc is not None else scope.health.poison, outcome)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException as error:
-            try:
-                if tx.hooks and not booked:  # left before its rollback was booked: the hooks still learn how it ended
-                    await _run_to_completion(self._discard(tx, error))
-                    await self._run_hooks(scope, ROLLED_BACK)
-            finally:
-                await self._release(scope, True, state)
+            if not booked and (tx.used or tx.hooks):  # left before its rollback was booked
+                self._rolled_back(tx, error)
+            await self._release(scope, True, state, ending=True)
             raise
-        await self._release(scope, exc is not None, state)
+        await self._release(scope, exc is not None, state, ending=True)
 
     async def _close_early(self, held: _Scope) -> BaseException | None:
         """End *held*, still open above an exiting scope, as if its generator had been closed there.
@@ -312,9 +285,13 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
             return error
         return None
 
-    async def _release(self, scope: _Scope, quiet: bool, state: State) -> None:
-        # Closing must finish even if this task is cancelled meanwhile, or the
-        # connection would stay checked out; the cancellation is re-raised after.
+    async def _release(self, scope: _Scope, quiet: bool, state: State, *, ending: bool = False) -> None:
+        """Close the session, then run the rollback hooks if *ending*; see :meth:`UnitOfWork._release`.
+
+        Closing must finish even if this task is cancelled meanwhile, or the
+        connection would stay checked out; the hooks run too, and the
+        cancellation is re-raised after.
+        """
         try:
             await _run_to_completion(self._close(scope.tx.session, invalidate=scope.tx.broken))
         except Exception:
@@ -322,7 +299,11 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 raise
             log.exception("uow: closing the session after an error failed")
         finally:
-            self._pop(scope, state)
+            try:
+                if ending and scope.tx.hooks:
+                    await self._run_hooks(scope, ROLLED_BACK)
+            finally:
+                self._pop(scope, state)
 
     # -- the transaction -----------------------------------------------------
 
@@ -361,9 +342,11 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 tx.outcome_unknown = unknown = outcome_unknown(error)
                 raise
         except BaseException as error:
-            await _run_to_completion(self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT))
-            if tx.hooks:
-                await self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
+            try:
+                await _run_to_completion(self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT))
+            finally:  # a cancellation that came during the rollback is raised once the hooks have run
+                if tx.hooks:
+                    await self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
             if isinstance(error, StaleDataError) and not isinstance(error, ConcurrencyError):
                 raise _concurrency_error(error) from error
             raise
@@ -440,7 +423,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         self._before_commit_ran(scope)
 
     async def _run_hooks(self, scope: _Scope, status: Completion) -> None:
-        started = self._start_hooks(scope)
+        started = self._start_hooks(scope, status)
         try:
             await _hooks.run_hooks_async(scope.tx.hooks, status)
         finally:

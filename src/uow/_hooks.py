@@ -49,6 +49,30 @@ ON_ROLLBACK = "on_rollback"
 AFTER_COMPLETION = "after_completion"
 
 
+#: The hooks that a hook may register while the hooks of a transaction's end run: those of the same pass.
+_LATE: dict[str, tuple[str, ...]] = {
+    COMMITTED: (ON_COMMIT, AFTER_COMPLETION),
+    ROLLED_BACK: (ON_ROLLBACK, AFTER_COMPLETION),
+    UNKNOWN: (AFTER_COMPLETION,),
+}
+
+
+def check_late(kind: str, status: str) -> None:
+    """Refuse a hook of *kind* registered by a hook of a transaction that ended with *status*.
+
+    Such a hook runs in the same pass if the pass runs its kind; any other
+    would belong to no transaction: the one that ended has no more steps,
+    and the next has not begun.
+    """
+    if kind not in _LATE[status]:
+        msg = (
+            f"{kind}() was called by a hook of a transaction that has {status.replace('_', ' ')}: only "
+            f"{' and '.join(f'{late}()' for late in _LATE[status])} can still run in this pass. To act in a new "
+            "transaction, enter the unit of work in the hook (`with uow:`) and register hooks there"
+        )
+        raise ConfigurationError(msg)
+
+
 def check_hook(callback: object, kind: str, *, sync: bool) -> None:
     """Refuse what cannot be a hook of *kind* of a sync (*sync*) or async unit of work."""
     if not callable(callback):

@@ -22,7 +22,6 @@ from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from sqlalchemy import exc as sa_exc
 
 from . import _hooks, _observe
 from ._declare import _Declarations
@@ -822,14 +821,16 @@ class _UnitOfWorkCore(_Declarations):
 
     # -- hooks and events ------------------------------------------------------
 
-    def _start_hooks(self, scope: _Scope) -> _Started:
-        """Hooks run after the transaction, not in it: nothing joins the scope whose transaction committed."""
+    def _start_hooks(self, scope: _Scope, status: str) -> _Started:
+        """Hooks run after the transaction, not in it: nothing joins the scope whose transaction ended."""
         state, scope.state = scope.state, SEALED
+        scope.tx.ending = status
         return _current.set(None), scope, state
 
     def _end_hooks(self, started: _Started) -> None:
         token, scope, state = started
         _current.reset(token)
+        scope.tx.ending = None
         if scope.state is SEALED:
             scope.state = state
 
@@ -848,8 +849,12 @@ class _UnitOfWorkCore(_Declarations):
     def _add_hook(self, kind: str, callback: Callable[..., object], robust: bool = False) -> None:
         _hooks.check_hook(callback, kind, sync=bool(self._sync))
         scope = self._scope_for(f"{kind}()")
-        scope.tx.hooks.append((kind, callback, robust))
-        scope.tx.used = True
+        tx = scope.tx
+        if tx.ending is not None:  # a hook of the transaction that just ended registers one
+            _hooks.check_late(kind, tx.ending)
+        else:
+            tx.used = True
+        tx.hooks.append((kind, callback, robust))
 
     def _begin_commit(self, scope: _Scope) -> None:
         """The owner's commit starts: refuse it from a ``before_commit`` hook, which runs inside a commit."""
@@ -883,7 +888,7 @@ class _UnitOfWorkCore(_Declarations):
             )
             raise OutboxError(msg)
         if _observe.telemetry is not None and (headers is None or isinstance(headers, Mapping)):
-            headers = _observe.telemetry.inject(headers or {})  # the trace goes on where the relay sends it
+            headers = _observe.inject(headers or {})  # the trace goes on where the relay sends it
         staged = outbox.message(topic, payload, key, headers)
         scope = self._scope_for("publish()")
         if scope.read_only:
@@ -920,7 +925,7 @@ class _UnitOfWorkCore(_Declarations):
                         message = outbox.routed(event)
                         if message is not None:
                             if _observe.telemetry is not None:
-                                message = attrs.evolve(message, headers=_observe.telemetry.inject(message.headers))
+                                message = attrs.evolve(message, headers=_observe.inject(message.headers))
                             outgoing.append((message, outbox.body(message)))
         return outgoing
 
@@ -972,12 +977,13 @@ def _is_cancellation(error: BaseException) -> bool:
 def outcome_unknown(error: BaseException) -> bool:
     """Whether a COMMIT that raised *error* may still have been applied by the database.
 
-    Not when the database answered it with a refusal: a serialization
-    failure, a deadlock, or a constraint checked at COMMIT (a deferred one).
-    A lost connection, a timeout or a cancellation may have come after the
-    database committed.
+    Not when the database answered it with a serialization failure or a
+    deadlock. Anything else may have come after some of the work committed:
+    a lost connection, a timeout, a cancellation, or a constraint checked at
+    COMMIT on the second database of a session bound to two, after the first
+    one committed.
     """
-    return not (is_retryable(error) or isinstance(error, sa_exc.IntegrityError))
+    return not is_retryable(error)
 
 
 def wrong_protocol(unit: _UnitOfWorkCore) -> ConfigurationError:

@@ -12,9 +12,9 @@ formatters find them as attributes of the record: ``uow_unit`` (the unit of
 work's class, and the service function when ``@transactional`` knows it),
 ``uow_event`` (``begin``, ``commit``, ``rollback``, ``retry``),
 ``uow_duration_ms``, ``uow_outcome``, ``uow_attempt`` and ``uow_error``.
-An error is described by its class, its SQLSTATE or driver code, and the
-first line of its message: SQLAlchemy puts the statement and its parameters
-on the lines after it.
+An error is described by its class and its SQLSTATE or driver code; a
+database error's message is left out, as drivers put the refused values in
+it, and for an error of the application only its first line is kept.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import exc as sa_exc
 
 if TYPE_CHECKING:
     from ._machine import _UnitOfWorkCore
@@ -77,7 +79,9 @@ class Watch:
     """What is known about one watched owner's transaction, from its begin to its close."""
 
     __slots__ = (
+        "asked",
         "attempt",
+        "connected",
         "error",
         "flushed",
         "isolation_level",
@@ -90,6 +94,7 @@ class Watch:
         "session",
         "span",
         "started",
+        "telemetry",
         "token",
     )
 
@@ -112,6 +117,11 @@ class Watch:
         self.span: Any = None
         self.token: Any = None
         self.session: Any = None
+        #: The OpenTelemetry side that began it, which ends it even if switched off meanwhile; None if none did.
+        self.telemetry: Telemetry | None = None
+        #: When its session first needed a connection since the last commit or rollback, and whether it got one.
+        self.asked: float | None = None
+        self.connected = False
 
     @property
     def duration_ms(self) -> float:
@@ -138,13 +148,29 @@ def begin(unit: _UnitOfWorkCore, tx: _Transaction) -> None:
             watch.name,
             extra={"uow_unit": watch.name, "uow_event": "begin", "uow_attempt": watch.attempt},
         )
-    if telemetry is not None:
-        telemetry.begin(unit, tx, watch)
+    on = telemetry
+    if on is not None:
+        try:
+            on.begin(unit, tx, watch)
+        except Exception:
+            _failed("begin")
+        else:
+            watch.telemetry = on
+
+
+def _failed(step: str) -> None:
+    """OpenTelemetry failed at *step* (a span processor that raised, say): logged, never the transaction's failure.
+
+    The data is committed or rolled back by then, and the unit of work must
+    be released whatever its telemetry does.
+    """
+    log.exception("uow: OpenTelemetry failed at the transaction's %s; the transaction is not affected", step)
 
 
 def ended(watch: Watch, outcome: str, cause: BaseException | None) -> None:
     """A real commit or rollback of a watched transaction, with what caused a rollback, if anything did."""
     watch.outcome = outcome
+    watch.asked, watch.connected = None, False  # the session gives its connection back: the next is measured too
     code = error_code(cause) if cause is not None else None
     watch.error = describe(cause, code) if cause is not None else None
     level = _DEBUG if outcome == COMMITTED or cause is None else _INFO
@@ -170,21 +196,33 @@ def ended(watch: Watch, outcome: str, cause: BaseException | None) -> None:
                 described,
                 extra=extra,
             )
-    if telemetry is not None:
-        telemetry.ended(watch, outcome, code, cause)
+    on = watch.telemetry
+    if on is not None:
+        try:
+            on.ended(watch, outcome, code, cause)
+        except Exception:
+            _failed(outcome)
 
 
 def savepoint(watch: Watch, released: bool) -> None:
-    if telemetry is not None:
-        telemetry.savepoint(watch, released)
+    on = watch.telemetry
+    if on is not None:
+        try:
+            on.savepoint(watch, released)
+        except Exception:
+            _failed("savepoint")
 
 
 def closed(tx: _Transaction) -> None:
-    """The owner's scope of a watched transaction closed."""
+    """The owner's scope of a watched transaction closed: its span ends, whatever happened to the telemetry."""
     watch = tx.watch
     tx.watch = None
-    if watch is not None and telemetry is not None:
-        telemetry.close(watch)
+    if watch is None or watch.telemetry is None:
+        return
+    try:
+        watch.telemetry.close(watch)
+    except Exception:
+        _failed("close")
 
 
 def retry(name: str, attempt: int, retries: int, delay: float, error: BaseException) -> None:
@@ -200,20 +238,76 @@ def retry(name: str, attempt: int, retries: int, delay: float, error: BaseExcept
         delay,
         extra={"uow_unit": name, "uow_event": "retry", "uow_attempt": attempt + 1, "uow_error": described},
     )
-    if telemetry is not None:
-        telemetry.retry(name, attempt, error, code)
+    on = telemetry
+    if on is not None:
+        try:
+            on.retry(name, attempt, error, code)
+        except Exception:
+            _failed("retry")
 
 
 def waited(watch: Watch, seconds: float) -> None:
     """A watched transaction took *seconds* to get its connection."""
-    if telemetry is not None:
-        telemetry.waited(watch, seconds)
+    on = watch.telemetry
+    if on is not None:
+        try:
+            on.waited(watch, seconds)
+        except Exception:
+            _failed("connection")
 
 
 def event(watch: Watch | None, name: str, **attributes: Any) -> None:
     """An event of a transaction's span (a hook that failed, an ownership violation), while OpenTelemetry is on."""
-    if telemetry is not None:
-        telemetry.event(watch, name, attributes)
+    on = watch.telemetry if watch is not None and watch.telemetry is not None else telemetry
+    if on is not None:
+        try:
+            on.event(watch, name, attributes)
+        except Exception:
+            _failed(name)
+
+
+def inject(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """An outbox message's headers, with the current trace context while OpenTelemetry is on."""
+    on = telemetry
+    if on is None:
+        return headers
+    try:
+        return on.inject(headers)
+    except Exception:
+        _failed("publish")
+        return headers
+
+
+def sending(system: str, topic: str, message_id: str, headers: dict[str, str]) -> tuple[Any, dict[str, str]]:
+    """A relay sends a message: its producer span (None when off) and the headers to send it with."""
+    on = telemetry
+    if on is None:
+        return None, headers
+    try:
+        return on.sending(system, topic, message_id, headers)
+    except Exception:
+        _failed("send")
+        return None, headers
+
+
+def sent(span: Any, error: BaseException | None) -> None:
+    """The broker answered for the message of *span*: None once it took it, or its refusal."""
+    on = telemetry
+    if on is not None and span is not None:
+        try:
+            on.sent(span, error)
+        except Exception:
+            _failed("send")
+
+
+def relayed(system: str, topic: str, result: str, lag: float | None) -> None:
+    """A relay's record of a message: ``published``, ``refused`` or ``dead``; *lag* from its commit, if published."""
+    on = telemetry
+    if on is not None:
+        try:
+            on.relayed(system, topic, result, lag)
+        except Exception:
+            _failed("relay")
 
 
 def error_code(error: BaseException) -> str | None:
@@ -236,10 +330,15 @@ def error_code(error: BaseException) -> str | None:
 
 
 def describe(error: BaseException, code: str | None) -> str:
-    """*error* as a log record shows it: its class, its code, and the first line of its message only.
+    """*error* as a log record shows it: its class and code; for an error of the application, its message's first line.
 
-    SQLAlchemy writes the statement and its parameters on the lines after the first.
+    A database error's message is left out: drivers put the values that a
+    statement refused in it (MySQL's "Duplicate entry 'alice@example.com'"),
+    and SQLAlchemy the statement and its parameters on the lines after.
     """
     name = f"{type(error).__name__} ({code})" if code else type(error).__name__
+    if isinstance(error, sa_exc.StatementError) or code is not None:
+        driver = getattr(error, "orig", None)
+        return f"{name} from {type(driver).__qualname__}" if driver is not None else name
     lines = str(error).strip().splitlines()
     return f"{name}: {lines[0][:200]}" if lines else name

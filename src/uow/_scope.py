@@ -128,6 +128,7 @@ class _Transaction(_Health):
         "commit_on_exit",
         "commits",
         "committing",
+        "ending",
         "function",
         "hooks",
         "isolation_level",
@@ -189,6 +190,8 @@ class _Transaction(_Health):
         self.commit_on_exit = False
         #: Whether its ``before_commit`` hooks are running: the commit has begun, and may not begin again.
         self.committing = False
+        #: While the hooks of its end run: how it ended (``"committed"``, ``"rolled_back"``, ``"unknown"``).
+        self.ending: str | None = None
         #: What the log records and OpenTelemetry know of it, when it is watched (see ``_observe.py``).
         self.watch: Watch | None = None
         #: The owner's setting of the context's current transaction, reset when the owner's scope closes.

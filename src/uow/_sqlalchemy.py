@@ -353,12 +353,6 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session, self)
 
-    def _connect(self, session: Session) -> bool:
-        if session.bind is None:  # bound per model: which connection comes first is the work's to decide
-            return False
-        session.connection()
-        return True
-
     def _flush(self, session: Session) -> None:
         session.flush()
 

@@ -97,12 +97,6 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
     def _guard_writes(self, tx: _Transaction) -> None:
         _guard_writes(tx.session.sync_session, self)
 
-    async def _connect(self, session: AsyncSession) -> bool:
-        if session.sync_session.bind is None:  # bound per model: which connection comes first is the work's
-            return False
-        await session.connection()
-        return True
-
     async def _flush(self, session: AsyncSession) -> None:
         await session.flush()
 

@@ -13,14 +13,13 @@ import abc
 import logging
 import sys
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.orm.exc import StaleDataError
 
-from . import _hooks, _observe
+from . import _hooks
 from ._hooks import (
     AFTER_COMPLETION,
     BEFORE_COMMIT,
@@ -114,10 +113,6 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
     @abc.abstractmethod
     def _begin_savepoint(self, session: Any) -> Any:
         """Begin a savepoint and return its handle."""
-
-    def _connect(self, session: Any) -> bool:
-        """Take the session's connection now, if it has one to take; whether it did. For the wait-time metric."""
-        return False
 
     def _receive(self, session: Any, inbox: Inbox, consumer: str, message_id: str) -> bool:
         """Insert the receipt of *message_id* for *consumer* unless one exists; whether it was inserted."""
@@ -219,20 +214,6 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             self._flush(tx.session)  # the writes pending so far are the outer scope's
             self._read_only_scope(tx.session, starts=True)
         self._push(scope)
-        if tx.watch is not None and _observe.telemetry is not None and scope.kind is OWNER:
-            self._connect_traced(scope)
-
-    def _connect_traced(self, scope: _Scope) -> None:
-        """Take the new transaction's connection in its span, timed for the wait-time metric."""
-        tx = scope.tx
-        started = time.perf_counter()
-        try:
-            connected = self._connect(tx.session)
-        except BaseException as error:
-            self._exit_owner(scope, error)  # the block never began: its session and scope close
-            raise
-        if connected and tx.watch is not None:
-            _observe.waited(tx.watch, time.perf_counter() - started)
 
     def _exit_scope(self, scope: _Scope, exc: BaseException | None) -> None:
         if scope.state is CLOSED or scope.state is CLOSED_EARLY:
@@ -293,7 +274,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _exit_owner(self, scope: _Scope, exc: BaseException | None, state: State = CLOSED) -> None:
         tx = scope.tx
-        booked = False  # whether the transaction's end was booked, and its hooks run
+        booked = False  # whether the transaction's end was booked
         try:
             if exc is None and tx.read_only and not tx.refused and scope.health.poison is None:
                 self._flush(tx.session)  # a write left pending is refused, not silently dropped
@@ -304,23 +285,15 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             elif plan is not NOTHING:
                 booked = True
                 outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK_OUTCOME
-                cause = exc if exc is not None else scope.health.poison
-                if tx.hooks:
-                    self._discard(tx, cause, outcome)  # now, so that the hooks run after the rollback, not the close
-                    self._run_hooks(scope, ROLLED_BACK)
-                else:
-                    self._rolled_back(tx, cause, outcome)
+                self._rolled_back(tx, exc if exc is not None else scope.health.poison, outcome)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
         except BaseException as error:
-            try:
-                if tx.hooks and not booked:  # left before its rollback was booked: the hooks still learn how it ended
-                    self._discard(tx, error)
-                    self._run_hooks(scope, ROLLED_BACK)
-            finally:
-                self._release(scope, True, state)
+            if not booked and (tx.used or tx.hooks):  # left before its rollback was booked
+                self._rolled_back(tx, error)
+            self._release(scope, True, state, ending=True)
             raise
-        self._release(scope, exc is not None, state)
+        self._release(scope, exc is not None, state, ending=True)
 
     def _close_early(self, held: _Scope) -> BaseException | None:
         """End *held*, still open above an exiting scope, as if its generator had been closed there.
@@ -343,7 +316,13 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
             return error
         return None
 
-    def _release(self, scope: _Scope, quiet: bool, state: State) -> None:
+    def _release(self, scope: _Scope, quiet: bool, state: State, *, ending: bool = False) -> None:
+        """Close the session, which rolls back what was not committed; then, if *ending*, run the rollback hooks.
+
+        The hooks run after the close, as after ``rollback()`` they would see
+        expired objects, and before the scope is gone: one that enters the
+        unit of work starts a transaction of its own.
+        """
         try:
             self._close(scope.tx.session, invalidate=scope.tx.broken)
         except Exception:
@@ -351,7 +330,11 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 raise
             log.exception("uow: closing the session after an error failed")
         finally:
-            self._pop(scope, state)
+            try:
+                if ending and scope.tx.hooks:
+                    self._run_hooks(scope, ROLLED_BACK)
+            finally:
+                self._pop(scope, state)
 
     # -- the transaction -----------------------------------------------------
 
@@ -396,9 +379,11 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 tx.outcome_unknown = unknown = outcome_unknown(error)
                 raise
         except BaseException as error:
-            self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT)
-            if tx.hooks:
-                self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
+            try:
+                self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT)
+            finally:
+                if tx.hooks:
+                    self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
             if isinstance(error, StaleDataError) and not isinstance(error, ConcurrencyError):
                 raise _concurrency_error(error) from error
             raise
@@ -495,7 +480,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         self._before_commit_ran(scope)
 
     def _run_hooks(self, scope: _Scope, status: Completion) -> None:
-        started = self._start_hooks(scope)
+        started = self._start_hooks(scope, status)
         try:
             _hooks.run_hooks(scope.tx.hooks, status)
         finally:

@@ -306,36 +306,40 @@ def _nest_in_traced_requests(sender: Flask, **extra: object) -> None:
     Set up after the extension (``instrument_app(app)`` on an app that an
     app factory built), its functions would run after the extension's: the
     transaction's span would begin first and become the request span's
-    parent, and the two would leave the context in the wrong order. So the
-    extension's two functions move, once, next to OpenTelemetry's: its
-    ``before_request`` right after OpenTelemetry's, its ``teardown_request``
-    right before it (Flask runs teardown functions last registered first).
-    The lists are replaced, not changed in place, so a request running them
-    meanwhile is not disturbed. Nothing moves when OpenTelemetry came first.
+    parent, and the two would leave the context in the wrong order. So
+    OpenTelemetry's two functions move, once, to just before the
+    extension's in their lists: its ``before_request`` then runs right
+    before the extension's, and its ``teardown_request`` right after it
+    (Flask runs teardown functions last registered first). Every other
+    function keeps its place. The lists are replaced, not changed in place,
+    so a request running them meanwhile is not disturbed. Nothing moves when
+    OpenTelemetry came first.
     """
     request_started.disconnect(_nest_in_traced_requests, sender)
     state = sender.extensions.get(_EXTENSION_KEY)
     if not isinstance(state, _AppState):
         return
     extension = state.extension
-    before = sender.before_request_funcs.get(None, [])
-    moved = _after_last_traced(before, extension._before_request)
-    if moved is not None:
-        sender.before_request_funcs[None] = moved
-    teardown = sender.teardown_request_funcs.get(None, [])
-    moved = _after_last_traced(teardown, extension._teardown_request)
-    if moved is not None:
-        sender.teardown_request_funcs[None] = moved
+    for functions, ours in (
+        (sender.before_request_funcs, extension._before_request),
+        (sender.teardown_request_funcs, extension._teardown_request),
+    ):
+        moved = _traced_first(functions.get(None, []), ours)
+        if moved is not None:
+            functions[None] = moved
 
 
-def _after_last_traced(functions: list[Any], ours: Any) -> list[Any] | None:
-    """*functions* with *ours* moved after the last of OpenTelemetry's; None if it is there already."""
-    traced = [index for index, function in enumerate(functions) if _traced(function)]
-    if not traced or ours not in functions or functions.index(ours) > traced[-1]:
+def _traced_first(functions: list[Any], ours: Any) -> list[Any] | None:
+    """*functions* with OpenTelemetry's that come after *ours* moved to just before it; None if none does."""
+    if ours not in functions:
         return None
-    rest = [function for function in functions if function != ours]
-    last = max(index for index, function in enumerate(rest) if _traced(function))
-    return [*rest[: last + 1], ours, *rest[last + 1 :]]
+    position = functions.index(ours)
+    late = [function for function in functions[position + 1 :] if _traced(function)]
+    if not late:
+        return None
+    rest = [function for function in functions if not any(function is traced for traced in late)]
+    position = rest.index(ours)
+    return [*rest[:position], *late, *rest[position:]]
 
 
 def _traced(function: object) -> bool:

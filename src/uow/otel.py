@@ -21,13 +21,14 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from . import _observe
 from ._memory import InMemorySession
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from ._scope import _Transaction
 
 __all__ = ["UowInstrumentor"]
+
+#: How an outbox message carries its trace: W3C ``traceparent`` and ``tracestate`` only. The global
+#: propagator would add the request's baggage, which has no business in a stored message.
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 
 #: Where a watched transaction's session keeps its watch, for the flush listener.
 _WATCH_KEY = "uow.watch"
@@ -167,7 +172,7 @@ class _Telemetry:
         if "traceparent" in headers:
             return headers
         carrier = dict(headers)
-        propagate.inject(carrier)
+        _TRACE_CONTEXT.inject(carrier)
         return carrier
 
     def sending(self, system: str, topic: str, message_id: str, headers: dict[str, str]) -> tuple[Any, dict[str, str]]:
@@ -177,7 +182,7 @@ class _Telemetry:
         """
         span = self.tracer.start_span(
             f"send {topic}",
-            context=propagate.extract(headers),
+            context=_TRACE_CONTEXT.extract(headers),
             kind=SpanKind.PRODUCER,
             attributes={
                 "messaging.system": system,
@@ -188,7 +193,7 @@ class _Telemetry:
             },
         )
         carrier = {name: value for name, value in headers.items() if name not in ("traceparent", "tracestate")}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        _TRACE_CONTEXT.inject(carrier, context=trace.set_span_in_context(span))
         return span, carrier
 
     def relayed(self, system: str, topic: str, result: str, lag: float | None) -> None:
@@ -222,9 +227,43 @@ def _after_flush(session: Session, flush_context: object) -> None:
         name = type(obj).__name__
         counts[name] = counts.get(name, 0) + 1
     for obj in session.dirty:
-        if session.is_modified(obj):
+        if session.is_modified(obj, include_collections=False):  # an UPDATE of its row, as the fake counts
             name = type(obj).__name__
             counts[name] = counts.get(name, 0) + 1
+
+
+def _needs_connection(session: Session) -> None:
+    """A watched session is about to flush or run a statement: if it has no connection yet, the wait starts now."""
+    watch = session.info.get(_WATCH_KEY)
+    if watch is not None and watch.asked is None and not watch.connected:
+        watch.asked = time.perf_counter()
+
+
+def _before_flush(session: Session, flush_context: object, instances: object) -> None:
+    _needs_connection(session)
+
+
+def _do_orm_execute(state: ORMExecuteState) -> None:
+    _needs_connection(state.session)
+
+
+def _after_begin(session: Session, transaction: object, connection: object) -> None:
+    """A watched session got its connection: the time since it asked is the wait for it."""
+    watch = session.info.get(_WATCH_KEY)
+    if watch is None or watch.connected:
+        return
+    watch.connected = True
+    if watch.asked is not None:
+        _observe.waited(watch, time.perf_counter() - watch.asked)
+
+
+#: The session events uow listens to while instrumented: flushed objects, and the wait for a connection.
+_LISTENERS: tuple[tuple[str, Any], ...] = (
+    ("after_flush", _after_flush),
+    ("before_flush", _before_flush),
+    ("do_orm_execute", _do_orm_execute),
+    ("after_begin", _after_begin),
+)
 
 
 class UowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -239,10 +278,12 @@ class UowInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         _observe.telemetry = _Telemetry(kwargs.get("tracer_provider"), kwargs.get("meter_provider"))
-        if not event.contains(Session, "after_flush", _after_flush):
-            event.listen(Session, "after_flush", _after_flush)
+        for name, listener in _LISTENERS:
+            if not event.contains(Session, name, listener):
+                event.listen(Session, name, listener)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         _observe.telemetry = None
-        if event.contains(Session, "after_flush", _after_flush):
-            event.remove(Session, "after_flush", _after_flush)
+        for name, listener in _LISTENERS:
+            if event.contains(Session, name, listener):
+                event.remove(Session, name, listener)

@@ -248,28 +248,30 @@ class Relay:
             records = await self._claim(connection)
             if not records:
                 return 0
-            telemetry = _observe.telemetry
-            if telemetry is None:
+            if _observe.telemetry is None:
                 outcomes = await self.broker.send(records)
             else:
-                outcomes = await self._send_traced(telemetry, records)
+                outcomes = await self._send_traced(records)
             return await self._settle(connection, records, outcomes)
 
-    async def _send_traced(self, telemetry: _observe.Telemetry, records: list[Record]) -> list[BaseException | None]:
+    async def _send_traced(self, records: list[Record]) -> list[BaseException | None]:
         """Send *records*, each in a producer span that continues the trace of the transaction that published it."""
         system = getattr(self.broker, "system", type(self.broker).__name__.lower())
         spans: list[Any] = []
         sending: list[Record] = []
         for record in records:
-            span, headers = telemetry.sending(system, record.topic, record.id, record.headers)
+            span, headers = _observe.sending(system, record.topic, record.id, record.headers)
             spans.append(span)
             sending.append(attrs.evolve(record, headers=headers))
-        outcomes: list[BaseException | None] = [ConnectionError("the broker cannot be reached")] * len(records)
+        outcomes: list[BaseException | None] = []
         try:
             outcomes = await self.broker.send(sending)
+        except BaseException as error:
+            outcomes = [error] * len(records)  # nothing was confirmed: the whole batch failed with it
+            raise
         finally:
-            for span, outcome in zip(spans, outcomes, strict=True):
-                telemetry.sent(span, outcome)
+            for index, span in enumerate(spans):  # every span ends, whatever the broker answered
+                _observe.sent(span, outcomes[index] if index < len(outcomes) else None)
         return outcomes
 
     async def _claim(self, connection: AsyncConnection) -> list[Record]:
@@ -355,14 +357,13 @@ class Relay:
             await connection.execute(update(table).where(table.c.position == record.position).values(**values))
             self.refused += 1
         self.published += len(sent)
-        telemetry = _observe.telemetry
-        if telemetry is not None:
+        if _observe.telemetry is not None:
             system = getattr(self.broker, "system", type(self.broker).__name__.lower())
             for record, outcome in zip(records, outcomes, strict=True):
                 if outcome is None:
-                    telemetry.relayed(system, record.topic, "published", _lag(record.created_at, now))
+                    _observe.relayed(system, record.topic, "published", _lag(record.created_at, now))
             for record, result in refusals:
-                telemetry.relayed(system, record.topic, result, None)
+                _observe.relayed(system, record.topic, result, None)
         return len(sent)
 
     # -- running ------------------------------------------------------------------------------------

@@ -245,6 +245,43 @@ def test_flask_requests_of_one_thread_are_traces_of_their_own(
     assert ["a", "b"] == committed_codes(database_file)
 
 
+def test_flask_hooks_of_the_app_keep_their_order_against_the_extension(otel: Recorded, database_file: Path) -> None:
+    """Hooks the app registered between init_app() and instrument_app() still run inside the request's unit of work."""
+    engine = create_engine(f"sqlite:///{database_file}")
+    ext: UnitOfWorkExtension[ShopUnitOfWork] = UnitOfWorkExtension(
+        factory=SqlAlchemyShopUnitOfWork, commit="on_success"
+    )
+    app = Flask(__name__)
+    ext.init_app(app, engine=engine)
+    seen: list[str] = []
+
+    @app.before_request
+    def audit_before() -> None:
+        seen.append(f"before: active={ext.uow.active}")
+
+    @app.teardown_request
+    def audit_teardown(exc: BaseException | None) -> None:
+        seen.append(f"teardown: active={ext.uow.active}")  # runs before the extension's own teardown
+
+    @app.post("/skus/<code>")
+    def add(code: str) -> tuple[str, int]:
+        ext.uow.skus.add(Sku(code))
+        return code, 201
+
+    instrumentor = FlaskInstrumentor()
+    instrumentor.instrument_app(app, tracer_provider=otel.tracer_provider)  # type: ignore[no-untyped-call]
+    token = otel_context.attach(otel_context.Context())
+    try:
+        assert 201 == app.test_client().post("/skus/a").status_code
+    finally:
+        otel_context.detach(token)
+        instrumentor.uninstrument_app(app)  # type: ignore[no-untyped-call]
+        engine.dispose()
+    assert ["before: active=True", "teardown: active=False"] == seen
+    assert [(SYNC_UNIT, "POST /skus/<code>"), ("POST /skus/<code>", None)] == otel.tree()
+    assert ["a"] == committed_codes(database_file)
+
+
 # -- Starlette ---------------------------------------------------------------------------------------------
 
 

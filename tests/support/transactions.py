@@ -791,6 +791,21 @@ class TransactionContract:
         assert not uow.active
         assert [] == codes(shop)
 
+    async def test_a_hook_of_an_ended_transaction_cannot_register_one_for_no_transaction(self, shop: Shop) -> None:
+        """An on_commit hook that registers on_rollback gets ConfigurationError: no transaction is left for it."""
+        uow = shop.uow()
+
+        def late() -> None:
+            uow.on_rollback(lambda: None)
+
+        async with uow:
+            await uow.skus.add(Sku("a"))
+            uow.on_commit(late)
+            with pytest.raises(errors.ConfigurationError, match="on_rollback"):
+                await uow.commit()
+        assert (True, False, 0) == (uow.committed, uow.rolled_back, uow.rollbacks)
+        assert ["a"] == codes(shop)
+
     async def test_lifecycle_hooks_outside_a_block_raise(self, shop: Shop) -> None:
         """before_commit(), on_rollback() and after_completion() need an active block."""
         uow = shop.uow()

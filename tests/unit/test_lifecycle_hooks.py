@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from tests.support.models import Sku
@@ -103,3 +106,54 @@ def test_after_completion_runs_once_per_transaction_of_a_block() -> None:
         uow.rollback()
         uow.commit()  # nothing registered since the rollback
     assert ["first committed", "second rolled_back"] == ran
+
+
+class SlowClosingUnitOfWork(AsyncFakeShopUnitOfWork):
+    """Takes a while to close its session, as a rollback round trip does: time for a second cancellation."""
+
+    closing: asyncio.Event
+
+    async def _close(self, session: Any, *, invalidate: bool) -> None:
+        self.closing.set()
+        await asyncio.sleep(0.05)
+        await super()._close(session, invalidate=invalidate)
+
+
+async def test_a_cancellation_during_the_rollback_still_runs_the_rollback_hooks() -> None:
+    """A task cancelled, then cancelled again while its session closes: the rollback hooks run, then it is cancelled."""
+    unit = SlowClosingUnitOfWork()
+    unit.closing = asyncio.Event()
+    ran: list[str] = []
+    started = asyncio.Event()
+
+    async def service() -> None:
+        async with unit:
+            await unit.skus.add(Sku("a"))
+            unit.on_rollback(lambda: ran.append("on_rollback"))
+            unit.after_completion(ran.append)
+            started.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(service())
+    await started.wait()
+    task.cancel()
+    await unit.closing.wait()
+    task.cancel()  # a second cancellation, while the session closes
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ["on_rollback", "rolled_back"] == ran
+    assert not unit.active
+
+
+def test_objects_of_a_rolled_back_block_stay_readable_with_hooks() -> None:
+    """Registering a hook does not expire what a rolled-back block loaded: its rollback is the session's close."""
+    fake = FakeShopUnitOfWork()
+    with fake:
+        fake.skus.add(Sku("a", stock=4))
+        fake.commit()
+    with pytest.raises(Boom), fake:
+        sku = fake.skus.get("a")
+        fake.on_rollback(lambda: None)
+        raise Boom("service")
+    assert sku is not None
+    assert 4 == sku.stock

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import StatusCode
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -282,3 +283,47 @@ def test_nothing_is_logged_or_measured_at_warning(caplog: pytest.LogCaptureFixtu
         assert fake._scopes[0].tx.watch is None
         fake.commit()
     assert [] == [record for record in caplog.records if hasattr(record, "uow_event")]
+
+
+def test_a_read_only_block_that_refuses_its_write_says_why(otel: Recorded) -> None:
+    """A read-only block left with a pending write: its span has the ReadOnlyError as the rollback's cause."""
+    fake = FakeShopUnitOfWork()
+    with pytest.raises(errors.ReadOnlyError), fake.transaction(read_only=True):
+        fake.skus.add(Sku("a"))
+    span = otel.span(UNIT)
+    assert ("rolled_back", True) == ((span.attributes or {})["uow.outcome"], (span.attributes or {})["uow.read_only"])
+    assert ["uow.rollback"] == events(span)
+    assert "ReadOnlyError" == (span.events[0].attributes or {})["error.type"]
+    assert 1 == fake.rollbacks
+
+
+def test_a_telemetry_failure_never_fails_or_locks_the_unit_of_work(otel: Recorded) -> None:
+    """A span processor that raises when a span ends: the commit stands, the hooks run, and the unit is free again."""
+
+    class Broken(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            raise ConnectionError("the collector is down")
+
+    otel.tracer_provider.add_span_processor(Broken())
+    fake = FakeShopUnitOfWork()
+    ran: list[str] = []
+    with fake:
+        fake.skus.add(Sku("a"))
+        fake.after_completion(ran.append)
+        fake.commit()
+    assert ["committed"] == ran
+    with fake:  # not claimed for ever
+        assert ["a"] == [sku.code for sku in fake.skus.list()]
+
+
+def test_switching_off_mid_transaction_still_ends_its_span(otel: Recorded) -> None:
+    """uninstrument() while a transaction runs: its span still ends, and no span stays current after the block."""
+    from uow.otel import UowInstrumentor
+
+    fake = FakeShopUnitOfWork()
+    with fake:
+        fake.skus.add(Sku("a"))
+        UowInstrumentor().uninstrument()
+        fake.commit()
+    assert [UNIT] == [span.name for span in otel.spans()]
+    assert trace.INVALID_SPAN is trace.get_current_span()

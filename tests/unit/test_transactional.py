@@ -897,7 +897,7 @@ def test_each_attempt_runs_in_a_fresh_block(sleeps: list[float]) -> None:
 
 
 def test_each_retry_logs_a_warning(sleeps: list[float], caplog: pytest.LogCaptureFixture) -> None:
-    """Every retry logs one WARNING on logger "uow" naming the function, the error and the pause."""
+    """Every retry logs one WARNING on logger "uow" naming the function, the error's class and code, and the pause."""
     caplog.set_level(logging.WARNING, logger="uow")
     failures = [serialization_failure(), db_error(1213, "Deadlock found when trying to get lock")]
 
@@ -913,8 +913,10 @@ def test_each_retry_logs_a_warning(sleeps: list[float], caplog: pytest.LogCaptur
         message = record.getMessage()
         assert "flaky_place failed with OperationalError" in message
         assert f"retry {number} of 3 in {delay:.3f} s" in message
-    assert "could not serialize access" in records[0].getMessage()
-    assert "Deadlock found" in records[1].getMessage()
+    # The code names the error; the driver's message, which may hold the refused values, is left out.
+    assert "OperationalError (40001)" in records[0].getMessage()
+    assert "OperationalError (1213)" in records[1].getMessage()
+    assert "Deadlock found" not in records[1].getMessage()
 
 
 def test_gives_up_after_the_retries_and_raises_the_last_error(sleeps: list[float]) -> None:
