@@ -114,6 +114,9 @@ class _Plan:
             self.polymorphic_on = str(mapper.polymorphic_on.key)
             self.identities = frozenset(each.polymorphic_identity for each in mapper.self_and_descendants)
         self.relationships = tuple(mapper.relationships)
+        for rel in self.relationships:
+            if isinstance(rel.target, Table) and rel.target in self.tables:
+                _SELF_ORDERED.add(rel.target)  # the ORM sorts this table's rows, parents first
         #: Whether a delete could cascade from or to its objects: relationships, or a delete-orphan parent.
         self.cascades = bool(self.relationships or mapper._delete_orphans)
         self.defaults = _defaults_of(self)
@@ -1328,6 +1331,11 @@ class InMemorySession:
             mapper = base.mapper.polymorphic_map.get(row.get(base.polymorphic_on))
             if mapper is not None:
                 actual = plan_of(mapper)
+        elif plan is not base:
+            # No discriminator: a subclass's query joins its own tables, and finds the rows that are there.
+            if any(self._overlay.row(table, key) is None for table in plan.tables[1:]):
+                return None
+            actual = plan
         obj = actual.mapper.class_manager.new_instance()
         values = obj.__dict__
         for table, columns in actual.columns:
@@ -1395,7 +1403,7 @@ class InMemorySession:
         for key, row in keys:
             obj = self._identity.get((plan.base, key))
             if obj is None:
-                obj = self._load(base, key, row)
+                obj = self._load(plan if base.polymorphic_on is None else base, key, row)
             elif id(obj) in self._expired:
                 self._unexpire(obj)  # a query's rows refresh the expired objects it returns
             if obj is None or id(obj) in self._deleted or not isinstance(obj, mapper.class_):
@@ -1517,15 +1525,22 @@ _first_three = operator.itemgetter(0, 1, 2)
 _first_four = operator.itemgetter(0, 1, 2, 3)
 
 
+#: The tables that refer to themselves through a relationship of a class mapped to them: the ORM sorts the
+#: rows of such a table by their dependencies. Without the relationship, it writes them in the order they
+#: were added, and the database refuses a child written before its parent.
+_SELF_ORDERED: set[Table] = set()
+
+
 def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], int]:
     """For rows of tables that refer to themselves: how many of the other *rows* each one hangs below.
 
     Parents are written before their children and deleted after them, as the
-    ORM sorts the rows of a self-referential table.
+    ORM sorts the rows of a self-referential table, when a relationship of
+    its class says how they depend on each other.
     """
     by_table: dict[Table, dict[Key, Row]] = {}
     for table, key, row in rows:
-        if spec_of(table).self_referencing:
+        if spec_of(table).self_referencing and table in _SELF_ORDERED:
             by_table.setdefault(table, {})[key] = row
     depths: dict[tuple[Table, Key], int] = {}
     for table, batch in by_table.items():

@@ -201,6 +201,22 @@ class Engineer(Employee):
     __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "engineer"}
 
 
+class Animal(Base):
+    """Joined-table inheritance without a discriminator: a query of the base returns base objects."""
+
+    __tablename__ = "fid_animals"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Cat(Animal):
+    __tablename__ = "fid_cats"
+
+    id: Mapped[int] = mapped_column(ForeignKey("fid_animals.id"), primary_key=True)
+    lives: Mapped[int] = mapped_column(default=9)
+
+
 class Vehicle(Base):
     """Single-table inheritance: a Truck is a row of fid_vehicles with kind 'truck'."""
 
@@ -227,6 +243,15 @@ class Node(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("fid_nodes.id"))
     children: Mapped[list[Node]] = relationship(back_populates="parent", cascade="all, delete-orphan")
     parent: Mapped[Node | None] = relationship(back_populates="children", remote_side=[id])
+
+
+class Folder(Base):
+    """A self-referential foreign key without a relationship: the ORM writes the rows in the order added."""
+
+    __tablename__ = "fid_folders"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("fid_folders.id"))
 
 
 #: An association table without a primary key, as SQLAlchemy's documentation writes one.
@@ -271,6 +296,9 @@ class FidelityUnitOfWork(uow.UnitOfWork):
     employees = uow.repository(Employee)
     vehicles = uow.repository(Vehicle)
     nodes = uow.repository(Node)
+    folders = uow.repository(Folder)
+    animals = uow.repository(Animal)
+    cats = uow.repository(Cat)
     students = uow.repository(Student)
     courses = uow.repository(Course)
 
@@ -298,6 +326,9 @@ class AsyncFidelityUnitOfWork(uow.AsyncUnitOfWork):
     employees = uow.repository(Employee)
     vehicles = uow.repository(Vehicle)
     nodes = uow.repository(Node)
+    folders = uow.repository(Folder)
+    animals = uow.repository(Animal)
+    cats = uow.repository(Cat)
     students = uow.repository(Student)
     courses = uow.repository(Course)
 
@@ -324,6 +355,9 @@ REPOSITORIES: dict[type[Any], str] = {
     Vehicle: "vehicles",
     Truck: "vehicles",
     Node: "nodes",
+    Folder: "folders",
+    Animal: "animals",
+    Cat: "cats",
     Student: "students",
     Course: "courses",
 }

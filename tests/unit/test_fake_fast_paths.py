@@ -11,6 +11,7 @@ from __future__ import annotations
 import attrs
 import pytest
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import registry, relationship
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -207,11 +208,15 @@ class Shop(uow.FakeUnitOfWork):
     seats = uow.repository(Seat)
 
 
-def test_a_child_added_before_its_parent_in_a_self_referencing_table_is_written_after_it() -> None:
-    """A self-referencing table keeps the general flush's order: parents are written before their children."""
+def test_a_child_added_before_its_parent_in_a_self_referencing_table_is_refused() -> None:
+    """Without a relationship, rows go in the order added: a child before its parent is refused, as databases do."""
     unit = Shop()
     with unit:
         unit.folders.add_all([Folder(2, parent_id=1), Folder(1)])
+        with pytest.raises(IntegrityError, match="fast_folders_parent_id_fkey"):
+            unit.commit()
+    with unit:
+        unit.folders.add_all([Folder(1), Folder(2, parent_id=1)])
         unit.commit()
     assert unit.database.rows(Folder) == [{"id": 1, "parent_id": None}, {"id": 2, "parent_id": 1}]
 
