@@ -118,7 +118,9 @@ class _Plan:
             if isinstance(rel.target, Table) and rel.target in self.tables:
                 _SELF_ORDERED.add(rel.target)  # the ORM sorts this table's rows, parents first
         #: Whether a delete could cascade from or to its objects: relationships, or a delete-orphan parent.
-        self.cascades = bool(self.relationships or mapper._delete_orphans)
+        #: Whether a delete-orphan cascade points at this class or a class it derives from, as the ORM looks.
+        self.orphanable = any(each._delete_orphans for each in mapper.iterate_to_root())
+        self.cascades = bool(self.relationships or self.orphanable)
         self.defaults = _defaults_of(self)
         #: Whether a flush can write its objects the short way (:meth:`InMemorySession._flush_simple`): one
         #: table that does not refer to itself, and nothing that cascades, synchronizes foreign keys, counts
@@ -1112,8 +1114,7 @@ class InMemorySession:
         for obj, _ in list(self._loaded.values()):
             if id(obj) in self._deleted:
                 continue
-            mapper = _mapper(obj)
-            if mapper._delete_orphans and mapper._is_orphan(instance_state(obj)):
+            if _plan(obj).orphanable and _mapper(obj)._is_orphan(instance_state(obj)):
                 self._deleted[id(obj)] = obj  # no parent holds it any more: the delete-orphan cascade
                 queue.append(obj)
                 continue

@@ -29,6 +29,8 @@ from tests.support.fidelity import (
     REPOSITORIES,
     Address,
     Animal,
+    Apple,
+    Basket,
     Article,
     AsyncFakeFidelityUnitOfWork,
     Cat,
@@ -38,6 +40,7 @@ from tests.support.fidelity import (
     Engineer,
     FakeFidelityUnitOfWork,
     Folder,
+    Fruit,
     Invoice,
     Line,
     Memo,
@@ -617,6 +620,19 @@ def test_joined_subclass_without_a_discriminator_is_found_by_its_own_repository(
         assert [(Animal, 3), (Animal, 4)] == [(type(each), each.id) for each in unit.animals.list()]
     assert [(3, "tom"), (4, "rex")] == implementation.stored(Animal, "id", "name")
     assert [(3, 7)] == implementation.stored(Cat, "id", "lives")
+
+
+def test_a_subclass_object_that_leaves_its_parent_is_deleted_as_an_orphan(implementation: Implementation) -> None:
+    """The delete-orphan cascade of a base class reaches its subclasses: an Apple let go by its basket is deleted."""
+    unit = implementation.uow
+    seed(unit, Basket(id=1, fruit=[Apple(id=1), Fruit(id=2)]))
+    with unit:
+        basket = unit.baskets.get(1)
+        apple = next(each for each in basket.fruit if each.id == 1)
+        assert Apple is type(apple)
+        basket.fruit.remove(apple)
+        unit.commit()
+    assert [(2, "fruit")] == implementation.stored(Fruit, "id", "kind")
 
 
 def test_autocommit_stores_a_change_to_a_joined_subclass_column(implementation: Implementation) -> None:

@@ -217,6 +217,31 @@ class Cat(Animal):
     lives: Mapped[int] = mapped_column(default=9)
 
 
+class Basket(Base):
+    """A parent whose fruit are deleted when they leave it, whatever kind of fruit they are."""
+
+    __tablename__ = "fid_baskets"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    fruit: Mapped[list[Fruit]] = relationship(back_populates="basket", cascade="all, delete-orphan")
+
+
+class Fruit(Base):
+    """The target of a delete-orphan cascade, with a single-table subclass."""
+
+    __tablename__ = "fid_fruit"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(20))
+    basket_id: Mapped[int] = mapped_column(ForeignKey("fid_baskets.id"))
+    basket: Mapped[Basket | None] = relationship(back_populates="fruit")
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_on": "kind", "polymorphic_identity": "fruit"}
+
+
+class Apple(Fruit):
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "apple"}
+
+
 class Vehicle(Base):
     """Single-table inheritance: a Truck is a row of fid_vehicles with kind 'truck'."""
 
@@ -299,6 +324,8 @@ class FidelityUnitOfWork(uow.UnitOfWork):
     folders = uow.repository(Folder)
     animals = uow.repository(Animal)
     cats = uow.repository(Cat)
+    baskets = uow.repository(Basket)
+    fruit = uow.repository(Fruit)
     students = uow.repository(Student)
     courses = uow.repository(Course)
 
@@ -329,6 +356,8 @@ class AsyncFidelityUnitOfWork(uow.AsyncUnitOfWork):
     folders = uow.repository(Folder)
     animals = uow.repository(Animal)
     cats = uow.repository(Cat)
+    baskets = uow.repository(Basket)
+    fruit = uow.repository(Fruit)
     students = uow.repository(Student)
     courses = uow.repository(Course)
 
@@ -358,6 +387,9 @@ REPOSITORIES: dict[type[Any], str] = {
     Folder: "folders",
     Animal: "animals",
     Cat: "cats",
+    Basket: "baskets",
+    Fruit: "fruit",
+    Apple: "fruit",
     Student: "students",
     Course: "courses",
 }
