@@ -72,6 +72,11 @@ class _Plan:
         mapper._check_configure()  # relationships, and the delete-orphan cascades that point at this class
         self.mapper = mapper
         self.base = mapper.base_mapper
+        #: The mapper whose class keys the identity map for this class's objects, as the ORM keys it: the
+        #: base of a polymorphic hierarchy, but each class of its own in a hierarchy without a discriminator.
+        self.identity: Mapper[Any] = next(
+            each for each in mapper.iterate_to_root() if each.class_ is mapper._identity_class
+        )
         chain = list(reversed(list(mapper.iterate_to_root())))
         tables: list[Table] = []
         for each in chain:
@@ -622,7 +627,7 @@ class InMemorySession:
         except BaseException as error:
             self._fail(error)
             raise
-        obj = self._identity.get((plan.base, key))
+        obj = self._identity.get((plan.identity, key))
         if obj is None:
             obj = self._load(plan, key)
         else:
@@ -654,7 +659,7 @@ class InMemorySession:
             self._fail(error)
             raise
         for key, _ in keys:  # the objects this transaction holds get the new values, as "fetch" sets them
-            obj = self._identity.get((plan.base, key))
+            obj = self._identity.get((plan.identity, key))
             if obj is not None and id(obj) not in self._expired:
                 self._expire(obj)
                 self._unexpire(obj)
@@ -871,9 +876,9 @@ class InMemorySession:
         self._flushed(inserts, dirty)
         for obj in self._deleted.values():
             plan = _plan(obj)
-            if self._identity.get((plan.base, plan.key_of(obj))) is obj:
-                del self._identity[(plan.base, plan.key_of(obj))]
-            self._gone[(plan.base, plan.key_of(obj))] = self._loaded.pop(id(obj))
+            if self._identity.get((plan.identity, plan.key_of(obj))) is obj:
+                del self._identity[(plan.identity, plan.key_of(obj))]
+            self._gone[(plan.identity, plan.key_of(obj))] = self._loaded.pop(id(obj))
         self._pending.clear()
         self._deleted.clear()
         self._commit_states()
@@ -957,9 +962,9 @@ class InMemorySession:
             old_key = _picked(snapshot, plan.primary_key)
             new_key = plan.key_of(obj)
             if old_key != new_key:  # the primary key changed: the identity map follows the row
-                if self._identity.get((plan.base, old_key)) is obj:
-                    del self._identity[(plan.base, old_key)]
-                self._identity[(plan.base, new_key)] = obj
+                if self._identity.get((plan.identity, old_key)) is obj:
+                    del self._identity[(plan.identity, old_key)]
+                self._identity[(plan.identity, new_key)] = obj
             values = obj.__dict__
             self._loaded[id(obj)] = (obj, {name: values.get(name, old) for name, old in snapshot.items()})
 
@@ -1058,11 +1063,11 @@ class InMemorySession:
     def _remember(self, plan: _Plan, obj: Any) -> None:
         values = obj.__dict__
         key = _picked(values, plan.primary_key)
-        self._identity[(plan.base, key)] = obj
+        self._identity[(plan.identity, key)] = obj
         self._loaded[id(obj)] = (obj, {name: values.get(name) for name in plan.column_keys})  # _columns()
         # Persistent, as the ORM marks a loaded or flushed object: its parents are then known to be
         # there until a collection or a reference lets go of it, which makes it an orphan.
-        instance_state(obj).key = (plan.base.class_, key, None)
+        instance_state(obj).key = (plan.identity.class_, key, None)
 
     def _identity_target(self, obj: Any, rel: Any) -> Any:
         """The object a many-to-one of *obj* refers to, if it is in the identity map; None otherwise."""
@@ -1070,7 +1075,7 @@ class InMemorySession:
         wanted = {remote.key: _get_column(obj, local) for remote, local in rel.synchronize_pairs}
         if tuple(column.key for column in target.pk_columns) != tuple(wanted):
             return None
-        found = self._identity.get((target.base, tuple(wanted.values())))
+        found = self._identity.get((target.identity, tuple(wanted.values())))
         return None if found is None or id(found) in self._deleted else found
 
     # -- cascades and relationships ------------------------------------------
@@ -1305,10 +1310,10 @@ class InMemorySession:
             self.flush()
             if self._overlay.row(plan_of(plan.base).table, parts) is not None and not self._lock(plan, parts, lock):
                 return None  # SKIP LOCKED: another transaction holds the row
-        obj = self._identity.get((plan.base, parts))
+        obj = self._identity.get((plan.identity, parts))
         if obj is None or id(obj) in self._expired:  # an expired object is queried again, after the autoflush
             self.flush()
-            obj = self._identity.get((plan.base, parts))
+            obj = self._identity.get((plan.identity, parts))
             if obj is None:
                 obj = self._load(plan, parts)
             elif id(obj) in self._expired:
@@ -1402,7 +1407,7 @@ class InMemorySession:
         keys, later = self._matching(plan, filters, where, order)
         found = []
         for key, row in keys:
-            obj = self._identity.get((plan.base, key))
+            obj = self._identity.get((plan.identity, key))
             if obj is None:
                 obj = self._load(plan if base.polymorphic_on is None else base, key, row)
             elif id(obj) in self._expired:

@@ -30,9 +30,9 @@ from tests.support.fidelity import (
     Address,
     Animal,
     Apple,
-    Basket,
     Article,
     AsyncFakeFidelityUnitOfWork,
+    Basket,
     Cat,
     Course,
     Customer,
@@ -608,7 +608,7 @@ def test_joined_subclass_is_stored_and_returned_whole(implementation: Implementa
 def test_joined_subclass_without_a_discriminator_is_found_by_its_own_repository(
     implementation: Implementation,
 ) -> None:
-    """Without a discriminator, a subclass's get() and list() find it whole; the base's list() finds base objects."""
+    """Without a discriminator, a subclass's get() and list() find it whole, the base's find base objects, apart."""
     unit = implementation.uow
     seed(unit, Cat(id=3, name="tom", lives=7), Animal(id=4, name="rex"))
     with unit:
@@ -618,6 +618,11 @@ def test_joined_subclass_without_a_discriminator_is_found_by_its_own_repository(
         assert unit.cats.get(4) is None  # an Animal, not a Cat
     with unit:
         assert [(Animal, 3), (Animal, 4)] == [(type(each), each.id) for each in unit.animals.list()]
+        # The base object loaded first does not hide the subclass's: each class has its own identity.
+        cat = unit.cats.get(3)
+        assert (Cat, 7) == (type(cat), cat.lives)
+        assert [Cat] == [type(each) for each in unit.cats.list()]
+        assert Animal is type(unit.animals.get(3))
     assert [(3, "tom"), (4, "rex")] == implementation.stored(Animal, "id", "name")
     assert [(3, 7)] == implementation.stored(Cat, "id", "lives")
 
