@@ -535,13 +535,16 @@ def measure_otel(plan: Plan) -> dict[str, float]:
         variants = sync_variants(engine)
         repository, raw = variants["uow (repository)"], variants["raw SQLAlchemy"]
 
+        state = {"on": False}
+
         def switched(on: bool, call: Callable[[int], None]) -> Callable[[int], None]:
             def run_one(product_id: int) -> None:
-                if on != instrumentor.is_instrumented_by_opentelemetry:
+                if on is not state["on"]:  # switched once per batch: the batches of a round alternate
                     if on:
                         instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
                     else:
                         instrumentor.uninstrument()
+                    state["on"] = on
                 call(product_id)
 
             return run_one
@@ -557,7 +560,7 @@ def measure_otel(plan: Plan) -> dict[str, float]:
                 "raw SQLAlchemy",
             )
         finally:
-            if instrumentor.is_instrumented_by_opentelemetry:
+            if state["on"]:
                 instrumentor.uninstrument()
             tracer_provider.shutdown()
             meter_provider.shutdown()

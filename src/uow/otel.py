@@ -16,8 +16,9 @@ events, and the metrics.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -25,6 +26,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,
 )
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from sqlalchemy import event
@@ -80,8 +82,14 @@ class _Telemetry:
         self.commits = meter.create_counter(COMMITS, unit="{commit}", description="Real commits")
         self.rollbacks = meter.create_counter(ROLLBACKS, unit="{rollback}", description="Real rollbacks")
         self.retries = meter.create_counter(RETRIES, unit="{retry}", description="Attempts run again by @transactional")
-        self.active = meter.create_up_down_counter(
-            ACTIVE, unit="{transaction}", description="Units of work with an owner's transaction open"
+        # Counted here and read by the SDK when it collects: two records per transaction saved.
+        self._active: dict[str, int] = {}
+        self._active_lock = threading.Lock()
+        meter.create_observable_up_down_counter(
+            ACTIVE,
+            callbacks=[self._observe_active],
+            unit="{transaction}",
+            description="Units of work with an owner's transaction open",
         )
         self.relayed_messages = meter.create_counter(
             RELAYED, unit="{message}", description="Messages a relay sent (published), or that a broker refused"
@@ -109,7 +117,8 @@ class _Telemetry:
         span = self.tracer.start_span(watch.name, kind=SpanKind.INTERNAL, attributes=attributes)
         watch.span = span
         watch.token = otel_context.attach(trace.set_span_in_context(span))
-        self.active.add(1, {"uow.unit_of_work": kind})
+        with self._active_lock:
+            self._active[kind] = self._active.get(kind, 0) + 1
         session = _sync_session(tx.session)
         if session is not None:
             session.info[_WATCH_KEY] = watch
@@ -136,10 +145,10 @@ class _Telemetry:
     def close(self, watch: Watch) -> None:
         span = watch.span
         outcome = watch.outcome or ROLLED_BACK
-        span.set_attribute("uow.outcome", outcome)
-        span.set_attribute("uow.savepoints", watch.savepoints)
+        attributes: dict[str, Any] = {"uow.outcome": outcome, "uow.savepoints": watch.savepoints}
         for model, count in sorted(watch.flushed.items()):
-            span.set_attribute(f"uow.flushed.{model}", count)
+            attributes[f"uow.flushed.{model}"] = count
+        span.set_attributes(attributes)
         if outcome != COMMITTED and watch.error is not None:
             span.set_status(Status(StatusCode.ERROR, watch.error))
         session = watch.session
@@ -147,7 +156,8 @@ class _Telemetry:
             session.info.pop(_WATCH_KEY, None)
         kind = watch.kind
         self.duration.record(time.perf_counter() - watch.started, {"uow.unit_of_work": kind, "uow.outcome": outcome})
-        self.active.add(-1, {"uow.unit_of_work": kind})
+        with self._active_lock:
+            self._active[kind] -= 1
         try:
             otel_context.detach(watch.token)
         finally:
@@ -163,6 +173,11 @@ class _Telemetry:
     def event(self, watch: Watch | None, name: str, attributes: dict[str, Any]) -> None:
         span = watch.span if watch is not None and watch.span is not None else trace.get_current_span()
         span.add_event(name, attributes)
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._active_lock:
+            counts = list(self._active.items())
+        return [Observation(count, {"uow.unit_of_work": kind}) for kind, count in counts]
 
     def waited(self, watch: Watch, seconds: float) -> None:
         self.wait_time.record(seconds, {"uow.unit_of_work": watch.kind})
