@@ -225,8 +225,14 @@ def closed(tx: _Transaction) -> None:
         _failed("close")
 
 
-def retry(name: str, attempt: int, retries: int, delay: float, error: BaseException) -> None:
-    """``@transactional`` runs *name* again after *error*: retry number *attempt* of *retries*."""
+def retry(
+    name: str, attempt: int, retries: int, delay: float, error: BaseException, unit: str, duration_ms: float
+) -> None:
+    """``@transactional`` runs *name* again after *error*: retry number *attempt* of *retries*.
+
+    *unit* is the transaction's name, as the other records give it, and
+    *duration_ms* how long the failed attempt ran.
+    """
     code = error_code(error)
     described = describe(error, code)
     log.warning(
@@ -236,7 +242,13 @@ def retry(name: str, attempt: int, retries: int, delay: float, error: BaseExcept
         attempt,
         retries,
         delay,
-        extra={"uow_unit": name, "uow_event": "retry", "uow_attempt": attempt + 1, "uow_error": described},
+        extra={
+            "uow_unit": unit,
+            "uow_event": "retry",
+            "uow_attempt": attempt + 1,
+            "uow_error": described,
+            "uow_duration_ms": round(duration_ms, 3),
+        },
     )
     on = telemetry
     if on is not None:

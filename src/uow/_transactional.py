@@ -96,7 +96,7 @@ class Retry:
         if block._durable:
             raise error
 
-    def _next(self, error: Exception, attempt: int, block: _BlockOptions, name: str) -> float:
+    def _next(self, error: Exception, attempt: int, block: _BlockOptions, name: str, started: float) -> float:
         """The pause before retry number *attempt* after *error*; re-raises *error* if it is not retried.
 
         Only the owner of the transaction retries. An attempt that committed
@@ -114,7 +114,9 @@ class Retry:
         ):
             raise error
         delay = self.delay(attempt)
-        _observe.retry(name, attempt, self.retries, delay, error)
+        unit = getattr(block, "_unit", None)
+        label = f"{type(unit).__name__} {name}" if unit is not None else name
+        _observe.retry(name, attempt, self.retries, delay, error, label, (time.perf_counter() - started) * 1000.0)
         return delay
 
 
@@ -457,12 +459,13 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
             block = Block(
                 unit, propagation, read_only, isolation_level, commit_on_exit=True, function=name, attempt=attempt + 1
             )
+            started = time.perf_counter()
             try:
                 with block:
                     return func(*args, **kwargs)
             except Exception as error:
                 attempt += 1
-                delay = retry._next(error, attempt, block, name)
+                delay = retry._next(error, attempt, block, name, started)
                 failure = error
             sleep(delay)
             retry._again(failure, block)
@@ -516,12 +519,13 @@ def _async_wrapper(
             block = AsyncBlock(
                 unit, propagation, read_only, isolation_level, commit_on_exit=True, function=name, attempt=attempt + 1
             )
+            started = time.perf_counter()
             try:
                 async with block:
                     return await func(*args, **kwargs)
             except Exception as error:
                 attempt += 1
-                delay = retry._next(error, attempt, block, name)
+                delay = retry._next(error, attempt, block, name, started)
                 failure = error
             paused = sleep(delay)
             if inspect.isawaitable(paused):

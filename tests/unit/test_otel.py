@@ -327,3 +327,23 @@ def test_switching_off_mid_transaction_still_ends_its_span(otel: Recorded) -> No
         fake.commit()
     assert [UNIT] == [span.name for span in otel.spans()]
     assert trace.INVALID_SPAN is trace.get_current_span()
+
+
+def test_the_retry_record_names_the_transaction_and_the_attempts_duration(caplog: pytest.LogCaptureFixture) -> None:
+    """A retry's record carries the unit of work and service, the next attempt, and how long the failed one ran."""
+    attempts: list[int] = []
+
+    @uow.transactional(factory=FakeShopUnitOfWork, retries=uow.Retry(retries=1, backoff=0))
+    def add_sku(code: str, uow: ShopUnitOfWork = uow.NEW_UOW) -> None:
+        attempts.append(1)
+        uow.skus.add(Sku(code))
+        if len(attempts) == 1:
+            raise serialization_failure()
+
+    with caplog.at_level(logging.WARNING, logger="uow"):
+        add_sku("a")
+    [record] = [record for record in caplog.records if getattr(record, "uow_event", None) == "retry"]
+    function = "test_the_retry_record_names_the_transaction_and_the_attempts_duration.<locals>.add_sku"
+    assert (f"{UNIT} {function}", 2) == (getattr(record, "uow_unit", None), getattr(record, "uow_attempt", None))
+    assert getattr(record, "uow_duration_ms", -1) >= 0
+    assert "OperationalError (40001) from SerializationFailure" == getattr(record, "uow_error", None)
