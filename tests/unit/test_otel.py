@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -17,6 +21,7 @@ from tests.support.uows import AsyncFakeShopUnitOfWork, FakeShopUnitOfWork, Shop
 from uow import errors
 
 UNIT = "FakeShopUnitOfWork"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Boom(Exception):
@@ -347,3 +352,19 @@ def test_the_retry_record_names_the_transaction_and_the_attempts_duration(caplog
     assert (f"{UNIT} {function}", 2) == (getattr(record, "uow_unit", None), getattr(record, "uow_attempt", None))
     assert getattr(record, "uow_duration_ms", -1) >= 0
     assert "OperationalError (40001) from SerializationFailure" == getattr(record, "uow_error", None)
+
+
+def test_without_opentelemetry_the_import_says_which_extra(tmp_path: Path) -> None:
+    """In an interpreter without OpenTelemetry, uow works and `import uow.otel` names the extra to install."""
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["opentelemetry"] = None\n')
+    script = "import uow\ntry:\n    import uow.otel\nexcept ImportError as error:\n    print(error)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src")])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr
+    assert "pip install 'uow[otel]'" in done.stdout
