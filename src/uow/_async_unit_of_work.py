@@ -22,17 +22,12 @@ from . import _hooks
 from ._hooks import (
     AFTER_COMPLETION,
     BEFORE_COMMIT,
-    COMMITTED,
     ON_COMMIT,
     ON_ROLLBACK,
-    ROLLED_BACK,
-    UNKNOWN,
     Completion,
 )
-from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
-from ._observe import FAILED_COMMIT, ROLLBACK_ONLY
-from ._observe import ROLLED_BACK as ROLLED_BACK_OUTCOME
-from ._observe import UNKNOWN as UNKNOWN_OUTCOME
+from ._machine import _BlockOptions, _committing_error, _UnitOfWorkCore, outcome_unknown, wrong_protocol
+from ._observe import COMMITTED, FAILED_COMMIT, ROLLBACK_ONLY, ROLLED_BACK, UNKNOWN
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import current_task
 from ._repository import AsyncRepository
@@ -253,7 +248,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 await self._commit_scope(scope)
             elif plan is not NOTHING:
                 booked = True
-                outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK_OUTCOME
+                outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK
                 self._rolled_back(tx, exc if exc is not None else scope.health.poison, outcome)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
@@ -324,8 +319,8 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     async def _commit_scope(self, scope: _Scope) -> None:
         tx = scope.tx
-        if tx.committing:
-            self._begin_commit(scope)  # raises: a before_commit hook called commit()
+        if tx.committing:  # a before_commit hook called commit()
+            raise _committing_error("commit()")
         unknown = False
         try:
             if tx.hooks:
@@ -343,7 +338,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
                 raise
         except BaseException as error:
             try:
-                await _run_to_completion(self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT))
+                await _run_to_completion(self._discard(tx, error, UNKNOWN if unknown else FAILED_COMMIT))
             finally:  # a cancellation that came during the rollback is raised once the hooks have run
                 if tx.hooks:
                     await self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
@@ -362,7 +357,7 @@ class AsyncUnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.tx.hooks:
             await self._run_hooks(scope, ROLLED_BACK)
 
-    async def _discard(self, tx: _Transaction, cause: BaseException | None, outcome: str = ROLLED_BACK_OUTCOME) -> None:
+    async def _discard(self, tx: _Transaction, cause: BaseException | None, outcome: str = ROLLED_BACK) -> None:
         """Roll back after *cause*; log, never raise, if the rollback fails too."""
         try:
             await self._rollback(tx.session)

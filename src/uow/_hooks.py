@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from . import _observe
+from ._observe import COMMITTED, ROLLED_BACK, UNKNOWN
 from .errors import ConfigurationError, _shown
 
 if TYPE_CHECKING:
@@ -36,11 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("uow")
 
-#: How a transaction ended, as an ``after_completion`` hook is told.
+#: How a transaction ended, as an ``after_completion`` hook is told: COMMITTED, ROLLED_BACK or UNKNOWN.
 Completion = Literal["committed", "rolled_back", "unknown"]
-COMMITTED: Completion = "committed"
-ROLLED_BACK: Completion = "rolled_back"
-UNKNOWN: Completion = "unknown"
 
 #: The kinds of hooks, named after the methods that register them.
 BEFORE_COMMIT = "before_commit"

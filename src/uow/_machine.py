@@ -561,9 +561,9 @@ class _UnitOfWorkCore(_Declarations):
 
     def _violated(self, error: OwnershipError) -> OwnershipError:
         """*error* is about to be raised: an event on the span of the transaction it concerns, if one is traced."""
-        scopes = self._scopes
-        watch = scopes[0].tx.watch if scopes else None
         if _observe.telemetry is not None:
+            scopes = self._scopes
+            watch = scopes[-1].tx.watch if scopes else None  # the innermost transaction: requires_new's own
             _observe.event(
                 watch, "uow.ownership_violation", **{"error.type": "OwnershipError", "uow.message": str(error)}
             )
@@ -855,11 +855,6 @@ class _UnitOfWorkCore(_Declarations):
         else:
             tx.used = True
         tx.hooks.append((kind, callback, robust))
-
-    def _begin_commit(self, scope: _Scope) -> None:
-        """The owner's commit starts: refuse it from a ``before_commit`` hook, which runs inside a commit."""
-        if scope.tx.committing:
-            raise _committing_error("commit()")
 
     def _before_commit_ran(self, scope: _Scope) -> None:
         """The ``before_commit`` hooks ran: one of them may have made the transaction rollback-only."""

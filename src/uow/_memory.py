@@ -832,12 +832,7 @@ class InMemorySession:
             depth = depths.get((target, written_key or ()), 0) if depths else 0
             statements.append((position, 0, depth, sequence, *statement))
         if len(dirty) > 1:
-            dirty.sort(
-                key=lambda item: (
-                    order(_plan(item[0]).table),
-                    _sort_key(tuple(item[1].get(name) for name in _plan(item[0]).primary_key)),
-                )
-            )
+            dirty.sort(key=_update_order)
         for sequence, (obj, snapshot) in enumerate(dirty):
             for position, function, arguments in self._updates(obj, snapshot, order):
                 statements.append((position, 1, 0, sequence, function, arguments))
@@ -926,12 +921,7 @@ class InMemorySession:
             }
             statements.append((order(table), 0, sequence, overlay.insert, (table, row)))
         if len(dirty) > 1:
-            dirty.sort(
-                key=lambda item: (
-                    order(_plan(item[0]).table),
-                    _sort_key(tuple(item[1].get(name) for name in _plan(item[0]).primary_key)),
-                )
-            )
+            dirty.sort(key=_update_order)
         for sequence, (obj, snapshot) in enumerate(dirty):
             for position, function, arguments in self._updates(obj, snapshot, order):
                 statements.append((position, 1, sequence, function, arguments))
@@ -1535,6 +1525,13 @@ _first_four = operator.itemgetter(0, 1, 2, 3)
 #: rows of such a table by their dependencies. Without the relationship, it writes them in the order they
 #: were added, and the database refuses a child written before its parent.
 _SELF_ORDERED: set[Table] = set()
+
+
+def _update_order(item: tuple[Any, dict[str, Any]]) -> tuple[Any, ...]:
+    """Where a changed object's UPDATE goes, as the ORM orders them: by its table's place, then by primary key."""
+    obj, snapshot = item
+    plan = _plan(obj)
+    return (_position(plan.table), _sort_key(tuple(snapshot.get(name) for name in plan.primary_key)))
 
 
 def _depths(rows: Iterable[tuple[Table, Key, Row]]) -> dict[tuple[Table, Key], int]:

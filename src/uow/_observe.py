@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import exc as sa_exc
 
@@ -35,12 +35,13 @@ log = logging.getLogger("uow")
 _DEBUG = logging.DEBUG
 _INFO = logging.INFO
 
-#: The outcomes of a transaction, as log records and spans name them.
-COMMITTED = "committed"
-ROLLED_BACK = "rolled_back"
-ROLLBACK_ONLY = "rollback_only"
-FAILED_COMMIT = "failed_commit"
-UNKNOWN = "unknown"
+#: The outcomes of a transaction, as log records and spans name them. The first three are also the
+#: statuses an ``after_completion`` hook is given (``_hooks.Completion``).
+COMMITTED: Final = "committed"
+ROLLED_BACK: Final = "rolled_back"
+UNKNOWN: Final = "unknown"
+ROLLBACK_ONLY: Final = "rollback_only"
+FAILED_COMMIT: Final = "failed_commit"
 
 
 class Telemetry(Protocol):
@@ -126,11 +127,6 @@ class Watch:
     @property
     def duration_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
-
-
-def watching() -> bool:
-    """Whether a transaction beginning now is watched: OpenTelemetry is on, or the logger takes INFO records."""
-    return telemetry is not None or log.isEnabledFor(_INFO)
 
 
 def unit_name(unit: _UnitOfWorkCore, tx: _Transaction) -> str:

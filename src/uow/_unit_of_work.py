@@ -23,17 +23,12 @@ from . import _hooks
 from ._hooks import (
     AFTER_COMPLETION,
     BEFORE_COMMIT,
-    COMMITTED,
     ON_COMMIT,
     ON_ROLLBACK,
-    ROLLED_BACK,
-    UNKNOWN,
     Completion,
 )
-from ._machine import _BlockOptions, _UnitOfWorkCore, outcome_unknown, wrong_protocol
-from ._observe import FAILED_COMMIT, ROLLBACK_ONLY
-from ._observe import ROLLED_BACK as ROLLED_BACK_OUTCOME
-from ._observe import UNKNOWN as UNKNOWN_OUTCOME
+from ._machine import _BlockOptions, _committing_error, _UnitOfWorkCore, outcome_unknown, wrong_protocol
+from ._observe import COMMITTED, FAILED_COMMIT, ROLLBACK_ONLY, ROLLED_BACK, UNKNOWN
 from ._outbox import Inbox, Message, Outbox
 from ._ownership import thread_and_task
 from ._repository import Repository
@@ -284,7 +279,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 self._commit_scope(scope)
             elif plan is not NOTHING:
                 booked = True
-                outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK_OUTCOME
+                outcome = ROLLBACK_ONLY if plan is POISONED or scope.health.rollback_only else ROLLED_BACK
                 self._rolled_back(tx, exc if exc is not None else scope.health.poison, outcome)
             if plan is POISONED:
                 raise self._rollback_only_error(scope) from scope.health.poison
@@ -361,8 +356,8 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
 
     def _commit_scope(self, scope: _Scope) -> None:
         tx = scope.tx
-        if tx.committing:
-            self._begin_commit(scope)  # raises: a before_commit hook called commit()
+        if tx.committing:  # a before_commit hook called commit()
+            raise _committing_error("commit()")
         unknown = False
         try:
             if tx.hooks:
@@ -380,7 +375,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
                 raise
         except BaseException as error:
             try:
-                self._discard(tx, error, UNKNOWN_OUTCOME if unknown else FAILED_COMMIT)
+                self._discard(tx, error, UNKNOWN if unknown else FAILED_COMMIT)
             finally:
                 if tx.hooks:
                     self._run_hooks(scope, UNKNOWN if unknown else ROLLED_BACK)
@@ -404,7 +399,7 @@ class UnitOfWork(_UnitOfWorkCore, abc.ABC):
         if scope.tx.hooks:
             self._run_hooks(scope, ROLLED_BACK)
 
-    def _discard(self, tx: _Transaction, cause: BaseException | None, outcome: str = ROLLED_BACK_OUTCOME) -> None:
+    def _discard(self, tx: _Transaction, cause: BaseException | None, outcome: str = ROLLED_BACK) -> None:
         """Roll back after *cause*; log, never raise, if the rollback fails too."""
         try:
             self._rollback(tx.session)
