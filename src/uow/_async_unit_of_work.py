@@ -431,11 +431,13 @@ class AsyncBlock(_BlockOptions, Generic[AU]):
     It holds the scope it entered, and its exit leaves that scope.
     """
 
-    __slots__ = ("_unit",)
+    __slots__ = ()
 
-    def __init__(self, unit: AU, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._unit = unit
+    _unit: AU
+
+    if TYPE_CHECKING:  # the options' __init__ takes the unit of work: no call through super() on every block
+
+        def __init__(self, unit: AU, *args: Any, **kwargs: Any) -> None: ...
 
     async def __aenter__(self) -> AU:
         scope = self._plan(self._unit, sys._getframe(1))

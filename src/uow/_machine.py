@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import Token
-from types import CodeType, FrameType
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -77,11 +77,6 @@ _INFO = logging.INFO
 
 
 _Started = tuple[Token[_Transaction | None], _Scope, State]
-
-#: Whether a block entered from the code of a frame may be held by a generator (see holder_of()): the
-#: answer depends on the code only, and entering a block asks it each time. A program has as many code
-#: objects as function bodies in its source, so this stays small.
-_MAY_BE_HELD: dict[CodeType, bool] = {}
 
 
 class _UnitOfWorkCore(_Declarations):
@@ -226,12 +221,9 @@ class _UnitOfWorkCore(_Declarations):
             if bare:
                 scope.frame = frame
             code = frame.f_code
-            held = _MAY_BE_HELD.get(code)  # the cheap test of whether a generator may hold it, once per code
-            if held is None:
-                held = _MAY_BE_HELD[code] = bool(
-                    code.co_flags & _GENERATOR_FLAGS or frame.f_globals is _CONTEXTLIB or code.co_name in _ENTER_NAMES
-                )
-            if held:
+            # The cheap test of whether a generator may hold it: a few reads, and no hash of the code object,
+            # which covers its constants and costs microseconds for a large function.
+            if code.co_flags & _GENERATOR_FLAGS or code.co_name in _ENTER_NAMES or frame.f_globals is _CONTEXTLIB:
                 scope.holder = holder_of(frame)
         return scope
 
@@ -1009,11 +1001,13 @@ class _BlockOptions:
         "_read_only",
         "_savepoint",
         "_scope",
+        "_unit",
         "owner",
     )
 
     def __init__(
         self,
+        unit: Any,
         propagation: str,
         read_only: bool | None,
         isolation_level: str | None,
@@ -1023,6 +1017,7 @@ class _BlockOptions:
         function: str | None = None,
         attempt: int = 1,
     ) -> None:
+        self._unit = unit
         self._propagation = propagation
         #: The service function of a @transactional call, and which attempt this is: for logs and traces.
         self._function = function

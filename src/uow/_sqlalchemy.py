@@ -314,6 +314,11 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         isolation_level: str | None = None,
     ) -> None:
         super().__init__(autocommit=autocommit, read_only=read_only, isolation_level=isolation_level)
+        #: What opens the session of each transaction.
+        self.session_factory: sessionmaker[Session] | Callable[[], Session]
+        if session_factory.__class__ is sessionmaker:  # the common case, built per call by a factory: no more checks
+            self.session_factory = session_factory
+            return
         if isinstance(session_factory, _async_kinds()):
             msg = (
                 f"{type(self).__name__} is synchronous but was given an async {type(session_factory).__name__}; "

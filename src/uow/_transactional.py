@@ -282,9 +282,14 @@ class Transactional:
                 "decorate it with `transactional(factory=...)`"
             )
             raise InactiveUnitOfWorkError(msg)
-        unit = self.factory()
-        if not isinstance(unit, base):
-            msg = f"the factory of @transactional on {name} returned {_shown(unit)}, not a {base.__name__}"
+        return self._made(self.factory(), route)
+
+    def _made(self, unit: Any, route: _Route) -> Any:
+        """*unit*, which the factory returned, if it is a unit of work of the function's sync or async kind."""
+        if isinstance(unit, _UnitOfWorkCore) and unit._sync is (route.base is UnitOfWork):
+            return unit  # a plain class: cheaper than isinstance() against the abstract base
+        if not isinstance(unit, route.base):
+            msg = f"the factory of @transactional on {route.name} returned {_shown(unit)}, not a {route.base.__name__}"
             raise ConfigurationError(msg)
         return unit
 
@@ -426,6 +431,7 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = False
         if plain:
             # The common case, kept to a few attribute reads: join a healthy unit of work of the
             # function's kind that this thread entered. Anything else takes the full path.
@@ -438,8 +444,14 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
                 if unit is not None and not (route.joins.get(type(unit)) or route.accepts(type(unit))):
                     unit = None
             else:
-                unit = given
-            if isinstance(unit, _UnitOfWorkCore) and unit._sync:  # a plain class: cheaper than an ABC's isinstance
+                unit, tx = given, None
+            if unit is None and tx is None and options.factory is not None:
+                # Nothing is active in this context: nothing to join, and nothing for _bind() to look for again.
+                route.kind()  # as _bind() would: a kind that cannot be worked out is refused on the first call
+                unit = options._made(options.factory(), route)
+                args, kwargs = _placed(args, kwargs, index, positional, unit)
+                bound = True
+            elif isinstance(unit, _UnitOfWorkCore) and unit._sync:  # a plain class: cheaper than an ABC's isinstance
                 scope = unit._join_here()
                 if scope is not None:
                     if unit is not given:
@@ -453,7 +465,8 @@ def _sync_wrapper(options: Transactional, func: Callable[..., Any], index: int |
                     if not unit._leave_joined(scope, None):
                         unit._exit_scope(scope, None)
                     return result
-        unit, args = options._bind(args, kwargs, index, route)
+        if not bound:
+            unit, args = options._bind(args, kwargs, index, route)
         attempt = 0
         while True:
             block = Block(

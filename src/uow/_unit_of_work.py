@@ -488,11 +488,13 @@ class Block(_BlockOptions, Generic[U]):
     It holds the scope it entered, and its exit leaves that scope.
     """
 
-    __slots__ = ("_unit",)
+    __slots__ = ()
 
-    def __init__(self, unit: U, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._unit = unit
+    _unit: U
+
+    if TYPE_CHECKING:  # the options' __init__ takes the unit of work: no call through super() on every block
+
+        def __init__(self, unit: U, *args: Any, **kwargs: Any) -> None: ...
 
     def __enter__(self) -> U:
         scope = self._plan(self._unit, sys._getframe(1))
