@@ -36,6 +36,7 @@ from sqlalchemy import (
     Text,
     event,
 )
+from sqlalchemy import insert as core_insert
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -188,6 +189,9 @@ class Outbox:
             raise OutboxError(msg)
         self.serializer = serializer
         self.events = events
+        #: The statement that writes messages: one object, so that SQLAlchemy works out its cache key once;
+        #: inline, so that the database does not send the generated positions back.
+        self._insert = core_insert(self.table).inline()
 
     def message(self, topic: object, payload: object, key: object, headers: object) -> tuple[Message, bytes]:
         """A checked message and its payload's bytes, serialized now: a payload that cannot be is refused here."""

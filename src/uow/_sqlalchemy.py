@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, event, insert
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import UnboundExecutionError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
@@ -365,7 +365,9 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         session.commit()
 
     def _store_messages(self, session: Session, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
-        session.execute(insert(outbox.table), outbox.rows(messages))
+        # On the connection, not through the session: a Core INSERT needs none of the ORM's execution steps.
+        statement = outbox._insert
+        session.connection(bind_arguments={"clause": statement}).execute(statement, outbox.rows(messages))
 
     def _receive(self, session: Session, inbox: Inbox, consumer: str, message_id: str) -> bool:
         dialect = session.get_bind(clause=inbox.table).dialect.name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, AsyncSessionTransaction, async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
@@ -106,7 +106,9 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
     async def _store_messages(
         self, session: AsyncSession, outbox: Outbox, messages: list[tuple[Message, bytes]]
     ) -> None:
-        await session.execute(insert(outbox.table), outbox.rows(messages))
+        statement = outbox._insert  # on the connection, as the sync twin does
+        connection = await session.connection(bind_arguments={"clause": statement})
+        await connection.execute(statement, outbox.rows(messages))
 
     async def _receive(self, session: AsyncSession, inbox: Inbox, consumer: str, message_id: str) -> bool:
         dialect = session.sync_session.get_bind(clause=inbox.table).dialect.name
