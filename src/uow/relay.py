@@ -505,12 +505,12 @@ def _load(path: str) -> Outbox:
 
 def broker_for(url: str) -> Broker:
     """The broker a URL names: ``redis://`` (Redis Streams), ``amqp://`` (RabbitMQ), ``nats://`` (NATS
-    JetStream), or ``memory://`` (in memory, for tests).
+    JetStream), ``kafka://host:port,host:port`` (Kafka), or ``memory://`` (in memory, for tests).
 
     The query parameters ``prefix`` and ``maxlen`` of a Redis URL go to
     :class:`~uow.brokers.RedisStreams`, the others to the Redis client;
     ``exchange`` of an AMQP URL to :class:`~uow.brokers.RabbitMQ`, and
-    ``prefix`` of a NATS URL to :class:`~uow.brokers.NatsJetStream`.
+    ``prefix`` of a NATS or Kafka URL to :class:`~uow.brokers.NatsJetStream` or :class:`~uow.brokers.Kafka`.
     """
     import urllib.parse
 
@@ -535,9 +535,14 @@ def broker_for(url: str) -> Broker:
 
         query = dict(urllib.parse.parse_qsl(parts.query))
         return NatsJetStream(urllib.parse.urlunsplit(parts._replace(query="")), prefix=query.get("prefix", ""))
+    if parts.scheme == "kafka":
+        from .brokers import Kafka
+
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        return Kafka(parts.netloc, prefix=query.get("prefix", ""))
     if parts.scheme == "memory":
         return InMemoryBroker()
-    msg = f"no broker for {url!r}: give a redis://, amqp:// or nats:// URL"
+    msg = f"no broker for {url!r}: give a redis://, amqp://, nats:// or kafka:// URL"
     raise ConfigurationError(msg)
 
 

@@ -65,7 +65,7 @@ def test_the_relay_command_refuses_an_unknown_broker_or_outbox(database: Databas
     """A broker URL of no known scheme, or an outbox path naming something else, exits with a clear error."""
     base = [sys.executable, "-m", "uow.relay", "--database", database.async_url.render_as_string(False)]
     for extra, expected in (
-        (["--outbox", "tests.support.models:OUTBOX", "--broker", "kafka://x"], "no broker for 'kafka://x'"),
+        (["--outbox", "tests.support.models:OUTBOX", "--broker", "smtp://x"], "no broker for 'smtp://x'"),
         (["--outbox", "tests.support.models:Item", "--broker", "memory://"], "neither a uow.Outbox"),
     ):
         finished = subprocess.run(
