@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
-from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, union_all, update
 
 from . import _observe
 from ._outbox import Outbox
@@ -276,21 +276,24 @@ class Relay:
 
     async def _claim(self, connection: AsyncConnection) -> list[Record]:
         table = self.outbox.table
-        earlier = table.alias("earlier")
         now = _now()
         pending = and_(table.c.published_at.is_(None), table.c.dead_at.is_(None))
-        blocked = exists().where(
-            earlier.c.key == table.c.key,
-            earlier.c.position < table.c.position,
-            earlier.c.published_at.is_(None),
-            earlier.c.dead_at.is_(None),
-        )
-        # Two steps: a plain read finds the heads (the first unsent message of each key), then a locking read
-        # takes those that no other relay holds. Locked in one statement, MariaDB would skip the rows that
-        # other relays hold in the NOT EXISTS too, and take a message whose key another relay is sending.
+        # Two steps: a plain read finds the heads (the first unsent message of each key, and each unsent
+        # message without a key), then a locking read takes those that no other relay holds. Locked in one
+        # statement, MariaDB would skip rows that other relays hold while finding the first of a key, and
+        # take a message whose key another relay is sending. The heads come from one pass over the unsent
+        # messages, grouped by key: testing each message for an earlier one of its key costs a lookup per
+        # unsent message, and most of a pass's time.
+        firsts = union_all(
+            select(func.min(table.c.position).label("position"))
+            .where(pending, table.c.key.is_not(None))
+            .group_by(table.c.key),
+            select(table.c.position.label("position")).where(pending, table.c.key.is_(None)),
+        ).subquery("firsts")
         heads = (
             select(table.c.position)
-            .where(pending, or_(table.c.not_before.is_(None), table.c.not_before <= now), ~blocked)
+            .join_from(table, firsts, table.c.position == firsts.c.position)
+            .where(or_(table.c.not_before.is_(None), table.c.not_before <= now))  # a key waiting out a backoff
             .order_by(table.c.position)
             .limit(self.batch_size)
         )
