@@ -96,6 +96,29 @@ async def test_a_refused_message_holds_back_its_key_then_is_parked_and_replayed(
     assert [] == await relay.dead_letters()
 
 
+async def test_a_key_waiting_out_its_backoff_sends_nothing_while_other_keys_and_keyless_messages_go_on(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    """A refused first message in backoff holds back the later ones of its key; other keys and keyless ones go on."""
+    publish(
+        engine,
+        ("orders", "bad", "a"),
+        ("orders", "free1", None),
+        ("orders", "a2", "a"),
+        ("orders", "b1", "b"),
+        ("orders", "free2", None),
+        ("orders", "b2", "b"),
+    )
+    broker = InMemoryBroker(refuse=lambda record: ValueError("no") if b"bad" in record.payload else None)
+    relay = Relay(async_engine, OUTBOX, broker, max_attempts=5, backoff=lambda attempts: 3600.0)
+    assert 4 == await relay.relay_once()
+    sent = payloads(broker.received)  # the keys go side by side: only each key's own order is fixed
+    assert sorted(sent) == ["b1", "b2", "free1", "free2"]
+    assert sent.index("b1") < sent.index("b2")
+    assert 0 == await relay.relay_once()  # "bad" waits an hour, and "a2" behind it
+    assert ["bad", "a2"] == [json.loads(row["payload"]) for row in rows(engine) if not row["published_at"]]
+
+
 async def test_an_unreachable_broker_counts_no_attempt(engine: Engine, async_engine: AsyncEngine) -> None:
     """While the broker is down a pass raises and changes nothing; once it is back, everything goes."""
     publish(engine, ("orders", 1, "a"))
