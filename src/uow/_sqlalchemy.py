@@ -365,9 +365,9 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         session.commit()
 
     def _store_messages(self, session: Session, outbox: Outbox, messages: list[tuple[Message, bytes]]) -> None:
-        # On the connection, not through the session: a Core INSERT needs none of the ORM's execution steps.
-        statement = outbox._insert
-        session.connection(bind_arguments={"clause": statement}).execute(statement, outbox.rows(messages))
+        # Through the session, so that its execution options and do_orm_execute listeners apply to it as to
+        # every other statement of the transaction; one prepared statement, which sends no positions back.
+        session.execute(outbox._insert, outbox.rows(messages))
 
     def _receive(self, session: Session, inbox: Inbox, consumer: str, message_id: str) -> bool:
         dialect = session.get_bind(clause=inbox.table).dialect.name

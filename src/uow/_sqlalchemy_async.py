@@ -106,9 +106,7 @@ class AsyncSqlAlchemyUnitOfWork(AsyncUnitOfWork):
     async def _store_messages(
         self, session: AsyncSession, outbox: Outbox, messages: list[tuple[Message, bytes]]
     ) -> None:
-        statement = outbox._insert  # on the connection, as the sync twin does
-        connection = await session.connection(bind_arguments={"clause": statement})
-        await connection.execute(statement, outbox.rows(messages))
+        await session.execute(outbox._insert, outbox.rows(messages))  # as the sync twin does
 
     async def _receive(self, session: AsyncSession, inbox: Inbox, consumer: str, message_id: str) -> bool:
         dialect = session.sync_session.get_bind(clause=inbox.table).dialect.name

@@ -6,6 +6,7 @@ acknowledgement, and keeps the order of each key.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -204,21 +205,31 @@ class NatsJetStream:
 class Kafka:
     """Kafka: each message goes to the topic *prefix* + topic, keyed by its key, acknowledged by all in-sync replicas.
 
-    The producer is idempotent and waits for ``acks="all"``, so a message
-    sent again after a lost answer is not written twice by Kafka itself, and
-    one acknowledged survives the loss of the partition's leader. The key
-    (UTF-8) is Kafka's key: Kafka keeps the order of a key's messages in its
-    partition. The message id goes in the header ``uow-message-id``, beside
-    the message's own headers, for consumers to drop copies; a message
-    without a key goes to a partition of Kafka's choosing. *config* goes to
-    aiokafka's ``AIOKafkaProducer`` as it is (``security_protocol``,
-    ``sasl_mechanism`` and the like).
+    The producer waits for ``acks="all"``, so an acknowledged message
+    survives the loss of its partition's leader, and is idempotent, so that
+    its own retries within one connection do not write a message twice. A
+    message that the relay sends again (after a lost acknowledgement, or a
+    relay that stopped before marking it sent) is written again: consumers
+    drop copies by the header ``uow-message-id``, or handle messages through
+    the inbox. The key (UTF-8) is Kafka's key: Kafka keeps the order of a
+    key's messages in its partition. The message's own headers go beside
+    the id; a message without a key goes to a partition of Kafka's choosing.
+    *config* goes to aiokafka's ``AIOKafkaProducer`` as it is
+    (``security_protocol``, ``sasl_mechanism`` and the like).
+
+    Kafka refuses a message that is too large, or a topic that is invalid or
+    not allowed: those count an attempt. Any other error (Kafka or the
+    network down, a topic whose partitions cannot be found, a producer that
+    failed) counts none: the producer is closed, the relay waits and tries
+    again with a new one. Starting the producer is given *timeout* seconds.
     """
 
     #: The ``messaging.system`` of the relay's OpenTelemetry spans.
     system = "kafka"
 
-    def __init__(self, bootstrap_servers: str = "127.0.0.1:9092", *, prefix: str = "", **config: Any) -> None:
+    def __init__(
+        self, bootstrap_servers: str = "127.0.0.1:9092", *, prefix: str = "", timeout: float = 10.0, **config: Any
+    ) -> None:
         try:
             import aiokafka  # type: ignore[import-untyped,unused-ignore]
         except ImportError:
@@ -226,6 +237,7 @@ class Kafka:
         self._aiokafka: Any = aiokafka
         self.bootstrap_servers = bootstrap_servers
         self.prefix = prefix
+        self.timeout = timeout
         self.config = {"acks": "all", "enable_idempotence": True, **config}
         self._producer: Any = None
 
@@ -234,7 +246,7 @@ class Kafka:
         if producer is None:
             producer = self._aiokafka.AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, **self.config)
             try:
-                await producer.start()
+                await asyncio.wait_for(producer.start(), self.timeout)
             except BaseException:
                 await producer.stop()
                 raise
@@ -246,24 +258,31 @@ class Kafka:
         import aiokafka.errors  # type: ignore[import-untyped,unused-ignore]
 
         errors = aiokafka.errors
-        unreachable = (
-            errors.KafkaConnectionError,
-            errors.KafkaTimeoutError,
-            errors.RequestTimedOutError,
-            errors.NodeNotReadyError,
+        refusals = (
+            errors.MessageSizeTooLargeError,
+            errors.RecordTooLargeError,
+            errors.RecordListTooLargeError,
+            errors.InvalidTopicError,
+            errors.TopicAuthorizationFailedError,
+            errors.PolicyViolationError,
         )
         try:
             producer = await self._ready()
-        except unreachable as error:
-            raise ConnectionError(f"Kafka cannot be reached: {error}") from error
+        except (errors.KafkaError, OSError, asyncio.TimeoutError) as error:
+            raise ConnectionError(f"Kafka cannot be reached: {type(error).__name__}: {error}") from error
 
         async def send_one(record: Record) -> None:
             headers = [(name, value.encode()) for name, value in record.headers.items()]
             headers.append(("uow-message-id", record.id.encode()))
             key = record.key.encode() if record.key is not None else None
-            await producer.send_and_wait(self.prefix + record.topic, record.payload, key=key, headers=headers)
+            try:
+                await producer.send_and_wait(self.prefix + record.topic, record.payload, key=key, headers=headers)
+            except refusals:
+                raise
+            except errors.KafkaError as error:  # not about this message: the relay waits, then a new producer
+                raise ConnectionError(f"Kafka cannot take messages now: {type(error).__name__}: {error}") from error
 
-        return await _sent_or_closed(self, records, send_one, unreachable)
+        return await _sent_or_closed(self, records, send_one, ())
 
     async def close(self) -> None:
         producer, self._producer = self._producer, None

@@ -116,6 +116,8 @@ async def test_a_key_waiting_out_its_backoff_sends_nothing_while_other_keys_and_
     assert sorted(sent) == ["b1", "b2", "free1", "free2"]
     assert sent.index("b1") < sent.index("b2")
     assert 0 == await relay.relay_once()  # "bad" waits an hour, and "a2" behind it
+    waiting = {json.loads(row["payload"]): row["attempts"] for row in rows(engine) if not row["published_at"]}
+    assert {"bad": 1, "a2": 0} == waiting  # not even tried again during its backoff
     assert ["bad", "a2"] == [json.loads(row["payload"]) for row in rows(engine) if not row["published_at"]]
 
 

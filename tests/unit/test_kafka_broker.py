@@ -34,7 +34,12 @@ class RecordingProducer:
         self.started = self.stopped = False
         RecordingProducer.made.append(self)
 
+    #: Whether start() waits forever, as aiokafka's does when the brokers go away after the bootstrap.
+    hangs = False
+
     async def start(self) -> None:
+        if RecordingProducer.hangs:
+            await asyncio.Event().wait()
         self.started = True
 
     async def stop(self) -> None:
@@ -57,6 +62,7 @@ def _record(position: int, key: str | None, payload: bytes, headers: dict[str, s
 @pytest.fixture
 def producer(mocker: MockerFixture) -> Any:
     RecordingProducer.made.clear()
+    RecordingProducer.hangs = False
     mocker.patch("aiokafka.AIOKafkaProducer", RecordingProducer)
     return RecordingProducer
 
@@ -111,6 +117,45 @@ def test_kafka_timing_out_mid_batch_raises_connection_error_and_drops_the_produc
 
     with pytest.raises(ConnectionError, match="KafkaTimeoutError"):
         asyncio.run(send())
+    assert producer.made[0].stopped
+    assert broker._producer is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        aiokafka.errors.UnknownTopicOrPartitionError(),
+        aiokafka.errors.OutOfOrderSequenceNumber(),
+        aiokafka.errors.KafkaError(),
+    ],
+    ids=["partitions not found", "producer failed", "any other"],
+)
+def test_a_kafka_error_that_is_not_about_the_message_counts_no_attempt_and_the_next_send_has_a_new_producer(
+    producer: Any, error: BaseException
+) -> None:
+    """Only a refusal of the message counts an attempt: other Kafka errors are ConnectionError, then a new producer."""
+    broker = Kafka()
+
+    async def send() -> list[BaseException | None]:
+        await broker._ready()
+        producer.made[0].refuse[b"x"] = error
+        with pytest.raises(ConnectionError, match=type(error).__name__):
+            await broker.send([_record(1, "a", b"x")])
+        return await broker.send([_record(1, "a", b"x")])
+
+    assert asyncio.run(send()) == [None]
+    first, second = producer.made
+    assert first.stopped
+    assert second.sent == [("orders", b"x", b"a", [("uow-message-id", b"0" * 31 + b"1")])]
+
+
+def test_a_kafka_producer_that_cannot_start_in_time_is_connection_error(producer: Any) -> None:
+    """A producer whose start() hangs gives up after the timeout: ConnectionError, so the relay's transaction ends."""
+    producer.hangs = True
+    broker = Kafka(timeout=0.05)
+
+    with pytest.raises(ConnectionError, match="TimeoutError"):
+        asyncio.run(broker.send([_record(1, "a", b"x")]))
     assert producer.made[0].stopped
     assert broker._producer is None
 
