@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import exc as sa_exc
@@ -163,6 +163,14 @@ def _failed(step: str) -> None:
     log.exception("uow: OpenTelemetry failed at the transaction's %s; the transaction is not affected", step)
 
 
+def _tell(step: str, method: Callable[..., object], *args: Any) -> None:
+    """Call *method* of the telemetry; if it raises, :func:`_failed` at *step* logs it, and nothing is raised."""
+    try:
+        method(*args)
+    except Exception:
+        _failed(step)
+
+
 def ended(watch: Watch, outcome: str, cause: BaseException | None) -> None:
     """A real commit or rollback of a watched transaction, with what caused a rollback, if anything did."""
     watch.outcome = outcome
@@ -194,31 +202,21 @@ def ended(watch: Watch, outcome: str, cause: BaseException | None) -> None:
             )
     on = watch.telemetry
     if on is not None:
-        try:
-            on.ended(watch, outcome, code, cause)
-        except Exception:
-            _failed(outcome)
+        _tell(outcome, on.ended, watch, outcome, code, cause)
 
 
 def savepoint(watch: Watch, released: bool) -> None:
     on = watch.telemetry
     if on is not None:
-        try:
-            on.savepoint(watch, released)
-        except Exception:
-            _failed("savepoint")
+        _tell("savepoint", on.savepoint, watch, released)
 
 
 def closed(tx: _Transaction) -> None:
     """The owner's scope of a watched transaction closed: its span ends, whatever happened to the telemetry."""
     watch = tx.watch
     tx.watch = None
-    if watch is None or watch.telemetry is None:
-        return
-    try:
-        watch.telemetry.close(watch)
-    except Exception:
-        _failed("close")
+    if watch is not None and watch.telemetry is not None:
+        _tell("close", watch.telemetry.close, watch)
 
 
 def retry(
@@ -248,30 +246,21 @@ def retry(
     )
     on = telemetry
     if on is not None:
-        try:
-            on.retry(name, attempt, error, code)
-        except Exception:
-            _failed("retry")
+        _tell("retry", on.retry, name, attempt, error, code)
 
 
 def waited(watch: Watch, seconds: float) -> None:
     """A watched transaction took *seconds* to get its connection."""
     on = watch.telemetry
     if on is not None:
-        try:
-            on.waited(watch, seconds)
-        except Exception:
-            _failed("connection")
+        _tell("connection", on.waited, watch, seconds)
 
 
 def event(watch: Watch | None, name: str, **attributes: Any) -> None:
     """An event of a transaction's span (a hook that failed, an ownership violation), while OpenTelemetry is on."""
     on = watch.telemetry if watch is not None and watch.telemetry is not None else telemetry
     if on is not None:
-        try:
-            on.event(watch, name, attributes)
-        except Exception:
-            _failed(name)
+        _tell(name, on.event, watch, name, attributes)
 
 
 def inject(headers: Mapping[str, str]) -> Mapping[str, str]:
@@ -302,20 +291,14 @@ def sent(span: Any, error: BaseException | None) -> None:
     """The broker answered for the message of *span*: None once it took it, or its refusal."""
     on = telemetry
     if on is not None and span is not None:
-        try:
-            on.sent(span, error)
-        except Exception:
-            _failed("send")
+        _tell("send", on.sent, span, error)
 
 
 def relayed(system: str, topic: str, result: str, lag: float | None) -> None:
     """A relay's record of a message: ``published``, ``refused`` or ``dead``; *lag* from its commit, if published."""
     on = telemetry
     if on is not None:
-        try:
-            on.relayed(system, topic, result, lag)
-        except Exception:
-            _failed("relay")
+        _tell("relay", on.relayed, system, topic, result, lag)
 
 
 def error_code(error: BaseException) -> str | None:
