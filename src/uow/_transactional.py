@@ -500,6 +500,7 @@ def _async_wrapper(
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = False
         if plain:
             # As in the sync wrapper: join a healthy unit of work of the function's kind that this task entered.
             positional = index is not None and len(args) > index
@@ -511,8 +512,14 @@ def _async_wrapper(
                 if unit is not None and not (route.joins.get(type(unit)) or route.accepts(type(unit))):
                     unit = None
             else:
-                unit = given
-            if isinstance(unit, _UnitOfWorkCore) and not unit._sync:  # a plain class: cheaper than an ABC's isinstance
+                unit, tx = given, None
+            if unit is None and tx is None and options.factory is not None:
+                # As in the sync wrapper: nothing is active in this context, so nothing for _bind() to look for.
+                route.kind()
+                unit = options._made(options.factory(), route)
+                args, kwargs = _placed(args, kwargs, index, positional, unit)
+                bound = True
+            elif isinstance(unit, _UnitOfWorkCore) and not unit._sync:  # a plain class: cheaper than an ABC
                 scope = unit._join_here()
                 if scope is not None:
                     if unit is not given:
@@ -526,7 +533,8 @@ def _async_wrapper(
                     if not unit._leave_joined(scope, None):
                         await unit._exit_scope(scope, None)
                     return result
-        unit, args = options._bind(args, kwargs, index, route)
+        if not bound:
+            unit, args = options._bind(args, kwargs, index, route)
         attempt = 0
         while True:
             block = AsyncBlock(

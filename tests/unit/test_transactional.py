@@ -407,6 +407,25 @@ def test_factory_returning_the_wrong_kind_raises_configuration_error() -> None:
         add("x")
 
 
+async def test_async_factory_returning_the_wrong_kind_raises_configuration_error() -> None:
+    """A factory that makes a sync unit of work for an async function raises ConfigurationError, and writes nothing."""
+    made: list[FakeShopUnitOfWork] = []
+
+    def factory() -> FakeShopUnitOfWork:
+        made.append(FakeShopUnitOfWork())
+        return made[-1]
+
+    @transactional(factory=factory)
+    async def add(name: str, uow: AsyncFakeShopUnitOfWork = NEW_UOW) -> None:
+        await uow.items.add(Item(name))
+
+    with pytest.raises(errors.ConfigurationError, match="factory"):
+        await add("x")
+    [unit] = made
+    assert unit.commits == 0
+    assert not unit.active
+
+
 def test_exception_rolls_back_and_propagates_unchanged(fake: FakeShopUnitOfWork) -> None:
     """An exception in an owned call rolls back, commits nothing and reaches the caller as raised."""
     with pytest.raises(Boom) as excinfo:
