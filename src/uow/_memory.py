@@ -452,7 +452,7 @@ class InMemorySession:
 
     def close(self) -> None:
         """End the transaction: discard the writes and detach every object."""
-        self._overlay.end()
+        self._overlay.close()
         self._pending.clear()
         self._deleted.clear()
         self._failed = None
@@ -1726,7 +1726,9 @@ class _InMemoryBase(_RepositoryBase[T]):
     def __init__(self, session: InMemorySession, model: type[T]) -> None:
         super().__init__(model)
         self._session = session
-        _check_modelled(plan_of(_mapper(model)), session._database.store.unenforced)
+        plan = _class_plans.get(model) or _plan_of_class(model)
+        if plan.refused or plan.unmodelled:
+            _check_modelled(plan, session._database.store.unenforced)
 
     @property
     def _store(self) -> InMemorySession:

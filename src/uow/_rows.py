@@ -337,8 +337,11 @@ class Store:
         self.tables: dict[Table, _Table] = {}
         #: The highest integer key each table has held or handed out: the next generated one follows it.
         self.counters: dict[Table, int] = {}
-        #: The rows that an open transaction has written: locked against the others until it ends.
+        #: The rows that an open transaction has written: locked against the others until it ends. While one
+        #: transaction is open alone, nobody can wait for its rows: they are recorded when a second one opens.
         self.locks: dict[tuple[Table, Key], Overlay] = {}
+        #: The transactions open on this store, oldest first.
+        self.open: list[Overlay] = []
         #: How many commits have written rows: a transaction that began after the last one needs no
         #: second check at its commit, since every statement was checked against the rows stored now.
         self.generation = 0
@@ -367,6 +370,31 @@ class Overlay:
         self.generation = store.generation
         #: The rows this transaction locked with SELECT ... FOR UPDATE, without writing them.
         self.locked: set[tuple[Table, Key]] = set()
+        #: Whether this transaction's written rows are recorded in the store's locks (see :meth:`_share`).
+        self.shared = False
+        opened = store.open
+        if opened:  # no longer alone: the others' rows are locked against this one from now on
+            for other in opened:
+                other._share()
+            self.shared = True
+        opened.append(self)
+
+    def _share(self) -> None:
+        """Record the rows this transaction wrote as locked, since another transaction is open beside it."""
+        if self.shared:
+            return
+        self.shared = True
+        locks = self.store.locks
+        for table, written in self.writes.items():
+            for key in written.rows:
+                locks[(table, key)] = self
+
+    def close(self) -> None:
+        """End the transaction for good: its session is closed."""
+        self.end()
+        opened = self.store.open
+        if self in opened:
+            opened.remove(self)
 
     # -- reading ---------------------------------------------------------------
 
@@ -482,9 +510,11 @@ class Overlay:
 
     def _write(self, spec: TableSpec, key: Key, row: Row | None) -> None:
         table = spec.table
-        lock = (table, key)
-        holder = self.store.locks.get(lock)
-        if holder is not None and holder is not self:
+        shared = self.shared
+        if shared:
+            lock = (table, key)
+            holder = self.store.locks.get(lock)
+        if shared and holder is not None and holder is not self:
             msg = (
                 f'row ({_shown(key)}) of table "{spec.name}" is locked by another open transaction of this '
                 "fake, which has written it and not ended: a database would wait for that transaction, "
@@ -498,7 +528,8 @@ class Overlay:
         written.put(key, row)
         if row is None:
             written.rows[key] = None  # type: ignore[assignment]  # a deletion
-        self.store.locks[lock] = self
+        if shared:
+            self.store.locks[lock] = self
 
     def insert(self, table: Table, row: Row) -> Key:
         """INSERT *row*, complete with defaults and its key; return the key."""
@@ -717,11 +748,16 @@ class Overlay:
 
     def end(self) -> None:
         """Forget the writes and give up the locks: after a commit, or as a rollback."""
+        if not self.writes and not self.locked and not self.counters and not self.inserted:  # it only read
+            self.generation = self.store.generation
+            return
         locks = self.store.locks
-        for table, written in self.writes.items():
-            for key in written.rows:
-                if locks.get((table, key)) is self:
-                    del locks[(table, key)]
+        if self.shared:
+            for table, written in self.writes.items():
+                for key in written.rows:
+                    if locks.get((table, key)) is self:
+                        del locks[(table, key)]
+            self.shared = len(self.store.open) > 1
         for lock in self.locked:
             if locks.get(lock) is self:
                 del locks[lock]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 import pytest
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import registry, relationship
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -324,3 +324,27 @@ def test_a_composite_key_is_read_and_updated_through_both_of_its_columns() -> No
         (2, 1, False),
         (2, 2, False),
     ]
+
+
+def test_a_row_written_while_its_transaction_was_alone_is_locked_against_one_opened_after() -> None:
+    """Rows written before a second transaction opened are locked against it: its lock and its write both fail."""
+    unit = Shop()
+    with unit:
+        unit.plain.add(Plain(1, "a"))
+        unit.commit()
+    with unit:
+        unit.plain.get(1).name = "b"
+        assert unit.plain.get(2) is None  # its autoflush writes row 1 while this transaction is the only one open
+        with unit.transaction(propagation="requires_new"), pytest.raises(OperationalError, match="would wait"):
+            unit.plain.get(1, for_update=True)
+        with (
+            pytest.raises(OperationalError, match="which has written it"),
+            unit.transaction(propagation="requires_new"),
+        ):
+            unit.plain.get(1).name = "c"
+            unit.commit()
+        unit.commit()
+    with unit:  # both ended: the row is free again
+        unit.plain.get(1).name = "d"
+        unit.commit()
+    assert unit.database.rows(Plain) == [{"id": 1, "name": "d"}]
