@@ -733,7 +733,10 @@ class InMemorySession:
         """Whether nothing was added, removed or changed through an attribute since the last flush."""
         if self._pending or self._deleted or self._watched is not None:
             return False
-        return not any(instance_state(obj).modified for obj, _ in self._loaded.values())
+        for obj, _ in self._loaded.values():  # noqa: SIM110  # a loop: all() of a generator costs more here
+            if instance_state(obj).modified:
+                return False
+        return True
 
     def _flush(self) -> None:
         if not self._deleted and self._all_simple():
@@ -763,7 +766,8 @@ class InMemorySession:
         for obj in inserts:
             plan = _plan(obj)
             if plan.generated is not None and obj.__dict__.get(plan.generated) is None:
-                setattr(obj, plan.generated, overlay.next_key(plan.table))
+                # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
+                obj.__dict__[plan.generated] = overlay.next_key(plan.table)
             _apply_defaults(plan, obj)
             self._set_identity(plan, obj)
         links: list[tuple[bool, Table, Row]] = []
@@ -880,9 +884,16 @@ class InMemorySession:
 
     def _all_simple(self) -> bool:
         """Whether every object this flush could write has a simple plan (see :attr:`_Plan.simple`)."""
-        return all(_plan(obj).simple for obj in self._pending.values()) and all(
-            _plan(obj).simple for obj, _ in self._loaded.values()
-        )
+        plans = _class_plans
+        for obj in self._pending.values():
+            plan = plans.get(type(obj)) or _plan_of_class(type(obj))
+            if not plan.simple:
+                return False
+        for obj, _ in self._loaded.values():
+            plan = plans.get(type(obj)) or _plan_of_class(type(obj))
+            if not plan.simple:
+                return False
+        return True
 
     def _flush_simple(self) -> None:
         """:meth:`_flush` when nothing is deleted and every object pending or loaded has a simple plan.
@@ -896,11 +907,18 @@ class InMemorySession:
         most one UPDATE. The statements run in the general flush's order.
         """
         loaded = self._loaded
-        inserts = [obj for ident, obj in self._pending.items() if ident not in loaded]
+        pending = self._pending
+        inserts = [obj for ident, obj in pending.items() if ident not in loaded] if pending else []
         changed = 0 if self._watched is None else self._changed_since_watch()
         if changed and self.check_write is not None:
             self.check_write(f"{len(inserts)} new, {changed} changed and 0 deleted objects")
-        dirty = [(obj, snapshot) for obj, snapshot in loaded.values() if self._dirty(obj, snapshot)]
+        dirty: list[tuple[Any, dict[str, Any]]] = []
+        for obj, snapshot in loaded.values():  # :meth:`_dirty`, inline: it runs for every loaded object
+            values = obj.__dict__
+            for name, value in snapshot.items():
+                if name in values and values[name] != value:
+                    dirty.append((obj, snapshot))
+                    break
         if not inserts and not dirty:
             return  # nothing changed
         if self.check_write is not None:
@@ -912,8 +930,10 @@ class InMemorySession:
             plan = _plan(obj)
             values = obj.__dict__
             if plan.generated is not None and values.get(plan.generated) is None:
-                setattr(obj, plan.generated, overlay.next_key(plan.table))
-            _apply_defaults(plan, obj)
+                # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
+                values[plan.generated] = overlay.next_key(plan.table)
+            if plan.defaults:
+                _apply_defaults(plan, obj)
             ((table, columns),) = plan.columns
             row = {
                 column_key: values.get(attribute) if attribute is not None else None
@@ -922,13 +942,26 @@ class InMemorySession:
             statements.append((order(table), 0, sequence, overlay.insert, (table, row)))
         if len(dirty) > 1:
             dirty.sort(key=_update_order)
+        update = self._update
         for sequence, (obj, snapshot) in enumerate(dirty):
-            for position, function, arguments in self._updates(obj, snapshot, order):
-                statements.append((position, 1, sequence, function, arguments))
+            # :meth:`_updates` for a simple plan: one table, no version counter.
+            plan = _plan(obj)
+            values = obj.__dict__
+            ((table, columns),) = plan.columns
+            changes = {
+                column_key: values[attribute]
+                for column_key, attribute, _ in columns
+                if attribute is not None
+                and attribute in values
+                and values[attribute] != snapshot.get(attribute, _MISSING)
+            }
+            if changes:
+                key = _picked(snapshot, plan.key_attributes[table])
+                statements.append((order(table), 1, sequence, update, (table, key, changes)))
         if len(statements) > 1:
             statements.sort(key=_first_three)
-        for *_, function, arguments in statements:
-            function(*arguments)
+        for statement in statements:
+            statement[3](*statement[4])
         self._flushed(inserts, dirty)
         self._pending.clear()
         self._commit_states()

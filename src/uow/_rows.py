@@ -277,18 +277,21 @@ class _Indexes:
         self.refs: list[dict[Key, set[Key]]] = [{} for _ in spec.foreign_keys] if spec.foreign_keys else []
 
     def add(self, spec: TableSpec, key: Key, row: Row) -> None:
-        for index, columns in zip(self.unique, spec.unique_columns, strict=True):
-            values = _values(row, columns)
-            if None not in values:
-                index[values] = key
-        for refs, columns in zip(self.refs, spec.fk_columns, strict=True):
-            values = _values(row, columns)
-            if None not in values:
-                holders = refs.get(values)
-                if holders is None:
-                    refs[values] = {key}
-                else:
-                    holders.add(key)
+        # zip() without strict=True: both lists are built from the same spec, one per constraint.
+        if self.unique:
+            for index, columns in zip(self.unique, spec.unique_columns):  # noqa: B905
+                values = (row[columns[0]],) if len(columns) == 1 else tuple(row[name] for name in columns)
+                if None not in values:
+                    index[values] = key
+        if self.refs:
+            for refs, columns in zip(self.refs, spec.fk_columns):  # noqa: B905
+                values = (row[columns[0]],) if len(columns) == 1 else tuple(row[name] for name in columns)
+                if None not in values:
+                    holders = refs.get(values)
+                    if holders is None:
+                        refs[values] = {key}
+                    else:
+                        holders.add(key)
 
     def remove(self, spec: TableSpec, key: Key, row: Row) -> None:
         for index, columns in zip(self.unique, spec.unique_columns, strict=True):
@@ -537,7 +540,9 @@ class Overlay:
         statement = spec.insert_statement
         if spec.generated is not None and row.get(spec.generated) is None:
             row[spec.generated] = self.next_key(table)
-        self._check_not_null(spec, row, statement)
+        for name in spec.not_null:  # :meth:`_check_not_null`, inline
+            if row.get(name) is None:
+                self._check_not_null(spec, row, statement)
         if spec.checks:
             self._check_checks(spec, row, statement)
         if not spec.primary_key:  # a table without a primary key: each row gets a hidden key of its own
@@ -548,7 +553,13 @@ class Overlay:
             self._write(spec, key, row)
             return key
         key = spec.key_of(row)
-        if self.row(table, key) is not None:
+        written = self.writes.get(table)
+        stored = self.store.tables.get(table)
+        if written is not None and key in written.rows:  # :meth:`row`, inline
+            taken = written.rows[key] is not None
+        else:
+            taken = stored is not None and key in stored.rows
+        if taken:
             msg = (
                 f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
                 f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(key)}) already exists."
@@ -558,7 +569,6 @@ class Overlay:
             self._check_unique(spec, key, row, statement)
         if spec.foreign_keys:
             self._check_references(spec, row, None, statement)
-        stored = self.store.tables.get(table)
         if stored is None or key not in stored.rows:
             self.inserted.add((table, key))
         self._seen_key(table, key)
