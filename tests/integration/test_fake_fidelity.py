@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 import pytest
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import Engine, event, inspect, select
 from sqlalchemy.exc import IntegrityError, PendingRollbackError, ProgrammingError
 from sqlalchemy.orm.exc import DetachedInstanceError, StaleDataError
 
@@ -478,6 +478,27 @@ def test_identity_key_is_generated(implementation: Implementation) -> None:
         unit.commit()
     assert isinstance(customer.id, int)
     assert [(customer.id, "ada@example.com")] == implementation.stored(Customer, "id", "email")
+
+
+def test_a_generated_key_is_set_without_an_attribute_event(implementation: Implementation) -> None:
+    """The key a flush generates is not a "set" event, as the ORM stores the key its INSERT returned."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    keys_set: list[Any] = []
+
+    def record(target: object, value: Any, old: Any, initiator: object) -> None:
+        keys_set.append(value)
+
+    event.listen(Customer.id, "set", record)
+    try:
+        with unit:
+            unit.customers.add(customer)
+            unit.commit()
+    finally:
+        event.remove(Customer.id, "set", record)
+    assert isinstance(customer.id, int)
+    assert keys_set == []
+    assert not inspect(customer).attrs.id.history.has_changes()
 
 
 def test_sequence_key_is_generated(implementation: Implementation) -> None:
