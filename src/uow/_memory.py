@@ -320,6 +320,8 @@ class InMemorySession:
         self._deleted: dict[int, Any] = {}
         self._failed: BaseException | None = None
         self._flushing = False
+        #: The objects the flush under way gave a generated key, with the key's attribute.
+        self._keyed: builtins.list[tuple[Any, str]] = []
         self._links_seen: dict[tuple[bool, Table, frozenset[int]], Any] = {}
         #: The objects this transaction deleted, flushed: a rollback brings them back, as the ORM does.
         self._gone: dict[tuple[Mapper[Any], Key], tuple[Any, dict[str, Any]]] = {}
@@ -724,10 +726,22 @@ class InMemorySession:
         try:
             self._flush()
         except BaseException as error:
+            self._take_back_keys()
             self._fail(error)
             raise
         finally:
             self._flushing = False
+            if self._keyed:
+                self._keyed = []
+
+    def _take_back_keys(self) -> None:
+        """A flush failed: the objects it gave generated keys have none again, as when the ORM's INSERT fails.
+
+        Their next flush numbers them anew, so that a retry of the same
+        objects never reuses a key that another transaction took meanwhile.
+        """
+        for obj, attribute in self._keyed:
+            obj.__dict__[attribute] = None
 
     def _unchanged(self) -> bool:
         """Whether nothing was added, removed or changed through an attribute since the last flush."""
@@ -768,6 +782,7 @@ class InMemorySession:
             if plan.generated is not None and obj.__dict__.get(plan.generated) is None:
                 # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
                 obj.__dict__[plan.generated] = overlay.next_key(plan.table)
+                self._keyed.append((obj, plan.generated))
             _apply_defaults(plan, obj)
             self._set_identity(plan, obj)
         links: list[tuple[bool, Table, Row]] = []
@@ -932,6 +947,7 @@ class InMemorySession:
             if plan.generated is not None and values.get(plan.generated) is None:
                 # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
                 values[plan.generated] = overlay.next_key(plan.table)
+                self._keyed.append((obj, plan.generated))
             if plan.defaults:
                 _apply_defaults(plan, obj)
             ((table, columns),) = plan.columns

@@ -388,8 +388,8 @@ class Overlay:
             return
         self.shared = True
         locks = self.store.locks
-        for table, written in self.writes.items():
-            for key in written.rows:
+        for table, written in list(self.writes.items()):  # copies: the transaction may write meanwhile
+            for key in list(written.rows):
                 locks[(table, key)] = self
 
     def close(self) -> None:
@@ -471,12 +471,18 @@ class Overlay:
     # -- writing ---------------------------------------------------------------
 
     def next_key(self, table: Table) -> int:
-        """A generated integer key: one past the highest the table has held or handed out."""
-        highest = max(self.counters.get(table, 0), self.store.counters.get(table, 0))
-        stored = self.store.tables.get(table)
+        """A generated integer key: one past the highest the table has held or handed out.
+
+        The store counts it at once, outside any transaction, as a sequence or
+        an identity column does: a transaction open beside this one gets a
+        key of its own, and a rollback does not give the number back.
+        """
+        store = self.store
+        highest = max(self.counters.get(table, 0), store.counters.get(table, 0))
+        stored = store.tables.get(table)
         if highest == 0 and stored is not None:
             highest = max((key[0] for key in stored.rows if isinstance(key[0], int)), default=0)
-        self.counters[table] = highest + 1
+        store.counters[table] = highest + 1
         return highest + 1
 
     def lock(self, table: Table, key: Key, mode: str) -> bool:

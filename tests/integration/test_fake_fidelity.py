@@ -501,6 +501,61 @@ def test_a_generated_key_is_set_without_an_attribute_event(implementation: Imple
     assert not inspect(customer).attrs.id.history.has_changes()
 
 
+#: Where two transactions write at once and a number a rollback gave up is not handed out again. SQLite lets one
+#: transaction write at a time, and numbers a row one past the highest stored, so it reuses a rolled-back number.
+SEQUENCES = ("fake", "async-fake", "postgresql", "mariadb")
+
+
+@pytest.mark.parametrize("implementation", SEQUENCES, indirect=True)
+def test_two_open_transactions_get_generated_keys_of_their_own(implementation: Implementation) -> None:
+    """A requires_new block inserting beside the outer block's new, uncommitted row gets a different key."""
+    unit = implementation.uow
+    outer, inner = Customer(email="ada@example.com", name="Ada"), Customer(email="bob@example.com", name="Bob")
+    with unit:
+        unit.customers.add(outer)
+        assert unit.customers.count() == 1  # its autoflush numbers the outer row, which stays uncommitted
+        with unit.transaction(propagation="requires_new"):
+            unit.customers.add(inner)
+            unit.commit()
+        unit.commit()
+    assert outer.id != inner.id
+    assert sorted([(outer.id, "ada@example.com"), (inner.id, "bob@example.com")]) == sorted(
+        implementation.stored(Customer, "id", "email")
+    )
+
+
+@pytest.mark.parametrize("implementation", SEQUENCES, indirect=True)
+def test_a_generated_key_given_up_by_a_rollback_is_not_handed_out_again(implementation: Implementation) -> None:
+    """The number of an insert that rolled back is not given to the next insert, as a sequence does."""
+    unit = implementation.uow
+    dropped = Customer(email="ada@example.com", name="Ada")
+    with unit:
+        unit.customers.add(dropped)
+        assert unit.customers.count() == 1
+        unit.rollback()
+    kept = Customer(email="bob@example.com", name="Bob")
+    seed(unit, kept)
+    assert dropped.id is not None
+    assert kept.id > dropped.id
+    assert [(kept.id, "bob@example.com")] == implementation.stored(Customer, "id", "email")
+
+
+def test_objects_of_a_failed_flush_can_be_added_again(implementation: Implementation) -> None:
+    """A flush refused by NOT NULL leaves its new objects without a key; added again later, they are stored."""
+    unit = implementation.uow
+    ada, nameless = Customer(email="ada@example.com", name="Ada"), Customer(email="bob@example.com", name=None)
+    with unit:
+        unit.customers.add_all([ada, nameless])
+        with pytest.raises(IntegrityError):
+            unit.commit()
+    assert ada.id is None
+    seed(unit, Customer(email="cy@example.com", name="Cy"))
+    seed(unit, ada)
+    assert ["ada@example.com", "cy@example.com"] == sorted(
+        email for (email,) in implementation.stored(Customer, "email")
+    )
+
+
 def test_sequence_key_is_generated(implementation: Implementation) -> None:
     """A Sequence key left unset gets an integer at the flush, and the row is stored with it."""
     unit = implementation.uow
