@@ -46,7 +46,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from ._outbox import Message
 from ._query import Order, Query, _QueryEvaluator, matcher, sort_rows
 from ._repository import AsyncRepository, Repository, _RepositoryBase
-from ._rows import Key, Overlay, Row, Store, coerce, is_generated, spec_of
+from ._rows import Key, Overlay, Row, Store, _stored_type, coerce, is_generated, spec_of
 from ._upsert import Upsert
 from .errors import ConfigurationError, NotInRepositoryError
 
@@ -103,6 +103,12 @@ class _Plan:
             for table in tables
         }
         self.pk_columns = tuple(mapper.primary_key)
+        #: Per key attribute whose values a database converts: the attribute, the type it stores, the column.
+        self.key_converters = tuple(
+            (attribute, stored, column)
+            for attribute, column in zip(self.primary_key, self.pk_columns, strict=True)
+            if (stored := _stored_type(column)) is not None
+        )
         self.fields = {prop.key: prop.columns[0] for prop in mapper.column_attrs}
         self.column_keys = tuple(self.fields)
         self.generated: str | None = None
@@ -167,6 +173,18 @@ class _Plan:
     def table_key(self, table: Table, obj: object) -> Key:
         """The key of *obj*'s row in *table*: its columns that map the primary key."""
         return _picked(obj.__dict__, self.key_attributes[table])
+
+
+def _convert_key(plan: _Plan, values: dict[str, Any]) -> None:
+    """A new object's key as its columns store it (``'5'`` as 5), so that the identity map and the row agree.
+
+    The object then holds the key that loading its row would give, where the
+    ORM would keep the value given until the object is loaded again.
+    """
+    for attribute, stored, column in plan.key_converters:
+        value = values.get(attribute)
+        if value is not None and type(value) is not stored:
+            values[attribute] = coerce(column, value)
 
 
 def _picked(values: dict[str, Any], names: tuple[str, ...]) -> Key:
@@ -519,6 +537,8 @@ class InMemorySession:
             _restore_object(obj, state)
             instance_state(obj)._commit_all(obj.__dict__)
             self._expired.discard(id(obj))
+            # A relationship first loaded inside the savepoint is unloaded again: it loads again when read.
+            self._install_loaders(obj, _plan(obj))
         known = {id(obj) for obj in savepoint.identity.values()}
         inserted_since = self._inserted_ids - savepoint.inserted
         loaded_since = {
@@ -783,6 +803,8 @@ class InMemorySession:
                 # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
                 obj.__dict__[plan.generated] = overlay.next_key(plan.table)
                 self._keyed.append((obj, plan.generated))
+            else:
+                _convert_key(plan, obj.__dict__)
             _apply_defaults(plan, obj)
             self._set_identity(plan, obj)
         links: list[tuple[bool, Table, Row]] = []
@@ -820,8 +842,8 @@ class InMemorySession:
             if replaced is not None and plan.version is not None and plan.version_generator is not False:
                 # The ORM's row switch is an UPDATE of the old row: its version counter goes on from there.
                 setattr(obj, plan.version, plan.version_generator(self._loaded[id(replaced)][1].get(plan.version)))
-            if plan.version is not None and obj.__dict__.get(plan.version) is None:
-                self._first_version(plan, obj)
+            if plan.version is not None and (replaced is None or obj.__dict__.get(plan.version) is None):
+                self._first_version(plan, obj)  # the ORM's INSERT writes the generator's first value, always
             values = obj.__dict__
             for table, columns in plan.columns:
                 row = {
@@ -948,6 +970,8 @@ class InMemorySession:
                 # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
                 values[plan.generated] = overlay.next_key(plan.table)
                 self._keyed.append((obj, plan.generated))
+            else:
+                _convert_key(plan, values)
             if plan.defaults:
                 _apply_defaults(plan, obj)
             ((table, columns),) = plan.columns
@@ -1020,7 +1044,11 @@ class InMemorySession:
         plan = _plan(obj)
         values = obj.__dict__
         self._check_version(plan, obj, snapshot, "UPDATE")
-        if plan.version is not None and plan.version_generator is not False:
+        if (
+            plan.version is not None
+            and plan.version_generator is not False
+            and values.get(plan.version) == snapshot.get(plan.version)  # a version set by the program is written
+        ):
             setattr(obj, plan.version, plan.version_generator(snapshot.get(plan.version)))
         for table, columns in plan.columns:
             # Only the columns this transaction changed, as an UPDATE's SET clause names them.

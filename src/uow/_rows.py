@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     CheckConstraint,
+    Column,
     Float,
     ForeignKeyConstraint,
     Index,
@@ -118,14 +119,20 @@ class TableSpec:
         self.pk_name = _name(table.primary_key, f"{table.name}_pkey")
         self.not_null = tuple(column.key for column in table.columns if not column.nullable)
         uniques: list[tuple[str, tuple[str, ...]]] = []
+        #: What the table declares that the fake cannot model: the name an opt-out gives, and what it is.
+        self.unmodelled: list[tuple[str, str]] = []
         for constraint in table.constraints:
             if isinstance(constraint, UniqueConstraint):
                 columns = tuple(column.key for column in constraint.columns)
-                uniques.append((_name(constraint, f"{table.name}_{'_'.join(columns)}_key"), columns))
+                name = _name(constraint, f"{table.name}_{'_'.join(columns)}_key")
+                if not self._unmodelled_unique(constraint, name):
+                    uniques.append((name, columns))
         for index in table.indexes:
             if isinstance(index, Index) and index.unique:
                 columns = tuple(column.key for column in index.columns)
-                uniques.append((_name(index, f"{table.name}_{'_'.join(columns)}_idx"), columns))
+                name = _name(index, f"{table.name}_{'_'.join(columns)}_idx")
+                if not self._unmodelled_unique(index, name):
+                    uniques.append((name, columns))
         for column in table.columns:
             if column.unique and not any(columns == (column.key,) for _, columns in uniques):
                 uniques.append((f"{table.name}_{column.key}_key", (column.key,)))
@@ -149,8 +156,6 @@ class TableSpec:
         self.referenced_by: list[ForeignKey] = []
         #: CHECK constraints that SQLAlchemy can evaluate in Python: name and test of a row.
         self.checks: list[tuple[str, Any]] = []
-        #: What the table declares that the fake cannot model: the name an opt-out gives, and what it is.
-        self.unmodelled: list[tuple[str, str]] = []
         for position, constraint in enumerate(
             (each for each in table.constraints if isinstance(each, CheckConstraint)), start=1
         ):
@@ -183,8 +188,55 @@ class TableSpec:
             if is_generated(column):
                 self.generated = column.key
 
+        #: Per column whose values a database converts: its key, the Python type it stores, and the column.
+        self.converters = tuple(
+            (column.key, stored, column) for column in table.columns if (stored := _stored_type(column)) is not None
+        )
+
+    def _unmodelled_unique(self, constraint: UniqueConstraint | Index, name: str) -> bool:
+        """Record a unique constraint or index the fake cannot enforce as declared; True if it is one."""
+        kind = "index" if isinstance(constraint, Index) else "constraint"
+        where = f"the unique {kind} {name!r} of table {self.name!r}"
+        options = constraint.dialect_kwargs
+        if isinstance(constraint, Index) and any(not isinstance(each, Column) for each in constraint.expressions):
+            self.unmodelled.append((name, f"{where}, on an expression"))
+        elif any(key.endswith("_where") and value is not None for key, value in options.items()):
+            self.unmodelled.append((name, f"{where}, which is partial (a WHERE clause)"))
+        elif any(key.endswith("_nulls_not_distinct") and value for key, value in options.items()):
+            self.unmodelled.append((name, f"{where}, with NULLS NOT DISTINCT"))
+        else:
+            return False
+        return True
+
+    def convert(self, row: Row) -> None:
+        """Store each value as its column's type, as a database converts what it is given (``'3'`` as 3)."""
+        for key, stored, column in self.converters:
+            value = row.get(key)
+            if value is not None and type(value) is not stored:
+                row[key] = coerce(column, value)
+
     def key_of(self, row: Row) -> Key:
         return _values(row, self.primary_key)
+
+
+def _stored_type(column: Any) -> type[Any] | None:
+    """The Python type a column's values come back as, for the types whose values :func:`coerce` converts."""
+    kind = column.type
+    if isinstance(kind, Boolean):
+        return None
+    if isinstance(kind, Integer):
+        return int
+    if isinstance(kind, Float):
+        return float
+    if isinstance(kind, Numeric):
+        return decimal.Decimal if kind.asdecimal else None
+    if isinstance(kind, String):
+        try:
+            python_type = kind.python_type
+        except NotImplementedError:
+            return None
+        return str if python_type is str else None  # not an Enum of a Python enum class
+    return None
 
 
 def is_generated(column: Any) -> bool:
@@ -546,6 +598,7 @@ class Overlay:
         statement = spec.insert_statement
         if spec.generated is not None and row.get(spec.generated) is None:
             row[spec.generated] = self.next_key(table)
+        spec.convert(row)
         for name in spec.not_null:  # :meth:`_check_not_null`, inline
             if row.get(name) is None:
                 self._check_not_null(spec, row, statement)
@@ -588,6 +641,7 @@ class Overlay:
         old = self.row(table, key)
         if old is None:
             raise sa_exc.OperationalError(statement, None, FakeDatabaseError(f"no row ({_shown(key)}) to update"))
+        spec.convert(row)
         self._check_not_null(spec, row, statement)
         if spec.checks:
             self._check_checks(spec, row, statement)
@@ -600,6 +654,13 @@ class Overlay:
                     f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(new_key)}) already exists."
                 )
                 raise _integrity(statement, msg)
+        elif spec.referenced_by:  # a foreign key may refer to another unique column than the key
+            for fk in spec.referenced_by:
+                before = tuple(old[name] for name in fk.target_columns)
+                if None in before or before == tuple(row[name] for name in fk.target_columns):
+                    continue
+                if self.referring(fk, before):
+                    raise _integrity(statement, _still_referenced(spec, fk, before))
         if spec.uniques:
             self._check_unique(spec, new_key, row, statement, ignore=key)
         if spec.foreign_keys:

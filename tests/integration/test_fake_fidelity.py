@@ -27,6 +27,7 @@ from tests.integration.conftest import rows
 from tests.support.databases import Provisioner
 from tests.support.fidelity import (
     REPOSITORIES,
+    Account,
     Address,
     Animal,
     Apple,
@@ -45,6 +46,7 @@ from tests.support.fidelity import (
     Line,
     Memo,
     Node,
+    Note,
     Order,
     Product,
     Slot,
@@ -554,6 +556,76 @@ def test_objects_of_a_failed_flush_can_be_added_again(implementation: Implementa
     assert ["ada@example.com", "cy@example.com"] == sorted(
         email for (email,) in implementation.stored(Customer, "email")
     )
+
+
+def test_values_of_another_python_type_are_stored_as_their_columns_store_them(implementation: Implementation) -> None:
+    """'30' for an integer column is stored as 30, a key given as '2' as 2: queries by the integers find them."""
+    unit = implementation.uow
+    customer = Customer(email="ada@example.com", name="Ada")
+    seed(unit, customer)
+    seed(
+        unit, Invoice(id=1, total="30", customer_id=str(customer.id)), Invoice(id="2", total=5, customer_id=customer.id)
+    )
+    with unit:
+        found = unit.invoices.get_by(total=30)
+        assert found is not None
+        assert (found.id, found.total) == (1, 30)
+        assert [1, 2] == [each.id for each in unit.invoices.list(customer_id=customer.id)]
+        assert unit.invoices.get(2).total == 5
+    assert [(1, 30), (2, 5)] == implementation.stored(Invoice, "id", "total")
+
+
+def test_changing_a_unique_value_that_a_foreign_key_refers_to_is_refused(implementation: Implementation) -> None:
+    """A unique column that another table's foreign key refers to keeps its value: changing it raises at flush."""
+    unit = implementation.uow
+    seed(unit, Account(id=1, handle="ada"))
+    seed(unit, Note(id=1, handle="ada"))
+    with unit:
+        unit.accounts.get(1).handle = "bob"
+        with pytest.raises(IntegrityError):
+            unit.commit()
+    with unit:  # a value nobody refers to may change
+        unit.accounts.add(Account(id=2, handle="cy"))
+        unit.commit()
+    with unit:
+        unit.accounts.get(2).handle = "dan"
+        unit.commit()
+    assert [(1, "ada"), (2, "dan")] == implementation.stored(Account, "id", "handle")
+    assert [(1, "ada")] == implementation.stored(Note, "id", "handle")
+
+
+def test_a_collection_first_read_in_a_rolled_back_savepoint_is_read_again_after_it(
+    implementation: Implementation,
+) -> None:
+    """A lazy collection first loaded inside a savepoint that rolls back loads again when read after it."""
+    unit = implementation.uow
+    seed(unit, Order(id=1, ref="o1", lines=[Line(id=1, sku="a", qty=1), Line(id=2, sku="b", qty=2)]))
+    with unit:
+        order = unit.orders.get(1)
+        with pytest.raises(ValueError, match="undo"), unit.savepoint():
+            assert len(order.lines) == 2
+            raise ValueError("undo")
+        assert sorted(line.sku for line in order.lines) == ["a", "b"]
+
+
+def test_a_version_counter_set_by_the_program_is_counted_on_insert_and_written_on_update(
+    implementation: Implementation,
+) -> None:
+    """An INSERT writes the counter's first value whatever the object held; an UPDATE writes a value the program set."""
+    unit = implementation.uow
+    stock = Stock(sku="S", qty=1, version=7)
+    seed(unit, stock)
+    assert [("S", 1)] == implementation.stored(Stock, "sku", "version")
+    with unit:
+        loaded = unit.stocks.get("S")
+        loaded.version = 10
+        loaded.qty = 5
+        unit.commit()
+    assert [("S", 5, 10)] == implementation.stored(Stock, "sku", "qty", "version")
+    with unit:
+        unit.stocks.get("S").qty = 6
+        unit.commit()
+    assert [("S", 6, 11)] == implementation.stored(Stock, "sku", "qty", "version")
 
 
 def test_sequence_key_is_generated(implementation: Implementation) -> None:

@@ -279,6 +279,24 @@ class Folder(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("fid_folders.id"))
 
 
+class Account(Base):
+    """A unique handle besides the key: notes refer to the handle."""
+
+    __tablename__ = "fid_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    handle: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+class Note(Base):
+    """A foreign key to a unique column that is not the primary key."""
+
+    __tablename__ = "fid_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    handle: Mapped[str] = mapped_column(ForeignKey("fid_accounts.handle"))
+
+
 #: An association table without a primary key, as SQLAlchemy's documentation writes one.
 enrolments = Table(
     "fid_enrolments",
@@ -328,6 +346,8 @@ class FidelityUnitOfWork(uow.UnitOfWork):
     fruit = uow.repository(Fruit)
     students = uow.repository(Student)
     courses = uow.repository(Course)
+    accounts = uow.repository(Account)
+    notes = uow.repository(Note)
 
 
 class SqlFidelityUnitOfWork(uow.SqlAlchemyUnitOfWork, FidelityUnitOfWork):
@@ -360,6 +380,8 @@ class AsyncFidelityUnitOfWork(uow.AsyncUnitOfWork):
     fruit = uow.repository(Fruit)
     students = uow.repository(Student)
     courses = uow.repository(Course)
+    accounts = uow.repository(Account)
+    notes = uow.repository(Note)
 
 
 class AsyncFakeFidelityUnitOfWork(uow.AsyncFakeUnitOfWork, AsyncFidelityUnitOfWork):
@@ -392,6 +414,8 @@ REPOSITORIES: dict[type[Any], str] = {
     Apple: "fruit",
     Student: "students",
     Course: "courses",
+    Account: "accounts",
+    Note: "notes",
 }
 
 

@@ -11,10 +11,12 @@ from sqlalchemy import (
     Computed,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
+    UniqueConstraint,
     event,
     func,
     literal_column,
@@ -157,6 +159,62 @@ mapper_registry.map_imperatively(
 )
 
 
+@attrs.define(eq=False, slots=False)
+class Lowered:
+    id: int
+    email: str
+
+
+@attrs.define(eq=False, slots=False)
+class Partial:
+    id: int
+    code: str
+    active: int
+
+
+@attrs.define(eq=False, slots=False)
+class NotDistinct:
+    id: int
+    code: str
+    region: str | None = None
+
+
+lowered = Table(
+    "refusal_lowered",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("email", String(50), nullable=False),
+)
+Index("ix_refusal_lower_email", func.lower(lowered.c.email), unique=True)
+mapper_registry.map_imperatively(Lowered, lowered)
+partial = Table(
+    "refusal_partial",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("code", String(10), nullable=False),
+    Column("active", Integer, nullable=False),
+)
+Index(
+    "ix_refusal_active_code",
+    partial.c.code,
+    unique=True,
+    postgresql_where=partial.c.active == 1,
+    sqlite_where=partial.c.active == 1,
+)
+mapper_registry.map_imperatively(Partial, partial)
+mapper_registry.map_imperatively(
+    NotDistinct,
+    Table(
+        "refusal_not_distinct",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("code", String(10), nullable=False),
+        Column("region", String(10)),
+        UniqueConstraint("code", "region", name="uq_refusal_code_region", postgresql_nulls_not_distinct=True),
+    ),
+)
+
+
 class Refusals(uow.UnitOfWork):
     checked = uow.repository(Checked)
     texted = uow.repository(Texted)
@@ -166,6 +224,9 @@ class Refusals(uow.UnitOfWork):
     triggered = uow.repository(Triggered)
     dynamic = uow.repository(Dynamic)
     cascading = uow.repository(Cascading)
+    lowered = uow.repository(Lowered)
+    partial = uow.repository(Partial)
+    not_distinct = uow.repository(NotDistinct)
 
 
 class FakeRefusals(uow.FakeUnitOfWork, Refusals):
@@ -187,10 +248,14 @@ def refused(unit: FakeRefusals, name: str) -> str:
         ("stamped", "refusal_stamped.created", "refusal_stamped.created"),
         ("triggered", "refusal_triggered trigger", "refusal_triggered trigger"),
         ("cascading", "ON UPDATE CASCADE", "fk_refusal_cascading"),
+        ("lowered", "on an expression", "ix_refusal_lower_email"),
+        ("partial", "which is partial", "ix_refusal_active_code"),
+        ("not_distinct", "NULLS NOT DISTINCT", "uq_refusal_code_region"),
     ],
 )
 def test_an_unmodelled_feature_is_refused_by_name_until_opted_out(repository: str, named: str, opt_out: str) -> None:
-    """SQL-text CHECKs, computed columns, function defaults, triggers, ON UPDATE actions: refused unless opted out."""
+    """SQL-text CHECKs, computed columns, function defaults, triggers, ON UPDATE actions, and unique indexes on
+    expressions, partial or with NULLS NOT DISTINCT: refused unless opted out."""
     message = refused(FakeRefusals(), repository)
     assert named in message
     assert "unenforced=" in message
@@ -241,3 +306,12 @@ def test_unenforced_refuses_a_single_string() -> None:
     """unenforced='name' would be read letter by letter: it raises ConfigurationError saying to pass a tuple."""
     with pytest.raises(errors.ConfigurationError, match=r"\('ck_refusal_even',\)"):
         FakeRefusals(unenforced="ck_refusal_even")
+
+
+def test_an_opted_out_unique_index_on_an_expression_is_left_out_not_applied_to_its_column() -> None:
+    """Left out knowingly, a unique index on lower(email) checks nothing: not even plain equality of the column."""
+    unit = FakeRefusals(unenforced={"ix_refusal_lower_email"})
+    with unit:
+        unit.lowered.add_all([Lowered(1, "ann@example.com"), Lowered(2, "ann@example.com")])
+        unit.commit()
+    assert [row["email"] for row in unit.database.rows(Lowered)] == ["ann@example.com", "ann@example.com"]
