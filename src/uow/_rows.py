@@ -252,6 +252,7 @@ def is_generated(column: Any) -> bool:
 
 
 _INTEGER = re.compile(r"[+-]?\d+\Z")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
 
 
 def coerce(column: Any, value: Any) -> Any:
@@ -264,8 +265,14 @@ def coerce(column: Any, value: Any) -> Any:
     if isinstance(kind, Integer):
         if type(value) is int:  # the usual value, as it is
             return value
-        if isinstance(value, str) and _INTEGER.match(value.strip()):
-            return int(value)
+        if isinstance(value, str):
+            text = value.strip()
+            if _INTEGER.match(text):
+                return int(text)
+            if _NUMBER.match(text):  # '3.0' and '3e0' are 3 too; '3.5' is a real that no integer equals
+                number = float(text)
+                return int(number) if number.is_integer() else number
+            return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, decimal.Decimal) and value == value.to_integral_value():

@@ -837,6 +837,20 @@ def test_filter_with_a_string_on_an_integer_column(implementation: Implementatio
             assert ["lamp"] == [found.sku for found in unit.stocks.list(qty="3")]
 
 
+def test_filter_with_a_decimal_or_exponent_string_on_an_integer_column(implementation: Implementation) -> None:
+    """'3.0' and '3e0' find qty 3 and '3.5' finds nothing on SQLite, MariaDB and the fakes; PostgreSQL refuses."""
+    unit = implementation.uow
+    seed(unit, Stock(sku="lamp", qty=3))
+    with unit:
+        if implementation.name == "postgresql":
+            with pytest.raises(ProgrammingError):
+                unit.stocks.list(qty="3.0")
+        else:
+            assert ["lamp"] == [found.sku for found in unit.stocks.list(qty="3.0")]
+            assert ["lamp"] == [found.sku for found in unit.stocks.list(qty="3e0")]
+            assert [] == unit.stocks.list(qty="3.5")
+
+
 # -- the fake's own messages -----------------------------------------------------
 
 
