@@ -839,7 +839,12 @@ class InMemorySession:
             replaced = doomed.get((plan.table, plan.table_key(plan.table, obj))) if doomed else None
             if replaced is not None:
                 self._check_version(_plan(replaced), replaced, self._loaded[id(replaced)][1], "UPDATE")
-            if replaced is not None and plan.version is not None and plan.version_generator is not False:
+            if (
+                replaced is not None
+                and plan.version is not None
+                and plan.version_generator is not False
+                and obj.__dict__.get(plan.version) is None  # a version the program set is written, as an UPDATE's
+            ):
                 # The ORM's row switch is an UPDATE of the old row: its version counter goes on from there.
                 setattr(obj, plan.version, plan.version_generator(self._loaded[id(replaced)][1].get(plan.version)))
             if plan.version is not None and (replaced is None or obj.__dict__.get(plan.version) is None):

@@ -219,18 +219,24 @@ class TableSpec:
         return _values(row, self.primary_key)
 
 
+def _plain(kind: Any, base: type[Any]) -> bool:
+    """Whether *kind* converts values as *base* does: a subclass with processors of its own stores other values."""
+    cls = type(kind)
+    return cls.bind_processor is base.bind_processor and cls.result_processor is base.result_processor
+
+
 def _stored_type(column: Any) -> type[Any] | None:
     """The Python type a column's values come back as, for the types whose values :func:`coerce` converts."""
     kind = column.type
     if isinstance(kind, Boolean):
         return None
     if isinstance(kind, Integer):
-        return int
+        return int if _plain(kind, Integer) else None
     if isinstance(kind, Float):
-        return float
+        return float if _plain(kind, Float) else None
     if isinstance(kind, Numeric):
-        return decimal.Decimal if kind.asdecimal else None
-    if isinstance(kind, String):
+        return decimal.Decimal if kind.asdecimal and _plain(kind, Numeric) else None
+    if isinstance(kind, String) and _plain(kind, String):
         try:
             python_type = kind.python_type
         except NotImplementedError:
@@ -251,8 +257,8 @@ def is_generated(column: Any) -> bool:
     return column.server_default is None and column.autoincrement in ("auto", True)
 
 
-_INTEGER = re.compile(r"[+-]?\d+\Z")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
 def coerce(column: Any, value: Any) -> Any:
@@ -271,7 +277,7 @@ def coerce(column: Any, value: Any) -> Any:
                 return int(text)
             if _NUMBER.match(text):  # '3.0' and '3e0' are 3 too; '3.5' is a real that no integer equals
                 number = float(text)
-                return int(number) if number.is_integer() else number
+                return int(number) if number.is_integer() and abs(number) < 2**53 else number
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -288,9 +294,10 @@ def coerce(column: Any, value: Any) -> Any:
     if isinstance(kind, Numeric):
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             try:
-                return decimal.Decimal(str(value))
+                exact = decimal.Decimal(str(value))
             except decimal.InvalidOperation:
                 return value
+            return exact if exact.is_finite() else value  # a NaN is no number a database stores
         return value
     if isinstance(kind, String) and isinstance(value, int | float | decimal.Decimal) and not isinstance(value, bool):
         return str(value)
@@ -653,21 +660,22 @@ class Overlay:
         if spec.checks:
             self._check_checks(spec, row, statement)
         new_key = spec.key_of(row)
-        if new_key != key:
-            self._check_not_referenced(spec, old, statement)
-            if self.row(table, new_key) is not None:
-                msg = (
-                    f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
-                    f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(new_key)}) already exists."
-                )
-                raise _integrity(statement, msg)
-        elif spec.referenced_by:  # a foreign key may refer to another unique column than the key
+        if spec.referenced_by:  # the key, or another unique column, that other rows refer to cannot change
+            unenforced = self.store.unenforced
             for fk in spec.referenced_by:
+                if fk.name in unenforced:  # left out knowingly, with its ON UPDATE action
+                    continue
                 before = tuple(old[name] for name in fk.target_columns)
                 if None in before or before == tuple(row[name] for name in fk.target_columns):
                     continue
                 if self.referring(fk, before):
                     raise _integrity(statement, _still_referenced(spec, fk, before))
+        if new_key != key and self.row(table, new_key) is not None:
+            msg = (
+                f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
+                f"DETAIL:  Key ({', '.join(spec.primary_key)})=({_shown(new_key)}) already exists."
+            )
+            raise _integrity(statement, msg)
         if spec.uniques:
             self._check_unique(spec, new_key, row, statement, ignore=key)
         if spec.foreign_keys:

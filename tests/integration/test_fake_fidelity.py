@@ -630,6 +630,17 @@ def test_a_version_counter_set_by_the_program_is_counted_on_insert_and_written_o
     assert [("S", 6, 11)] == implementation.stored(Stock, "sku", "qty", "version")
 
 
+def test_a_row_switch_writes_a_version_the_program_set(implementation: Implementation) -> None:
+    """Removing a versioned row and adding one with its key in one flush is an UPDATE that writes the version given."""
+    unit = implementation.uow
+    seed(unit, Stock(sku="S", qty=1))
+    with unit:
+        unit.stocks.remove(unit.stocks.get("S"))
+        unit.stocks.add(Stock(sku="S", qty=5, version=40))
+        unit.commit()
+    assert [("S", 5, 40)] == implementation.stored(Stock, "sku", "qty", "version")
+
+
 def test_sequence_key_is_generated(implementation: Implementation) -> None:
     """A Sequence key left unset gets an integer at the flush, and the row is stored with it."""
     unit = implementation.uow

@@ -315,3 +315,19 @@ def test_an_opted_out_unique_index_on_an_expression_is_left_out_not_applied_to_i
         unit.lowered.add_all([Lowered(1, "ann@example.com"), Lowered(2, "ann@example.com")])
         unit.commit()
     assert [row["email"] for row in unit.database.rows(Lowered)] == ["ann@example.com", "ann@example.com"]
+
+
+def test_an_opted_out_on_update_cascade_leaves_a_change_of_the_referenced_key_unchecked() -> None:
+    """Opted out, a foreign key with ON UPDATE CASCADE checks nothing on update: the key may change, unreferenced."""
+    unit = FakeRefusals(unenforced={"fk_refusal_cascading"})
+    with unit:
+        unit.checked.add(Checked(1, 5))
+        unit.commit()
+    with unit:
+        unit.cascading.add(Cascading(1, 1))
+        unit.commit()
+    with unit:
+        unit.checked.get(1).id = 2
+        unit.commit()
+    assert [row["id"] for row in unit.database.rows(Checked)] == [2]
+    assert [row["checked_id"] for row in unit.database.rows(Cascading)] == [1]  # not cascaded: left out knowingly
