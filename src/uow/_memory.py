@@ -597,7 +597,7 @@ class InMemorySession:
                 shadow = _Shadow(values)
                 _apply_defaults(plan, shadow)
                 self._set_identity(plan, shadow)
-                if plan.version is not None and shadow.__dict__.get(plan.version) is None:
+                if plan.version is not None:  # the ORM's bulk INSERT writes the generator's first value, always
                     self._first_version(plan, shadow)
                 for table, row in self._rows_of(plan, shadow.__dict__):
                     self._overlay.insert(table, row)
@@ -754,6 +754,16 @@ class InMemorySession:
             if self._keyed:
                 self._keyed = []
 
+    def _key_new(self, plan: _Plan, obj: Any, values: dict[str, Any]) -> None:
+        """The key of new *obj* at its flush: numbered when the database generates it and none was given, into
+        its dict without an attribute event, as the ORM sets the key its INSERT returned; else as its columns
+        store it."""
+        if plan.generated is not None and values.get(plan.generated) is None:
+            values[plan.generated] = self._overlay.next_key(plan.table)
+            self._keyed.append((obj, plan.generated))
+        else:
+            _convert_key(plan, values)
+
     def _take_back_keys(self) -> None:
         """A flush failed: the objects it gave generated keys have none again, as when the ORM's INSERT fails.
 
@@ -799,12 +809,7 @@ class InMemorySession:
         # Keys first, so that foreign keys can be synchronized to them.
         for obj in inserts:
             plan = _plan(obj)
-            if plan.generated is not None and obj.__dict__.get(plan.generated) is None:
-                # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
-                obj.__dict__[plan.generated] = overlay.next_key(plan.table)
-                self._keyed.append((obj, plan.generated))
-            else:
-                _convert_key(plan, obj.__dict__)
+            self._key_new(plan, obj, obj.__dict__)
             _apply_defaults(plan, obj)
             self._set_identity(plan, obj)
         links: list[tuple[bool, Table, Row]] = []
@@ -971,12 +976,7 @@ class InMemorySession:
         for sequence, obj in enumerate(inserts):
             plan = _plan(obj)
             values = obj.__dict__
-            if plan.generated is not None and values.get(plan.generated) is None:
-                # Into the object's dict, without an attribute event, as the ORM sets a key the INSERT returned.
-                values[plan.generated] = overlay.next_key(plan.table)
-                self._keyed.append((obj, plan.generated))
-            else:
-                _convert_key(plan, values)
+            self._key_new(plan, obj, values)
             if plan.defaults:
                 _apply_defaults(plan, obj)
             ((table, columns),) = plan.columns

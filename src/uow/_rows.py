@@ -346,12 +346,12 @@ class _Indexes:
         # zip() without strict=True: both lists are built from the same spec, one per constraint.
         if self.unique:
             for index, columns in zip(self.unique, spec.unique_columns):  # noqa: B905
-                values = (row[columns[0]],) if len(columns) == 1 else tuple(row[name] for name in columns)
+                values = _values(row, columns)
                 if None not in values:
                     index[values] = key
         if self.refs:
             for refs, columns in zip(self.refs, spec.fk_columns):  # noqa: B905
-                values = (row[columns[0]],) if len(columns) == 1 else tuple(row[name] for name in columns)
+                values = _values(row, columns)
                 if None not in values:
                     holders = refs.get(values)
                     if holders is None:
@@ -661,15 +661,7 @@ class Overlay:
             self._check_checks(spec, row, statement)
         new_key = spec.key_of(row)
         if spec.referenced_by:  # the key, or another unique column, that other rows refer to cannot change
-            unenforced = self.store.unenforced
-            for fk in spec.referenced_by:
-                if fk.name in unenforced:  # left out knowingly, with its ON UPDATE action
-                    continue
-                before = tuple(old[name] for name in fk.target_columns)
-                if None in before or before == tuple(row[name] for name in fk.target_columns):
-                    continue
-                if self.referring(fk, before):
-                    raise _integrity(statement, _still_referenced(spec, fk, before))
+            self._check_not_referenced(spec, old, statement, new=row)
         if new_key != key and self.row(table, new_key) is not None:
             msg = (
                 f'duplicate key value violates unique constraint "{spec.pk_name}"\n'
@@ -717,10 +709,21 @@ class Overlay:
             else:
                 raise _integrity(statement, _still_referenced(spec, fk, values))
 
-    def _check_not_referenced(self, spec: TableSpec, old: Row, statement: str) -> None:
+    def _check_not_referenced(self, spec: TableSpec, old: Row, statement: str, new: Row | None = None) -> None:
+        """Refuse to delete *old*, or to update it to *new*, while other rows refer to the values it gives up.
+
+        An update checks only the foreign keys whose referenced columns it
+        changes, and none that the test left out knowingly with its ON UPDATE
+        action.
+        """
+        unenforced = self.store.unenforced if new is not None else ()
         for fk in spec.referenced_by:
             values = tuple(old[name] for name in fk.target_columns)
-            if None not in values and self.referring(fk, values):
+            if None in values:
+                continue
+            if new is not None and (fk.name in unenforced or values == tuple(new[name] for name in fk.target_columns)):
+                continue
+            if self.referring(fk, values):
                 raise _integrity(statement, _still_referenced(spec, fk, values))
 
     def check_row(self, spec: TableSpec, row: Row, statement: str) -> None:

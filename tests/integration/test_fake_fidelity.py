@@ -630,6 +630,15 @@ def test_a_version_counter_set_by_the_program_is_counted_on_insert_and_written_o
     assert [("S", 6, 11)] == implementation.stored(Stock, "sku", "qty", "version")
 
 
+def test_a_bulk_insert_writes_the_version_counters_first_value(implementation: Implementation) -> None:
+    """add_all(bulk=True) writes the counter's first value whatever the objects held, as the ORM's bulk INSERT."""
+    unit = implementation.uow
+    with unit:
+        unit.stocks.add_all([Stock(sku="A", qty=1, version=7), Stock(sku="B", qty=2)], bulk=True)
+        unit.commit()
+    assert [("A", 1), ("B", 1)] == implementation.stored(Stock, "sku", "version")
+
+
 def test_a_row_switch_writes_a_version_the_program_set(implementation: Implementation) -> None:
     """Removing a versioned row and adding one with its key in one flush is an UPDATE that writes the version given."""
     unit = implementation.uow
